@@ -1,0 +1,73 @@
+"""The one params schema, mirroring ``params.yaml`` section by section.
+
+Stages call :func:`load_params`; the library below never reads ``params.yaml`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.params.analysis import InterpretParams, SteerParams
+from pipeline.params.core import ParamsError, describe, flatten, from_dict, knob, to_dict
+from pipeline.params.data import CorpusParams, ExtractParams, ModelParams
+from pipeline.params.sae import EvaluateParams, SAEParams, TrainParams
+from pipeline.params.tracking import ReportParams, TrackingParams
+
+__all__ = ["Params", "ParamsError", "load_params", "apply_overrides", "describe", "flatten", "to_dict"]
+
+
+@dataclass
+class Params:
+    seed: int = knob(0, help="Global seed: shuffles, initialisation, sampling.", ge=0)
+    model: ModelParams = knob(factory=ModelParams, help="Subject model.")
+    corpus: CorpusParams = knob(factory=CorpusParams, help="Corpus and token contexts (prepare stage).")
+    extract: ExtractParams = knob(factory=ExtractParams, help="Activation extraction.")
+    sae: SAEParams = knob(factory=SAEParams, help="SAE architecture.")
+    train: TrainParams = knob(factory=TrainParams, help="SAE training loop.")
+    evaluate: EvaluateParams = knob(factory=EvaluateParams, help="SAE evaluation.")
+    interpret: InterpretParams = knob(factory=InterpretParams, help="Feature interpretation.")
+    steer: SteerParams = knob(factory=SteerParams, help="Causal steering evaluation.")
+    tracking: TrackingParams = knob(factory=TrackingParams, help="MLflow tracking.")
+    report: ReportParams = knob(factory=ReportParams, help="Report.")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"--set {key}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override and validate params; raise :class:`ParamsError` on any user mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    apply_overrides(data, list(overrides))
+    return from_dict(Params, data)

@@ -1,0 +1,33 @@
+"""Shared offline fixtures: tiny random models (saved once per session) and small corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # tests set their own store explicitly
+
+from pipeline.testing import labelled_documents, tiny_model, write_jsonl  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def labelled_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A .jsonl corpus of 120 generated documents with 3 topic labels."""
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", labelled_documents(120))
