@@ -31,3 +31,13 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def labelled_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A .jsonl corpus of 120 generated documents with 3 topic labels."""
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", labelled_documents(120))
+
+
+@pytest.fixture()
+def tiny_workspace(tmp_path: Path, tiny_llama: Path, labelled_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cwd with a tiny-model params.yaml: stage commands run against it with relative paths."""
+    from pipeline.testing import tiny_params, write_params
+
+    write_params(tmp_path / "params.yaml", tiny_params(tiny_llama, labelled_corpus))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

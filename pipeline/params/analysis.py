@@ -3,17 +3,90 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pipeline.params.core import knob
+from pipeline.params.core import ParamsError, knob
 
 
 @dataclass
 class InterpretParams:
-    explainer: str = knob("stats", help="Explainer backend: 'stats', 'local:<model>' or 'openai:<model>'.")
-    n_examples: int = knob(20, help="Top-activating examples kept per feature.", ge=1)
+    """Feature interpretation (the ``interpret`` stage): streaming statistics, examples, logit lens,
+    topic alignment, automated explanations and scores, dashboard."""
+
+    split: Literal["train", "validation"] = knob("train", help="Activation split analysed.")
+    batch_size: int = knob(4096, help="Tokens encoded per batch in the statistics pass.", ge=1)
+    device: str = knob("cpu", help="Device of the SAE encode: 'cpu', 'cuda', 'auto'.")
+    threshold: float = knob(0.0, help="A feature fires on a token when its activation exceeds this (0 for sparse SAEs; set it for dense codes, e.g. 0.5 for the sigmoid 'kl' SAE).", ge=0)
+    n_examples: int = knob(20, help="Top-activating contexts kept per feature (even ranks shown to the explainer, odd ranks held out for scoring).", ge=2)
+    n_quantiles: int = knob(10, help="Activation-quantile bins for stratified examples (Anthropic's feature dashboards).", ge=1)
+    examples_per_quantile: int = knob(2, help="Stratified examples per quantile bin.", ge=0)
+    reservoir: int = knob(200, help="Per-feature uniform reservoir of activating contexts the quantile examples are drawn from.", ge=1)
+    n_random: int = knob(10, help="Random non-activating contexts per feature (negatives for the scorers).", ge=0)
+    n_logits: int = knob(10, help="Promoted and suppressed tokens kept per feature (logit lens).", ge=1)
+    n_neighbours: int = knob(10, help="Nearest features (decoder cosine) and co-occurring features kept per feature.", ge=1)
+    cooc_per_token: int = knob(32, help="Co-occurrence is counted among this many strongest active features of each token (bounded work per token).", ge=2)
+    cooc_max_features: int = knob(16384, help="Skip co-occurrence above this d_sae (its matrix is d_sae^2 int32).", ge=1)
+    explainer: str = knob("stats", help="Explainer backend: 'stats' (no LM), 'local:<model>' (transformers chat model, e.g. local:smollm2-135m) or 'openai:<model>' (OpenAI-compatible endpoint).")
+    n_explain: int = knob(16, help="Features explained and scored by an LM backend (seeded random alive features); 'stats' explains all.", ge=0)
+    base_url: str = knob("http://localhost:8000/v1", help="Base URL of the OpenAI-compatible endpoint (openai: explainer).")
+    api_key_env: str = knob("OPENAI_API_KEY", help="Environment variable holding the endpoint's API key (may be unset for local servers).")
+    max_retries: int = knob(5, help="Retries per endpoint request (exponential backoff) before giving up.", ge=0)
+    request_timeout: float = knob(60.0, help="Seconds per endpoint request.", gt=0)
+    max_new_tokens: int = knob(48, help="Tokens generated per LM explanation.", ge=1)
+
+    def check(self, prefix: str) -> None:
+        backend, _, model = self.explainer.partition(":")
+        if self.explainer != "stats" and (backend not in ("local", "openai") or not model):
+            raise ParamsError(f"{prefix}.explainer: {self.explainer!r} is not allowed "
+                              "(allowed: 'stats', 'local:<model>', 'openai:<model>')")
 
 
 @dataclass
 class SteerParams:
-    features: list[int] = knob(factory=list, help="Features to steer (empty: choose automatically).")
-    coefficients: list[float] = knob(factory=lambda: [0.0, 2.0, 4.0, 8.0], help="Coefficient sweep.")
+    """Causal steering evaluation (the ``steer`` stage). Coefficients are in units of each feature's
+    own scale m_f (its max, or a quantile, measured on our activations), so 1.0 means "as strongly as
+    the feature ever writes"."""
+
+    hook: str | None = knob(None, help="Hook whose SAE is steered (null: the first of extract.hooks).")
+    features: list[int] = knob(factory=list, help="Features to steer (empty: choose automatically, see select_by).")
+    n_features: int = knob(3, help="Number of features chosen automatically.", ge=1)
+    select_by: Literal["topic", "score", "auroc"] = knob(
+        "topic", help="Automatic choice: 'topic' = best feature per corpus topic, 'score' = top explanation "
+        "score, 'auroc' = top topic AUROC (from data/interpret; else from this stage's own topic statistics).")
+    methods: list[Literal["add", "clamp", "dim", "random"]] = knob(
+        factory=lambda: ["add", "clamp", "dim", "random"],
+        help="'add': + a*m_f*W_dec[f]; 'clamp': feature set to c*m_f, SAE error kept; baselines 'dim' "
+        "(difference-in-means of the feature's topic) and 'random' (random direction), same norm as 'add'.")
+    coefficients: list[float] = knob(
+        factory=lambda: [1.0, 2.0, 4.0, 8.0],
+        help="Coefficient sweep (a or c). The unsteered continuation is always generated as reference; "
+        "0 adds a no-op for additive methods and ablation for clamping.")
+    scale: Literal["max", "quantile"] = knob(
+        "max", help="m_f: the feature's max activation, or the quantile below of its per-context maxima.")
+    scale_quantile: float = knob(0.9, help="Quantile used when scale='quantile'.", gt=0.0, le=1.0)
+    positions: Literal["all", "generated"] = knob(
+        "all", help="Steer every position, or only the last prompt token and the generated tokens.")
+    prompts: list[str] = knob(
+        factory=lambda: ["I think that", "The best thing about", "Yesterday, my friend told me",
+                         "Here is a short story:", "In my opinion,", "The news today is about",
+                         "She looked at the", "Let me tell you about"],
+        help="Neutral prompts (shuffled by seed, then split into validation and test).")
+    validation_fraction: float = knob(0.5, help="Fraction of prompts used to choose each coefficient.", gt=0.0, lt=1.0)
+    max_new_tokens: int = knob(24, help="Tokens generated per continuation.", ge=1)
+    do_sample: bool = knob(False, help="Seeded sampling instead of greedy decoding.")
+    temperature: float = knob(1.0, help="Sampling temperature (do_sample only).", gt=0.0)
+    batch_size: int = knob(64, help="Rows per generation batch (all coefficients of a prompt share one).", ge=1)
+    stats_split: Literal["train", "validation"] = knob("validation", help="Activation split used for m_f, topic statistics and ablation contexts.")
+    stats_max_tokens: int = knob(65536, help="Activation rows read for feature statistics.", ge=1)
+    ablation_contexts: int = knob(8, help="Contexts where the feature fires (and as many where it does not) for the ablation effect.", ge=1)
+    min_firing: int = knob(8, help="Minimum firing tokens for a feature to be chosen automatically.", ge=1)
+
+    def check(self, prefix: str) -> None:
+        if not self.coefficients:
+            raise ParamsError(f"{prefix}.coefficients: [] is empty (give at least one coefficient)")
+        if not self.methods:
+            raise ParamsError(f"{prefix}.methods: [] is empty (allowed: add, clamp, dim, random)")
+        if len(self.prompts) < 2:
+            raise ParamsError(f"{prefix}.prompts: need at least 2 prompts (one validation, one test)")
+        if any(f < 0 for f in self.features):
+            raise ParamsError(f"{prefix}.features: {self.features} has a negative feature index")

@@ -10,6 +10,7 @@ is allowed; the CLI turns them into a non-zero exit without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pipeline.errors import UserError
 
 T = TypeVar("T")
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ParamsError(UserError, ValueError):
@@ -99,6 +101,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads "1e-3" as a string
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -5,26 +5,68 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.params.core import knob
+from pipeline.params.core import ParamsError, knob
 
 Arch = Literal["relu_l1", "topk", "batchtopk", "jumprelu", "gated", "kl", "dense"]
 
 
 @dataclass
 class SAEParams:
-    arch: Arch = knob("topk", help="SAE architecture.")
+    """The SAE model and its loss (``pipeline.sae.config_from_params`` turns it into an ``SAEConfig``)."""
+
+    arch: Arch = knob("topk", help="SAE architecture: relu_l1, topk, batchtopk, jumprelu, gated, kl (sigmoid + KL sparsity), dense (MLP baseline).")
     expansion: int = knob(8, help="d_sae = expansion * d_model (ignored by 'dense').", ge=1)
-    k: int = knob(32, help="Active latents per token for topk/batchtopk.", ge=1)
+    k: int = knob(32, help="Active latents per token for topk/batchtopk (Gao et al. 2024).", ge=1)
+    recipe: Literal["2024", "2023"] = knob("2024", help="relu_l1 recipe: '2024' (Anthropic April 2024 update) or '2023' (Towards Monosemanticity: unit-norm decoder, resampling).")
+    l1_coeff: float = knob(5.0, help="relu_l1/gated L1 coefficient lambda (inputs scaled so E||x||^2 = d_model).", ge=0.0)
+    l1_warmup_steps: int | None = knob(None, help="Steps of linear warm-up of the L1/L0 coefficient (null: 5% of training).", ge=0)
+    l0_coeff: float = knob(1.0, help="jumprelu L0 coefficient lambda.", ge=0.0)
+    jumprelu_bandwidth: float = knob(0.001, help="jumprelu straight-through kernel bandwidth epsilon (Rajamanoharan et al. 2024).", gt=0.0)
+    jumprelu_init_threshold: float = knob(0.001, help="jumprelu initial threshold theta.", gt=0.0)
+    aux_coeff: float = knob(1 / 32, help="topk/batchtopk AuxK coefficient (Gao et al. 2024: 1/32).", ge=0.0)
+    k_aux: int | None = knob(None, help="topk/batchtopk AuxK dead latents per token (null: d_model // 2).", ge=1)
+    target_rate: float = knob(0.05, help="kl: target mean activation rho of each sigmoid unit.", gt=0.0, lt=1.0)
+    kl_coeff: float = knob(3.0, help="kl: weight beta of the KL sparsity penalty.", ge=0.0)
+    hidden_sizes: list[int] = knob(factory=lambda: [128, 32, 128], help="dense: hidden widths; the narrowest is the code.", ge=1)
 
 
 @dataclass
 class TrainParams:
-    device: str = knob("auto", help="'auto' (cuda if present, else cpu), 'cpu', 'cuda', ...")
-    batch_size: int = knob(4096, help="Tokens per optimizer step.", ge=1)
-    lr: float = knob(4e-4, help="Peak learning rate.", gt=0)
-    n_tokens: int | None = knob(None, help="Training tokens (null: one pass over the training split).", ge=1)
+    """The SAE training loop (``sae train``). Defaults fit the embedded CPU pipeline (~1 min)."""
+
+    device: str = knob("auto", help="'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    batch_size: int = knob(1024, help="Tokens per optimizer step (1024-16384; larger needs a larger lr).", ge=1)
+    lr: float = knob(1e-3, help="Peak learning rate (1e-4..3e-3 typical; scale ~1/sqrt(d_sae/16384), Gao et al. 2024 sec. 2.1).", gt=0, le=1.0)
+    optimizer: Literal["adam", "adamw"] = knob("adam", help="'adam' (L2 via weight_decay) or 'adamw' (decoupled weight decay).")
+    betas: list[float] = knob(factory=lambda: [0.9, 0.999], help="Adam (beta1, beta2), each in [0, 1).", ge=0.0, lt=1.0)
+    weight_decay: float = knob(0.0, help="Weight decay (SAEs usually use 0: sparsity comes from the architecture).", ge=0.0)
+    warmup_steps: int = knob(10, help="Linear LR warm-up from 0 over this many steps (0: none).", ge=0)
+    decay: Literal["linear", "cosine", "none"] = knob(
+        "linear", help="LR decay after warm-up: 'linear' to 0 over the last decay_fraction of steps, 'cosine' to 0, or 'none'.")
+    decay_fraction: float = knob(0.2, help="For 'linear': fraction of steps at the end over which LR falls to 0 (Bricken et al. 2023 use 0.2).", gt=0.0, le=1.0)
+    grad_clip: float | None = knob(1.0, help="Clip the global gradient norm to this value (null: no clipping).", gt=0.0)
+    n_tokens: int | None = knob(None, help="Training tokens (null: one pass over the training split; more than the split loops over it, reshuffled).", ge=1)
+    log_every: int = knob(10, help="Steps between progress/curve rows; the only host syncs of the loop.", ge=1)
+    val_every: int = knob(100, help="Steps between validation passes on the held-out split (0: only at the end).", ge=0)
+    val_tokens: int = knob(32768, help="Validation tokens per validation pass.", ge=1)
+    checkpoint_every: int = knob(50, help="Steps between checkpoints (0: only at the end); a killed run resumes from the last.", ge=0)
+    dead_window_tokens: int = knob(262144, help="A latent that has not fired in this many training tokens counts as dead (Gao et al. 2024 use 10M); "
+                                   "dense = fired on >10% of the window's tokens.", ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = knob(
+        "auto", help="Compute dtype: 'auto' = bfloat16 autocast on GPU, float32 on CPU. Weights and optimizer stay float32.")
+    prefetch: int = knob(4, help="Batches read ahead by a background thread (pinned memory + non-blocking copy on CUDA; 0: read inline).", ge=0, le=64)
+
+    def check(self, prefix: str) -> None:
+        if len(self.betas) != 2:
+            raise ParamsError(f"{prefix}.betas: {self.betas!r} must be two numbers [beta1, beta2]")
 
 
 @dataclass
 class EvaluateParams:
+    """SAE evaluation (``sae evaluate``) on the validation split."""
+
     n_tokens: int | None = knob(None, help="Validation tokens used for reconstruction metrics (null: all).", ge=1)
+    batch_size: int = knob(4096, help="Tokens per batch for the reconstruction metrics.", ge=1)
+    n_splice_contexts: int = knob(32, help="Validation contexts run through the model with the SAE spliced in (0: skip CE/KL metrics).", ge=0)
+    splice_batch_size: int = knob(8, help="Contexts per forward pass when splicing.", ge=1)
+    device: str = knob("auto", help="'auto' (cuda if present, else cpu), 'cpu', 'cuda', ...")

@@ -91,3 +91,30 @@ def tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, n_layers: int 
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def tiny_params(model_dir: Path, corpus: Path, hooks: list[str] | None = None, **sections: dict) -> dict:
+    """A complete params dict (every knob, as DVC wants) that runs the pipeline on a tiny model in seconds.
+
+    Starts from the schema's defaults and overrides what makes it tiny; ``sections`` deep-merge on top,
+    e.g. ``tiny_params(m, c, train={"lr": 1e-3})``.
+    """
+    from pipeline.params import Params, to_dict
+
+    params = to_dict(Params())
+    tiny = {
+        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "corpus": {"source": str(corpus), "context_length": 32, "n_tokens": 32 * 40, "validation_fraction": 0.2},
+        "extract": {"hooks": hooks or ["layers.1.resid_post"], "batch_size": 4, "contexts_per_shard": 8},
+    }
+    for overrides in (tiny, sections):
+        for section, values in overrides.items():
+            params[section].update(values)
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

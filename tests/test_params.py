@@ -1,0 +1,72 @@
+"""Params schema: defaults mirror params.yaml, and every user mistake is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import Params, ParamsError, apply_overrides, describe, flatten, load_params, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_yaml_is_valid_and_complete() -> None:
+    params = load_params(ROOT / "params.yaml")
+    on_disk = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    schema = flatten(to_dict(Params()))
+    # params.yaml lists every knob the schema has, so a reader sees them all.
+    assert set(on_disk) == set(schema)
+    assert params.extract.hooks
+
+
+def test_every_knob_is_documented() -> None:
+    rows = describe(Params)
+    assert rows and all(help_ for _, _, _, help_ in rows), [k for k, _, _, h in rows if not h]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("corpus:\n  contxt_length: 5\n", [], "corpus.contxt_length: unknown key"),
+        ("corpus:\n  context_length: many\n", [], "corpus.context_length: 'many' has the wrong type (expected int)"),
+        ("corpus:\n  context_length: 1\n", [], "corpus.context_length: 1 is out of range (must be >= 2)"),
+        ("model:\n  dtype: float8\n", [], "model.dtype: 'float8' is not allowed (allowed: one of 'float32', 'bfloat16', 'float16')"),
+        ("extract:\n  hooks: []\n", [], "extract.hooks: [] is empty"),
+        ("extract:\n  batch_size: 3\n  contexts_per_shard: 8\n", [], "extract.contexts_per_shard: 8 is not a multiple"),
+        ("seed: 0\n", ["corpus.validation_fraction=1.5"], "corpus.validation_fraction: 1.5 is out of range (must be < 1.0)"),
+        ("seed: 0\n", ["nonsense"], "--set 'nonsense': expected dotted.key=value"),
+        ("seed: [\n", [], "not valid YAML (line 2)"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(tmp_path: Path, text: str, overrides: list[str], expected: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(_write(tmp_path, text), overrides)
+    msg = str(err.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_yaml_values() -> None:
+    data: dict = {}
+    apply_overrides(data, ["train.lr=1e-3", "extract.hooks=[embed, layers.0.mlp_out]", "model.name=gpt2"])
+    assert data == {"train": {"lr": 1e-3}, "extract": {"hooks": ["embed", "layers.0.mlp_out"]}, "model": {"name": "gpt2"}}
+
+
+def test_ints_widen_to_float_but_bools_are_not_ints(tmp_path: Path) -> None:
+    p = load_params(_write(tmp_path, "train:\n  lr: 1\n"))
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    with pytest.raises(ParamsError, match="seed: True has the wrong type"):
+        load_params(_write(tmp_path, "seed: true\n"))
