@@ -70,3 +70,9 @@ def test_ints_widen_to_float_but_bools_are_not_ints(tmp_path: Path) -> None:
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
     with pytest.raises(ParamsError, match="seed: True has the wrong type"):
         load_params(_write(tmp_path, "seed: true\n"))
+
+
+def test_docs_params_md_is_in_sync() -> None:
+    from pipeline.params.doc import render
+
+    assert (ROOT / "docs/params.md").read_text() == render(), "run: python -m pipeline.params.doc > docs/params.md"
