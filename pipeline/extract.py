@@ -69,6 +69,8 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
     """Record ``spec.hooks`` for contexts ``token_ids`` [N, L] into ``root/split/<hook>/``. Returns manifests."""
     n, L = token_ids.shape
     device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    storage = torch.float16 if spec.dtype == "float16" else torch.float32
     writers = {h: ActivationWriter(dataset_dir(root, split, h), hook=h, d_model=0, dtype=spec.dtype,
                                    split=split, context_length=L, **meta) for h in spec.hooks}
     pending: list[Future] = []
@@ -80,25 +82,31 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
                 if progress is not None:
                     progress.update((stop - start) * L)
                 continue
-            bufs: dict[str, np.ndarray] = {}
+            # Host buffers per hook for this shard: pinned on CUDA so device->host copies are
+            # asynchronous and overlap the next batch's forward; the writer thread waits on `done`.
+            bufs: dict[str, torch.Tensor] = {}
             for b in range(start, stop, spec.batch_size):
                 ids = torch.from_numpy(token_ids[b: min(b + spec.batch_size, stop)].astype(np.int64)).to(device)
                 with torch.inference_mode():
                     acts = run_to_hooks(model, ids, spec.hooks)  # {hook: [B, L, d_model]}
-                for h, a in acts.items():
-                    flat = a.reshape(-1, a.shape[-1])
-                    if h not in bufs:
-                        bufs[h] = np.empty(((stop - start) * L, flat.shape[-1]), dtype=spec.dtype)
-                    lo = (b - start) * L
-                    bufs[h][lo: lo + flat.shape[0]] = flat.to("cpu", torch.float32).numpy()
+                    for h, a in acts.items():
+                        flat = a.reshape(-1, a.shape[-1])  # [B*L, d_model]
+                        if h not in bufs:
+                            bufs[h] = torch.empty(((stop - start) * L, flat.shape[-1]), dtype=storage, pin_memory=cuda)
+                        lo = (b - start) * L
+                        # CPU: via fp32 so the rounding to fp16 is exactly numpy's (round-to-nearest-even).
+                        bufs[h][lo: lo + flat.shape[0]].copy_(flat.to(storage) if cuda else flat.float(), non_blocking=cuda)
                 if progress is not None:
                     progress.update(ids.numel())
+            done = torch.cuda.Event() if cuda else None
+            if done is not None:
+                done.record()
             rows_ctx = np.repeat(context_ids[start:stop], L).astype(np.int32)
             rows_pos = np.tile(np.arange(L, dtype=np.int32), stop - start)
             rows_tok = token_ids[start:stop].reshape(-1).astype(np.int32)
             for h, w in writers.items():
                 w.manifest.d_model = bufs[h].shape[1]
-                pending.append(pool.submit(w.write_shard, shard, rows_ctx, rows_pos, rows_tok, bufs[h]))
+                pending.append(pool.submit(_write, w, shard, rows_ctx, rows_pos, rows_tok, bufs[h], done))
             # Back-pressure: never hold more than a few shards of activations in memory.
             while len([f for f in pending if not f.done()]) > spec.max_pending * len(writers):
                 pending[0].result()
@@ -115,6 +123,13 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
     return out
 
 
+def _write(w: ActivationWriter, shard: int, rows_ctx: np.ndarray, rows_pos: np.ndarray, rows_tok: np.ndarray,
+           buf: torch.Tensor, done: Any) -> Any:
+    if done is not None:
+        done.synchronize()  # the async device->host copies of this shard have landed
+    return w.write_shard(shard, rows_ctx, rows_pos, rows_tok, buf.numpy())
+
+
 def _width_from_disk(w: ActivationWriter) -> int:
     import pyarrow.parquet as pq
 
@@ -126,3 +141,27 @@ def _width_from_disk(w: ActivationWriter) -> int:
 def make_progress(total: int, desc: str) -> tqdm:
     """A tokens/s progress bar; silent when stderr is not a terminal (CI, dvc logs)."""
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), smoothing=0.1)
+
+
+def auto_batch_size(model: torch.nn.Module, context_length: int, hooks: list[str], contexts_per_shard: int,
+                    cpu_default: int = 16, memory_fraction: float = 0.5) -> int:
+    """Contexts per forward from free GPU memory: probe one context's peak memory, use ``memory_fraction``
+    of what is free, round down to a divisor of ``contexts_per_shard`` (shards hold whole batches)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        best = cpu_default
+    else:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        ids = torch.zeros((1, context_length), dtype=torch.long, device=device)
+        with torch.inference_mode():
+            run_to_hooks(model, ids, hooks)
+        per_context = max(torch.cuda.max_memory_allocated(device) - base, 1)
+        free, _ = torch.cuda.mem_get_info(device)
+        best = max(1, int(free * memory_fraction // per_context))
+    best = min(best, contexts_per_shard)
+    while contexts_per_shard % best:
+        best -= 1
+    log.info("extract: batch size %d (auto)", best)
+    return best

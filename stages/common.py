@@ -19,8 +19,18 @@ log = logging.getLogger("sae")
 
 
 def setup_logging(level: str | None = None) -> None:
+    """``SAE_LOG_LEVEL`` (default INFO); off a terminal (CI, DVC logs) third-party progress bars are silenced."""
     level = (level or os.environ.get("SAE_LOG_LEVEL") or "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # transformers is a dependency; this only guards odd installs
+            pass
 
 
 def stage_command(help: str) -> Callable[[F], F]:

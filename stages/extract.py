@@ -10,7 +10,7 @@ import polars as pl
 
 from pipeline.activations import open_activations, sha256_file
 from pipeline.errors import UserError
-from pipeline.extract import ExtractSpec, extract_split, fingerprint, make_progress, prepare_output
+from pipeline.extract import ExtractSpec, auto_batch_size, extract_split, fingerprint, make_progress, prepare_output
 from pipeline.hooks import validate_hooks
 from pipeline.io import atomic_write_json
 from pipeline.models import load_config, load_model
@@ -43,8 +43,10 @@ def command(params: Params) -> None:
                       "extract": [sorted(x.hooks), x.batch_size, x.contexts_per_shard, x.dtype],
                       "contexts": sha256_file(CONTEXTS), "device": str(next(lm.model.parameters()).device)})
     prepare_output(OUT, fp)
-    spec = ExtractSpec(hooks=list(dict.fromkeys(x.hooks)), batch_size=x.batch_size,
-                       contexts_per_shard=x.contexts_per_shard, dtype=x.dtype)
+    hooks = list(dict.fromkeys(x.hooks))
+    batch_size = (auto_batch_size(lm.model, params.corpus.context_length, hooks, x.contexts_per_shard)
+                  if x.batch_size == "auto" else x.batch_size)
+    spec = ExtractSpec(hooks=hooks, batch_size=batch_size, contexts_per_shard=x.contexts_per_shard, dtype=x.dtype)
     meta = {"model_id": lm.model_id, "revision": lm.revision, "weights_hash": lm.weights_hash,
             "tokenizer": lm.model_id, "corpus": params.corpus.source, "bos": params.corpus.bos,
             "extra": {"model_dtype": m.dtype}}

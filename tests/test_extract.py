@@ -114,3 +114,11 @@ def test_extract_without_prepare_names_missing_input(tiny_workspace: Path) -> No
     res = CliRunner().invoke(main, ["extract"])
     assert res.exit_code == 2
     assert "data/tokens/contexts.parquet: missing input" in res.output
+
+
+def test_auto_batch_size_divides_the_shard(tiny_llama: Path) -> None:
+    from pipeline.extract import auto_batch_size
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    assert auto_batch_size(model, 32, ["layers.0.resid_post"], contexts_per_shard=24, cpu_default=16) == 12
+    assert auto_batch_size(model, 32, ["layers.0.resid_post"], contexts_per_shard=8, cpu_default=16) == 8

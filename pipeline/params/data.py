@@ -45,14 +45,15 @@ class ExtractParams:
         factory=lambda: ["layers.9.resid_post"],
         help="Hook points to record: layers.{i}.resid_post | layers.{i}.mlp_out | layers.{i}.attn_out | embed.",
     )
-    batch_size: int = knob(16, help="Contexts per forward pass.", ge=1)
+    batch_size: int | Literal["auto"] = knob(
+        16, help="Contexts per forward pass, or 'auto': from free GPU memory (16 on CPU), a divisor of contexts_per_shard.", ge=1)
     dtype: Literal["float16", "float32"] = knob("float16", help="Storage dtype of activation vectors.")
     contexts_per_shard: int = knob(512, help="Contexts per Parquet shard (the unit of resume); a multiple of batch_size.", ge=1)
 
     def check(self, prefix: str) -> None:
         if not self.hooks:
             raise ParamsError(f"{prefix}.hooks: [] is empty (name at least one hook, e.g. layers.9.resid_post)")
-        if self.contexts_per_shard % self.batch_size:
+        if self.batch_size != "auto" and self.contexts_per_shard % self.batch_size:
             raise ParamsError(
                 f"{prefix}.contexts_per_shard: {self.contexts_per_shard} is not a multiple of "
                 f"{prefix}.batch_size ({self.batch_size}); shards must hold whole batches"

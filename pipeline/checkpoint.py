@@ -1,0 +1,124 @@
+"""Training checkpoints: ALL resume state in one object, written atomically, checked on load.
+
+A checkpoint is one ``torch.save`` dict (see :func:`save_checkpoint`) holding the SAE weights,
+the optimizer state, the LR-schedule position, the RNG states (torch, CUDA, numpy, python), the
+data cursor (the number of batches consumed from the seeded stream), the loop's counters and
+statistics accumulators, the training curve so far, and a *fingerprint*: a flat dict of every
+param that affects the trained weights. Resuming with a different fingerprint is refused with a
+one-line error naming the changed keys, because silently continuing would mix two experiments.
+
+Written like every persistent file here: temp name in the same directory -> fsync -> ``os.replace``,
+so a run killed mid-write keeps the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_VERSION = 1
+
+
+def fingerprint(**parts: Any) -> dict[str, str]:
+    """Flatten nested params into ``{"train.lr": "0.001", ...}`` (values as canonical JSON strings).
+
+    Strings rather than floats so that comparisons are exact and the checkpoint stays loadable
+    with ``weights_only=True``.
+    """
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k in sorted(value):
+                walk(f"{prefix}.{k}" if prefix else str(k), value[k])
+        else:
+            flat[prefix] = json.dumps(value, sort_keys=True, default=str)
+
+    walk("", parts)
+    return flat
+
+
+def fingerprint_digest(fp: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG the loop (or an SAE's resampling) might draw from."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (see module docstring) as ``<directory>/state.pt`` atomically."""
+    path = Path(directory) / CHECKPOINT_FILE
+    buf = io.BytesIO()
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_checkpoint(directory: str | Path, expected: dict[str, str]) -> dict[str, Any] | None:
+    """The unfinished run's checkpoint in ``directory``; refuse it if its fingerprint differs from ``expected``.
+
+    Returns None when there is nothing to resume from: no checkpoint, or a *finished* run (so a
+    new experiment, or a rerun after a code change, trains from scratch). Tensors are loaded on CPU; the caller
+    moves them (``load_state_dict`` does it for the model and optimizer).
+    """
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        # numpy/python RNG states are plain tuples/arrays; weights_only=False is needed for them.
+        # The file is our own output under checkpoints/, never a downloaded artefact.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated by something other than us, or a different format
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint format {state.get('version') if isinstance(state, dict) else '?'} "
+                        f"is not {CHECKPOINT_VERSION}; delete it to start over")
+    old: dict[str, str] = state["fingerprint"]
+    changed = sorted(k for k in set(old) | set(expected) if old.get(k) != expected.get(k))
+    if state.get("complete"):
+        # A finished run is never resumed: DVC reruns the stage only when code, data or params
+        # changed (or with --force), and then a fresh run is what is wanted.
+        log.info("%s: previous run finished; training from scratch", path)
+        return None
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k, 'absent')} -> {expected.get(k, 'absent')})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise UserError(f"{path}: cannot resume, params changed since the checkpoint: {shown}{more}; "
+                        f"delete {Path(directory)} to start over")
+    log.info("resuming from %s at step %d", path, state["step"])
+    return state
+
+
+__all__ = ["CHECKPOINT_FILE", "capture_rng", "restore_rng", "fingerprint", "fingerprint_digest",
+           "save_checkpoint", "load_checkpoint"]

@@ -1,0 +1,111 @@
+"""Sparsity-fidelity frontier across DVC experiments: L0 vs FVU and L0 vs CE loss recovered.
+
+Input is the JSON of ``dvc exp show --json`` (DVC 3.x: a list of commits, each with ``data`` and
+nested ``experiments[].revs[]``); every commit or experiment whose ``metrics/evaluate.json`` has a
+hook's metrics becomes one labelled point. The Pareto-optimal points (no other run has both lower
+L0 and better fidelity) are joined by a line, the usual way SAE sweeps are compared (Gao et al.
+2024, Fig. 2; Rajamanoharan et al. 2024).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import metrics
+
+log = logging.getLogger(__name__)
+
+EVALUATE_METRICS = "metrics/evaluate.json"
+
+
+@dataclass
+class Point:
+    name: str  # experiment name, branch/tag name, or short commit
+    hook: str
+    l0: float
+    fvu: float | None
+    ce_recovered: float | None
+
+
+def _runs(entries: list[dict[str, Any]], include_workspace: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(label, data) for every commit and experiment in ``dvc exp show --json`` output."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for e in entries:
+        rev = e.get("rev") or ""
+        if e.get("data") and (include_workspace or rev != "workspace"):
+            out.append((e.get("name") or rev[:7], e["data"]))
+        for exp in e.get("experiments") or []:
+            for r in exp.get("revs") or []:
+                if r.get("data"):
+                    out.append((r.get("name") or exp.get("name") or (r.get("rev") or "")[:7], r["data"]))
+    return out
+
+
+def frontier_points(exp_show: list[dict[str, Any]], include_workspace: bool = False) -> list[Point]:
+    """One point per (run, hook) that has ``l0@1`` in its evaluate metrics; first occurrence of a label wins."""
+    points: list[Point] = []
+    seen: set[tuple[str, str]] = set()
+    for label, data in _runs(exp_show, include_workspace):
+        per_hook = ((data.get("metrics") or {}).get(EVALUATE_METRICS) or {}).get("data") or {}
+        for hook, m in per_hook.items():
+            if not isinstance(m, dict) or m.get(metrics.L0) is None or (label, hook) in seen:
+                continue
+            seen.add((label, hook))
+            points.append(Point(label, hook, float(m[metrics.L0]), m.get(metrics.FVU), m.get(metrics.CE_LOSS_RECOVERED)))
+    return points
+
+
+def pareto(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """Non-dominated (L0, fidelity) points sorted by L0: lower L0 and better fidelity dominate."""
+    best: list[tuple[float, float]] = []
+    for l0, y in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if not best or (y > best[-1][1] if higher_is_better else y < best[-1][1]):
+            best.append((l0, y))
+    return best
+
+
+def plot_frontier(points: list[Point], out: str | Path) -> Path:
+    """Two panels (L0-FVU, L0-CE loss recovered), one colour per hook, one labelled point per run; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_write_bytes
+
+    panels = ((metrics.FVU, "fvu", False), (metrics.CE_LOSS_RECOVERED, "ce_recovered", True))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    hooks = sorted({p.hook for p in points})
+    for ax, (title, attr, higher) in zip(axes, panels, strict=True):
+        for i, hook in enumerate(hooks):
+            pts = [(p.l0, getattr(p, attr), p.name) for p in points if p.hook == hook and getattr(p, attr) is not None]
+            if not pts:
+                continue
+            color = f"C{i}"
+            ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=color, label=hook, zorder=3)
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            front = pareto([(x, y) for x, y, _ in pts], higher)
+            ax.plot([x for x, _ in front], [y for _, y in front], color=color, alpha=0.5, zorder=2)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (l0@1, active latents per token)")
+        ax.set_ylabel(title)
+        ax.set_title(f"L0 vs {title}" + (" (higher is better)" if higher else " (lower is better)"))
+        ax.grid(alpha=0.3)
+    if hooks:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    out = Path(out)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+__all__ = ["Point", "frontier_points", "pareto", "plot_frontier"]

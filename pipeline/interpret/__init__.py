@@ -1,0 +1,14 @@
+"""Feature interpretation: streaming statistics, examples, logit lens, topic alignment, dashboard.
+
+Entry point: :func:`interpret_hook` (one SAE on one activation dataset). Modules: ``contexts``
+(token-context lookups), ``stream`` (the single statistics pass), ``bins`` (log bins, topic AUROC),
+``examples`` (which contexts each feature is shown on), ``lens`` (logit lens, neighbours),
+``tables`` (Parquet outputs, metrics), ``dashboard`` (static HTML).
+"""
+
+from __future__ import annotations
+
+from pipeline.interpret.contexts import ContextTable, build_context_table
+from pipeline.interpret.run import InterpretConfig, interpret_hook
+
+__all__ = ["ContextTable", "build_context_table", "InterpretConfig", "interpret_hook"]

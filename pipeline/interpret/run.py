@@ -1,0 +1,270 @@
+"""The interpret stage for one hook: statistics pass -> lens/topics -> examples -> explanations -> outputs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.autointerp import (
+    LexicalSimulator,
+    lm_explain_and_score,
+    split_evidence,
+    stats_explain_and_score,
+)
+from pipeline.autointerp.backends import Cached
+from pipeline.autointerp.simulate import normalise
+from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN, best_topic, topic_auroc
+from pipeline.interpret.contexts import ContextTable
+from pipeline.interpret.dashboard import DashboardShards, write_index
+from pipeline.interpret.examples import QUANTILE, TOP, CodeIndex, select_examples
+from pipeline.interpret.lens import cooccurrence_neighbours, decoder_neighbours, logit_lens
+from pipeline.interpret.stream import FeatureStream, stream_stats
+from pipeline.interpret.tables import ExamplesWriter, features_table, summary_metrics
+from pipeline.io import atomic_write_parquet
+
+log = logging.getLogger(__name__)
+SCORES = ("detection_balanced_accuracy@1", "detection_f1@1", "detection_auc@1",
+          "fuzzing_balanced_accuracy@1", "fuzzing_auc@1")
+FEATURE_BLOCK = 512
+DASHBOARD_TOP = 8
+
+
+@dataclass
+class InterpretConfig:
+    batch_size: int = 4096
+    n_top: int = 20
+    n_quantiles: int = 10
+    per_bin: int = 2
+    reservoir: int = 100
+    n_random: int = 10
+    n_logits: int = 10
+    n_neighbours: int = 10
+    cooc_per_token: int = 16
+    cooc_max_features: int = 16384
+    n_explain: int = 16
+    max_new_tokens: int = 48
+    seed: int = 0
+    threshold: float = 0.0
+    encode_dtype: str = "float32"  # float32 | bfloat16 | auto (see resolve_dtype)
+
+
+def token_strings(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
+    """Token id -> its decoded string (each id alone)."""
+    uniq = [int(i) for i in np.unique(ids) if i >= 0]
+    return dict(zip(uniq, tokenizer.batch_decode([[i] for i in uniq]), strict=True))
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> 'bfloat16' on CUDA and on CPUs with native bf16 matmul (AVX512-BF16 / AMX), else 'float32'
+    (elsewhere bf16 matmul is emulated and slower than float32)."""
+    if dtype != "auto":
+        return dtype
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def _encoder(sae: Any, dtype: str, device: str) -> Any:
+    """``x[N, d_in] -> f[N, d_sae]``; with a bfloat16 copy of the SAE when asked (SAEs cast their input
+    to their parameter dtype)."""
+    if dtype == "float32":
+        return lambda x: sae.encode(x.to(device))
+    low = copy.deepcopy(sae).to(torch.bfloat16)
+    return lambda x: low.encode(x.to(device, torch.bfloat16))
+
+
+def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, norm: torch.nn.Module,
+                   W_U: torch.Tensor, cfg: InterpretConfig, out_dir: Path, dash_dir: Path,
+                   backend: Cached | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Write ``out_dir/{features,examples}.parquet`` and the dashboard in ``dash_dir``; return metrics."""
+    t0 = time.perf_counter()
+    d = int(sae.W_dec.shape[0])
+    dtype = resolve_dtype(cfg.encode_dtype, device)
+    stream = FeatureStream(d, len(table.label_names), cfg.n_top, cfg.reservoir, cfg.seed, cfg.cooc_per_token,
+                           cooc=d <= cfg.cooc_max_features, threshold=cfg.threshold)
+    batches = ((b.acts, b.context_id, b.position) for b in dataset.iter_batches(cfg.batch_size, shuffle=False))
+    sae = sae.to(device).eval()
+    stats = stream_stats(batches, _encoder(sae, dtype, device), table, stream)
+    t_stream = time.perf_counter() - t0
+    log.info("interpret %s: statistics pass over %d tokens in %.1fs", dataset.hook, stats.n_tokens, t_stream)
+
+    lens_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    top_ids, top_logits, bot_ids, bot_logits = logit_lens(sae.W_dec, norm, W_U, cfg.n_logits, dtype=lens_dtype)
+    nb_ids, nb_cos = decoder_neighbours(sae.W_dec, cfg.n_neighbours)
+    if stats.cooc is not None:
+        co_ids, co_j = cooccurrence_neighbours(stats.cooc, stats.fire_count, cfg.n_neighbours)
+    else:
+        log.warning("interpret: d_sae %d > interpret.cooc_max_features: co-occurrence skipped", d)
+        co_ids, co_j = np.full((d, 1), -1), np.zeros((d, 1), np.float32)
+    auroc = topic_auroc(stats.topic_hist, stats.n_segments)  # [d, L]
+    auroc[stats.fire_count == 0] = np.nan  # a dead feature has no topic (its 0.5s would be noise)
+    best_idx, best_au = best_topic(auroc)
+    labels = table.label_names
+    text = token_strings(tokenizer, np.concatenate([table.tokens.ravel(), top_ids.ravel(), bot_ids.ravel()]))
+    norm_text = {i: normalise(s) for i, s in text.items()}
+    sim = LexicalSimulator(norm_text)
+
+    sel = select_examples(stats, cfg.n_quantiles, cfg.per_bin, cfg.n_random, cfg.seed)
+    used = np.unique(sel.ctx)
+    ctx_text = dict(zip(used.tolist(), tokenizer.batch_decode([r[r >= 0].tolist() for r in table.tokens[used]]), strict=True))
+    codes = CodeIndex(stats.codes, d)
+    writer = ExamplesWriter(out_dir / "examples.parquet", table, ctx_text)
+    shards = DashboardShards(dash_dir, text)
+    alive = stats.fire_count > 0
+    lm_set = set()
+    if backend is not None and cfg.n_explain:
+        perm = np.random.default_rng(cfg.seed).permutation(d)  # seeded, so a larger n_explain extends the set
+        lm_set = set(perm[alive[perm]][: cfg.n_explain].tolist())
+    results: dict[int, dict[str, Any]] = {}
+    lm = _LMRunner(backend, text, cfg, dataset.hook, len(lm_set))
+    bounds = np.searchsorted(sel.feature, np.arange(0, d + FEATURE_BLOCK, FEATURE_BLOCK))
+    for b in range(len(bounds) - 1):
+        block = sel.take(np.arange(bounds[b], bounds[b + 1]))
+        acts = codes.gather(block, table.context_length)  # [E, T]
+        writer.write(block, acts)
+        tokens = table.tokens[block.ctx]
+        starts = np.searchsorted(block.feature, np.arange(b * FEATURE_BLOCK, min(d, (b + 1) * FEATURE_BLOCK) + 1))
+        for j in range(b * FEATURE_BLOCK, min(d, (b + 1) * FEATURE_BLOCK)):
+            lo, hi = starts[j - b * FEATURE_BLOCK], starts[j - b * FEATURE_BLOCK + 1]
+            topic = labels[best_idx[j]] if best_idx[j] >= 0 else None
+            promoted = [text.get(int(t), "") for t in top_ids[j]]
+            ev = split_evidence(j, block.kind[lo:hi], block.rank[lo:hi], block.ctx[lo:hi], tokens[lo:hi], acts[lo:hi],
+                                topic, float(best_au[j]), promoted)
+            if alive[j]:
+                results[j] = stats_explain_and_score(ev, norm_text, sim, cfg.seed)
+                if j in lm_set:  # explained here, so the dashboard shard shows the LM's explanation
+                    lm.run(j, ev, results)
+            shards.add(j, _payload(j, block, lo, hi, tokens, acts, table, stats, results.get(j, {}), labels, auroc,
+                                   (top_ids, top_logits, bot_ids, bot_logits), (nb_ids, nb_cos), (co_ids, co_j), text, shards, cfg.per_bin))
+        shards.flush(upto_feature=min(d, (b + 1) * FEATURE_BLOCK))
+    writer.close()
+    shards.flush()
+    lm.close()
+    t_stats = time.perf_counter() - t0 - lm.seconds
+
+    cols = _feature_columns(d, stats, results, labels, auroc, best_idx, best_au, top_ids, top_logits, bot_ids,
+                            bot_logits, nb_ids, nb_cos, co_ids, co_j, text)
+    atomic_write_parquet(out_dir / "features.parquet", features_table(cols), compression="zstd")
+    primary = backend.name if backend is not None else "stats"
+    explained = [j for j, r in results.items() if r.get("explainer") == primary]
+    scores = {s: np.array([results[j].get(s, np.nan) for j in explained], dtype=np.float64) for s in SCORES}
+    metrics = summary_metrics(stats.fire_count, stats.n_tokens, best_au, scores, primary, len(explained))
+    metrics["stats_seconds"] = round(t_stats, 2)
+    _write_dashboard_index(dash_dir, dataset.hook, cols, metrics)
+    log.info("interpret %s: non-LM parts in %.1fs", dataset.hook, t_stats)
+    return metrics
+
+
+class _LMRunner:
+    """Explain-and-score features with an LM backend, flushing its cache after each feature (so a later
+    failure keeps the work done) and timing it apart from the non-LM parts."""
+
+    def __init__(self, backend: Cached | None, text: dict[int, str], cfg: InterpretConfig, hook: str, total: int) -> None:
+        self.backend, self.text, self.cfg, self.hook, self.total = backend, text, cfg, hook, total
+        self.seconds, self.done, self.fresh = 0.0, 0, 0
+
+    def run(self, j: int, ev: Any, results: dict[int, dict[str, Any]]) -> None:
+        assert self.backend is not None
+        t, misses = time.perf_counter(), self.backend.misses
+        try:
+            results[j] = lm_explain_and_score(ev, self.backend, self.text, self.cfg.max_new_tokens, self.cfg.seed)
+        finally:
+            self.backend.flush()
+            self.seconds += time.perf_counter() - t
+        self.done += 1
+        self.fresh += self.backend.misses > misses
+        log.info("interpret %s: LM feature %d (%d/%d, %.0fs): %s", self.hook, j, self.done, self.total, self.seconds,
+                 results[j]["explanation"])
+
+    def close(self) -> None:
+        if self.done and self.backend is not None:
+            log.info("interpret %s: %d LM explanations (%d not cached) in %.1fs: %.2f explanations/min (%s)", self.hook,
+                     self.done, self.fresh, self.seconds, 60 * self.done / max(self.seconds, 1e-9), self.backend.name)
+
+
+def _payload(j: int, block: Any, lo: int, hi: int, tokens: np.ndarray, acts: np.ndarray, table: ContextTable,
+             stats: Any, res: dict[str, Any], labels: list[str], auroc: np.ndarray, lens: tuple, nb: tuple, co: tuple,
+             text: dict[int, str], shards: DashboardShards, per_bin: int) -> dict[str, Any]:
+    exs = []
+    for i in range(lo, hi):
+        k, r = int(block.kind[i]), int(block.rank[i])
+        if (k == TOP and r < DASHBOARD_TOP) or (k == QUANTILE and r % max(1, per_bin) == 0):
+            c = int(block.ctx[i])
+            mp = int(acts[i].argmax())
+            doc = int(table.documents[c, mp])
+            lab = int(table.labels[c, mp])
+            exs.append(shards.example(tokens[i], acts[i], {
+                "kind": "top" if k == TOP else "quantile", "rank": r, "context": int(table.context_ids[c]),
+                "title": table.titles.get(doc), "label": labels[lab] if lab >= 0 else None}))
+    ti, tv, bi, bv = lens
+    num = lambda x: None if not np.isfinite(x) else round(float(x), 4)  # noqa: E731
+    r4 = lambda a: np.round(np.nan_to_num(a.astype(np.float64)), 4).tolist()  # noqa: E731
+    keep = co[0][j] >= 0
+    return {
+        "hist": stats.hist[j].tolist(), "explanation": res.get("explanation"), "explainer": res.get("explainer"),
+        "detection": num(res.get("detection_balanced_accuracy@1", np.nan)),
+        "fuzzing": num(res.get("fuzzing_balanced_accuracy@1", np.nan)),
+        "promoted": [list(x) for x in zip([text.get(t, "") for t in ti[j].tolist()], r4(tv[j]), strict=True)],
+        "suppressed": [list(x) for x in zip([text.get(t, "") for t in bi[j].tolist()], r4(bv[j]), strict=True)],
+        "neighbours": [list(x) for x in zip(nb[0][j].tolist(), r4(nb[1][j]), strict=True)],
+        "cooc": [list(x) for x in zip(co[0][j][keep].tolist(), r4(co[1][j][keep]), strict=True)],
+        "topics": sorted(([lab, num(auroc[j, i])] for i, lab in enumerate(labels)), key=lambda x: -(x[1] or 0)),
+        "examples": exs,
+    }
+
+
+def _feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labels: list[str], auroc: np.ndarray,
+                     best_idx: np.ndarray, best_au: np.ndarray, top_ids: np.ndarray, top_logits: np.ndarray,
+                     bot_ids: np.ndarray, bot_logits: np.ndarray, nb_ids: np.ndarray, nb_cos: np.ndarray,
+                     co_ids: np.ndarray, co_j: np.ndarray, text: dict[int, str]) -> dict[str, Any]:
+    fire = stats.fire_count
+    get = lambda key: [results.get(j, {}).get(key) for j in range(d)]  # noqa: E731
+    cols: dict[str, Any] = {
+        "feature": np.arange(d, dtype=np.int32),
+        "fire_count": fire.astype(np.int64),
+        "frequency": fire / max(stats.n_tokens, 1),
+        "mean_activation": np.where(fire > 0, stats.act_sum / np.maximum(fire, 1), 0.0),
+        "max_activation": stats.act_max.astype(np.float32),
+        "hist_counts": stats.hist.astype(np.int64),
+        "top_token_ids": top_ids.astype(np.int32), "top_tokens": [[text.get(int(t), "") for t in r] for r in top_ids],
+        "top_logits": top_logits.astype(np.float32),
+        "bottom_token_ids": bot_ids.astype(np.int32), "bottom_tokens": [[text.get(int(t), "") for t in r] for r in bot_ids],
+        "bottom_logits": bot_logits.astype(np.float32),
+        "neighbours": nb_ids.astype(np.int32), "neighbour_cosine": nb_cos.astype(np.float32),
+        "cooccurring": co_ids.astype(np.int32), "cooccurrence_jaccard": co_j.astype(np.float32),
+        "topic": [labels[i] if i >= 0 else None for i in best_idx.tolist()],
+        "topic_auroc@1": best_au.astype(np.float64),
+        "explanation": get("explanation"), "explainer": get("explainer"), "scorer": get("scorer"),
+    }
+    if labels:
+        cols["topic_aurocs@1"] = auroc.astype(np.float32)
+    for s in SCORES:
+        cols[s] = np.array([np.nan if v is None else v for v in get(s)], dtype=np.float64)
+    return cols
+
+
+def _write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: dict[str, Any]) -> None:
+    columns: list[dict[str, Any]] = [{"key": "feature", "label": "feature"}, {"key": "frequency", "label": "frequency", "digits": 5},
+               {"key": "max", "label": "max act", "digits": 2}, {"key": "score", "label": "detection", "digits": 3},
+               {"key": "fuzz", "label": "fuzzing", "digits": 3}, {"key": "topic", "label": "topic"},
+               {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "explanation", "label": "explanation"}]
+    f = lambda x: None if x is None or not np.isfinite(x) else round(float(x), 6)  # noqa: E731
+    rows = [[int(j), f(cols["frequency"][j]), f(cols["max_activation"][j]), f(cols["detection_balanced_accuracy@1"][j]),
+             f(cols["fuzzing_balanced_accuracy@1"][j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
+             cols["explanation"][j]] for j in range(len(cols["feature"]))]
+    med = m["median_topic_auroc@1"]
+    summary = (f"{m['alive_features@1']} alive of {len(rows)} features over {m['interpret_tokens']} tokens; "
+               f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}; explainer {m['explainer']}")
+    hist_label = f"log10 activation, {LOG_MIN} .. (bins of 1/{BINS_PER_DECADE} decade), sqrt counts"
+    write_index(dash_dir, hook, summary, columns, rows, hist_label)

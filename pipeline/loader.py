@@ -1,0 +1,121 @@
+"""The training data stream: seeded epochs over an activation dataset, read ahead by a thread.
+
+The stream is a pure function of (dataset, batch_size, seed): step ``s`` is batch ``s % B`` of
+epoch ``s // B`` (``B`` full batches per epoch; the last partial batch is dropped so every step
+sees the same number of tokens), and each epoch reshuffles with a seed derived from
+``(seed, epoch)``. So a checkpoint only needs the step to resume the data exactly.
+
+Reading and decoding Parquet happens in a background thread (pyarrow and numpy release the GIL),
+``prefetch`` batches ahead, with bounded memory: at most ``prefetch`` batches plus the dataset's
+shuffle buffer are in host memory, whatever the dataset size. On CUDA the thread pins each batch
+so the copy to the GPU is asynchronous (``non_blocking=True``) and overlaps the previous step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Generator, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.activations import ActivationDataset
+from pipeline.errors import UserError
+
+_DONE = object()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Independent shuffle seed per epoch (SeedSequence mixes the pair, so nearby seeds don't collide)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def batches_per_epoch(dataset: ActivationDataset, batch_size: int, key: str = "train.batch_size") -> int:
+    n = dataset.n_tokens // batch_size
+    if n == 0:
+        raise UserError(f"{key}: {batch_size} is larger than the {dataset.n_tokens} tokens in {dataset.root}")
+    return n
+
+
+def _host_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
+                  dtype: torch.dtype, pin: bool) -> Iterator[torch.Tensor]:
+    """CPU tensors [batch_size, d_model] for steps start_step..total_steps-1."""
+    per_epoch = batches_per_epoch(dataset, batch_size)
+    step = start_step
+    while step < total_steps:
+        epoch, first = divmod(step, per_epoch)
+        stream = dataset.iter_batches(batch_size, shuffle=True, seed=epoch_seed(seed, epoch), start_batch=first,
+                                      device="cpu", dtype=dtype, drop_last=True)
+        for batch in stream:
+            acts = batch.acts.pin_memory() if pin else batch.acts
+            yield acts
+            step += 1
+            if step >= total_steps or step % per_epoch == 0:
+                break
+        else:  # the dataset yielded fewer batches than its manifest promises
+            raise UserError(f"{dataset.root}: stream ended at batch {step % per_epoch} of {per_epoch}; "
+                            f"the manifest's token count does not match the shards")
+
+
+class _Prefetcher:
+    """Run a generator in a daemon thread, ``depth`` items ahead; re-raise its exceptions in the consumer."""
+
+    def __init__(self, gen: Iterator[torch.Tensor], depth: int):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(gen,), daemon=True, name="sae-prefetch")
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, gen: Iterator[torch.Tensor]) -> None:
+        try:
+            for item in gen:
+                if not self._put(item):
+                    return
+            self._put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(e)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        try:
+            while True:
+                item = self._q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def train_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
+                  device: torch.device, prefetch: int) -> Generator[torch.Tensor, None, None]:
+    """Float32 (CPU) or storage-dtype-then-float32 (CUDA) batches ``acts [batch_size, d_model]`` on ``device``."""
+    on_cuda = device.type == "cuda"
+    # On CUDA ship the storage dtype (half the bytes for fp16) and widen on the GPU.
+    host_dtype = torch.float16 if (on_cuda and dataset.manifest.dtype == "float16") else torch.float32
+    gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda)
+    prefetcher = _Prefetcher(gen, prefetch) if prefetch > 0 else None
+    try:
+        for acts in (prefetcher if prefetcher is not None else gen):
+            yield acts.to(device, non_blocking=on_cuda).float() if on_cuda else acts
+    finally:  # the consumer stopped (finished, raised, or was killed): stop the reader thread now
+        if prefetcher is not None:
+            prefetcher.close()
+
+
+__all__ = ["train_batches", "batches_per_epoch", "epoch_seed"]

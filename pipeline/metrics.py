@@ -1,0 +1,248 @@
+"""Versioned metric definitions: pure functions plus streaming accumulators.
+
+Every metric has a name ``<metric>@<version>``; the version changes whenever the definition
+changes, so numbers in old DVC metrics files and MLflow runs stay comparable (or visibly not).
+Conventions: ``x[N, d]`` activations, ``x_hat[N, d]`` reconstructions, ``f[N, d_sae]`` latents;
+N counts tokens (leading dims are flattened). Accumulators sum in float64 on the tensor's device
+and sync to host only in ``result()``, so evaluation never holds all tokens in memory.
+
+Definitions:
+
+- ``mse@1``: mean over tokens *and* dimensions of (x - x_hat)^2.
+- ``nmse@1``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n||^2 (normalised by the raw second moment).
+- ``fvu@2``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2, i.e. residual variance summed over
+  dimensions over total variance summed over dimensions around the per-dimension mean. Version 1
+  (a mean of per-dimension ratios) is retired: it lets a few near-constant dimensions dominate the
+  average (their tiny variance inflates their ratio), and it changes under a rotation of the
+  basis, while the residual stream has no privileged basis. The summed ratio is 1 - R^2 of the
+  vector regression, invariant to rotations, and is what SAE papers report.
+- ``l0@1``: mean over tokens of the number of nonzero latents.
+- ``l1@1``: mean over tokens of sum_i |f_i|.
+- ``dead_fraction@1``: fraction of latents that never fired (f != 0) over the evaluation window.
+- ``dense_fraction@1``: fraction of latents firing on more than 10% of the window's tokens.
+- ``shrinkage@1``: mean over tokens (with ||x|| > 0) of ||x_hat|| / ||x|| (< 1: the L1 shrinks codes).
+- ``ce_loss_recovered@1``: (CE_zero_abl - CE_sae) / (CE_zero_abl - CE_clean), next-token cross
+  entropies (nats/token) of the model clean, with the SAE's reconstruction spliced in, and with the
+  hook's output zeroed. 1 = as good as clean, 0 = no better than zero ablation.
+- ``kl_div@1``: mean over tokens of KL(p_clean || p_sae) of next-token distributions (nats).
+- ``delta_lm_loss@1``: CE_sae - CE_clean (nats/token).
+- ``mmcs@1``: mean over rows of A of the max cosine similarity with any row of B (mean max cosine
+  similarity; Sharkey et al. 2022, "Taking features out of superposition with sparse autoencoders").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MSE = "mse@1"
+NMSE = "nmse@1"
+FVU = "fvu@2"
+L0 = "l0@1"
+L1 = "l1@1"
+DEAD_FRACTION = "dead_fraction@1"
+DENSE_FRACTION = "dense_fraction@1"
+SHRINKAGE = "shrinkage@1"
+CE_LOSS_RECOVERED = "ce_loss_recovered@1"
+KL_DIV = "kl_div@1"
+DELTA_LM_LOSS = "delta_lm_loss@1"
+MMCS = "mmcs@1"
+CE_CLEAN = "ce_clean@1"  # mean next-token CE of the clean model (nats/token)
+CE_SAE = "ce_sae@1"  # ... with the SAE reconstruction spliced in at the hook
+CE_ZERO_ABLATION = "ce_zero_ablation@1"  # ... with the hook output zeroed
+
+DENSE_THRESHOLD = 0.1  # dense_fraction@1: fires on more than 10% of tokens
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1]).to(torch.float64)
+
+
+def mse(x: Tensor, x_hat: Tensor) -> float:
+    """``mse@1``: mean over tokens and dimensions of (x - x_hat)^2."""
+    return (_flat(x) - _flat(x_hat)).pow(2).mean().item()
+
+
+def nmse(x: Tensor, x_hat: Tensor) -> float:
+    """``nmse@1``: sum ||x - x_hat||^2 / sum ||x||^2."""
+    x, x_hat = _flat(x), _flat(x_hat)
+    return ((x - x_hat).pow(2).sum() / x.pow(2).sum()).item()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """``fvu@2``: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (sums over tokens and dimensions)."""
+    x, x_hat = _flat(x), _flat(x_hat)
+    return ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
+def l0(f: Tensor) -> float:
+    """``l0@1``: mean number of nonzero latents per token."""
+    return (_flat(f) != 0).sum(-1).double().mean().item()
+
+
+def l1(f: Tensor) -> float:
+    """``l1@1``: mean over tokens of the L1 norm of the latents."""
+    return _flat(f).abs().sum(-1).mean().item()
+
+
+def dead_fraction(fire_counts: Tensor) -> float:
+    """``dead_fraction@1``: fraction of latents with zero firings in the window. ``fire_counts[d_sae]``."""
+    return (fire_counts == 0).double().mean().item()
+
+
+def dense_fraction(fire_counts: Tensor, n_tokens: int, threshold: float = DENSE_THRESHOLD) -> float:
+    """``dense_fraction@1``: fraction of latents firing on more than ``threshold`` of ``n_tokens``."""
+    return (fire_counts.double() / n_tokens > threshold).double().mean().item()
+
+
+def shrinkage(x: Tensor, x_hat: Tensor) -> float:
+    """``shrinkage@1``: mean over tokens with ||x|| > 0 of ||x_hat|| / ||x||."""
+    nx, nh = _flat(x).norm(dim=-1), _flat(x_hat).norm(dim=-1)
+    keep = nx > 0
+    return (nh[keep] / nx[keep]).mean().item()
+
+
+def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+    """``ce_loss_recovered@1``: (CE_zero - CE_sae) / (CE_zero - CE_clean); NaN if zero ablation costs nothing."""
+    denom = ce_zero - ce_clean
+    return (ce_zero - ce_sae) / denom if denom != 0 else math.nan
+
+
+def delta_lm_loss(ce_clean: float, ce_sae: float) -> float:
+    """``delta_lm_loss@1``: CE_sae - CE_clean."""
+    return ce_sae - ce_clean
+
+
+def kl_div_per_token(logits_clean: Tensor, logits_sae: Tensor) -> Tensor:
+    """KL(p_clean || p_sae) per position: ``[..., vocab] -> [...]`` (float64, nats)."""
+    lp = F.log_softmax(logits_clean.to(torch.float64), dim=-1)
+    lq = F.log_softmax(logits_sae.to(torch.float64), dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def kl_div(logits_clean: Tensor, logits_sae: Tensor) -> float:
+    """``kl_div@1``: mean over positions of KL(p_clean || p_sae)."""
+    return kl_div_per_token(logits_clean, logits_sae).mean().item()
+
+
+def max_cosine_similarity(A: Tensor, B: Tensor, chunk: int = 4096) -> Tensor:
+    """For each row of ``A[n, d]`` its max cosine similarity with the rows of ``B[m, d]``: ``[n]``."""
+    B = F.normalize(B.to(torch.float32), dim=-1)
+    out = []
+    for a in A.to(torch.float32).split(chunk):
+        out.append((F.normalize(a, dim=-1) @ B.t()).max(-1).values)
+    return torch.cat(out)
+
+
+def mmcs(A: Tensor, B: Tensor) -> float:
+    """``mmcs@1``: mean over rows of A of the max cosine similarity with a row of B (not symmetric)."""
+    return max_cosine_similarity(A, B).double().mean().item()
+
+
+class ReconstructionAccumulator:
+    """Streams ``mse@1``, ``nmse@1``, ``fvu@2``, ``shrinkage@1`` over batches, exactly (float64 sums).
+
+    FVU needs the mean over *all* tokens: sum ||x - mean||^2 = sum ||y||^2 - N ||mean(y)||^2 with
+    y = x - c for any constant c. Taking c = the first batch's mean (the shifted-data algorithm for
+    the variance) avoids the cancellation that c = 0 suffers when activations have a large offset.
+    """
+
+    def __init__(self, d: int, device: str | torch.device = "cpu") -> None:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.n = 0
+        self.n_nonzero = z(())
+        self.shift: Tensor | None = None  # [d] first batch's mean
+        self.sum_y = z(d)  # [d] sum of y = x - shift
+        self.sum_y_sq = z(())  # sum ||y||^2
+        self.sum_sq = z(())  # sum ||x||^2
+        self.sum_err = z(())  # sum ||x - x_hat||^2
+        self.sum_ratio = z(())  # sum ||x_hat|| / ||x||
+
+    @torch.no_grad()
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x, x_hat = _flat(x), _flat(x_hat)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        y = x - self.shift
+        self.n += x.shape[0]
+        self.sum_y += y.sum(0)
+        self.sum_y_sq += y.pow(2).sum()
+        self.sum_sq += x.pow(2).sum()
+        self.sum_err += (x - x_hat).pow(2).sum()
+        nx, nh = x.norm(dim=-1), x_hat.norm(dim=-1)
+        keep = nx > 0
+        self.n_nonzero += keep.sum()
+        self.sum_ratio += torch.where(keep, nh / nx.clamp_min(1e-300), torch.zeros_like(nx)).sum()
+
+    def result(self) -> dict[str, float]:
+        n, d = self.n, self.sum_y.numel()
+        mean_y = self.sum_y / max(n, 1)
+        total_var = (self.sum_y_sq - n * mean_y.pow(2).sum()).item()
+        err = self.sum_err.item()
+        return {
+            MSE: err / (n * d) if n else math.nan,
+            NMSE: err / self.sum_sq.item() if self.sum_sq.item() > 0 else math.nan,
+            FVU: err / total_var if total_var > 0 else math.nan,
+            SHRINKAGE: (self.sum_ratio / self.n_nonzero).item() if self.n_nonzero.item() > 0 else math.nan,
+        }
+
+
+class FiringAccumulator:
+    """Streams per-latent firing counts, ``l0@1``, ``l1@1``, ``dead_fraction@1``, ``dense_fraction@1``."""
+
+    def __init__(self, d_sae: int, device: str | torch.device = "cpu") -> None:
+        self.n = 0
+        self.counts = torch.zeros(d_sae, dtype=torch.long, device=device)  # [d_sae] tokens fired on
+        self.sum_l0 = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum_l1 = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, f: Tensor) -> None:
+        f = f.reshape(-1, f.shape[-1])
+        active = f != 0
+        self.n += f.shape[0]
+        self.counts += active.sum(0)
+        self.sum_l0 += active.sum(dtype=torch.float64)
+        self.sum_l1 += f.abs().sum(dtype=torch.float64)
+
+    def frequencies(self) -> Tensor:
+        """Fraction of tokens each latent fired on, ``[d_sae]`` float64."""
+        return self.counts.double() / max(self.n, 1)
+
+    def result(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {
+            L0: self.sum_l0.item() / n,
+            L1: self.sum_l1.item() / n,
+            DEAD_FRACTION: dead_fraction(self.counts),
+            DENSE_FRACTION: dense_fraction(self.counts, n),
+        }
+
+
+class LMLossAccumulator:
+    """Streams ``ce_loss_recovered@1``, ``delta_lm_loss@1``, ``kl_div@1`` from per-token values."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums = torch.zeros(4, dtype=torch.float64)  # ce_clean, ce_sae, ce_zero, kl
+
+    @torch.no_grad()
+    def update(self, ce_clean: Tensor, ce_sae: Tensor, ce_zero: Tensor, kl: Tensor) -> None:
+        """Per-token tensors of equal shape ``[...]`` (already masked to the positions that count)."""
+        vals = [t.detach().double().sum().cpu() for t in (ce_clean, ce_sae, ce_zero, kl)]
+        self.sums += torch.stack(vals)
+        self.n += ce_clean.numel()
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            return {CE_LOSS_RECOVERED: math.nan, DELTA_LM_LOSS: math.nan, KL_DIV: math.nan}
+        clean, sae, zero, kl = (self.sums / self.n).tolist()
+        return {
+            CE_LOSS_RECOVERED: ce_loss_recovered(clean, sae, zero),
+            DELTA_LM_LOSS: delta_lm_loss(clean, sae),
+            KL_DIV: kl,
+            CE_CLEAN: clean, CE_SAE: sae, CE_ZERO_ABLATION: zero,
+        }

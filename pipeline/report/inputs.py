@@ -1,0 +1,133 @@
+"""What the report shows, read from the files the earlier stages wrote — every one of them optional.
+
+A stage that has not run (or is not implemented in this checkout) leaves its file missing; the
+report then says "not run" in that section instead of failing, and :attr:`ReportInputs.missing`
+lists what was absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking.record import headline_metrics, read_curve, read_manifest, read_stage_metrics
+from pipeline.tracking.store import RunPoint
+
+log = logging.getLogger(__name__)
+
+# Columns of data/interpret/<hook>/features.parquet shown in the report: (label, candidate column
+# names, first present wins). Versioned names (topic_auroc@1) are matched by their base too.
+FEATURE_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("feature", ("feature",)),
+    ("frequency", ("frequency",)),
+    ("explanation", ("explanation",)),
+    ("score", ("score", "detection_balanced_accuracy", "detection_auc")),
+    ("topic_auroc", ("topic_auroc",)),
+    ("best_topic", ("best_topic", "topic")),
+    ("top_tokens", ("top_tokens",)),
+)
+# "Top" features: ranked by the first of these with any finite value (explanation score, then
+# topic AUROC, then firing frequency).
+FEATURE_RANK = ("score", "topic_auroc", "frequency")
+
+
+def _find_column(columns: list[str], candidates: tuple[str, ...]) -> str | None:
+    for cand in candidates:
+        hits = [c for c in columns if c == cand or c.split("@")[0] == cand]
+        if hits:
+            return max(hits)  # the highest definition version
+    return None
+
+
+@dataclass
+class ReportInputs:
+    """Everything rendered into ``reports/summary.{md,html}``; paths relative to the workspace root."""
+
+    params: dict[str, Any]
+    hooks: list[str]
+    run: dict[str, str] = field(default_factory=dict)
+    stage_metrics: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    sae_cfgs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curves: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    features: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    feature_counts: dict[str, int] = field(default_factory=dict)
+    steer: dict[str, Any] | None = None
+    steer_pngs: list[Path] = field(default_factory=list)
+    dashboard: Path | None = None
+    headline: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, source key)
+    frontier: list[RunPoint] | None = None
+    frontier_note: str = ""
+    tracking_note: str = ""
+    missing: list[str] = field(default_factory=list)
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def top_features(path: Path, n: int) -> tuple[list[dict[str, Any]], int]:
+    """Top ``n`` rows of a features table by :data:`FEATURE_RANK`, as ``{label: value}`` with the labels of
+    :data:`FEATURE_COLUMNS` that the table has; and the table's row count."""
+    import polars as pl
+
+    df = pl.read_parquet(path)
+    found = {label: col for label, cands in FEATURE_COLUMNS if (col := _find_column(df.columns, cands))}
+    df = df.select([pl.col(c).alias(label) for label, c in found.items()])
+    for label in FEATURE_RANK:
+        if label in df.columns and df[label].dtype.is_numeric():
+            key = pl.col(label).cast(pl.Float64).fill_nan(None)  # NaN would sort above every number
+            if df.select(key.is_not_null().any()).item():
+                df = df.sort(key, descending=True, nulls_last=True)
+                break
+    if "top_tokens" in df.columns and isinstance(df.schema["top_tokens"], pl.List):
+        df = df.with_columns(pl.col("top_tokens").list.head(5).list.join(" ").alias("top_tokens"))
+    return df.head(n).to_dicts(), df.height
+
+
+def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> ReportInputs:
+    """Read the workspace at ``root``; ``params`` are the flattened dotted params."""
+    root = Path(root)
+    inp = ReportInputs(params=dict(params), hooks=list(hooks))
+    inp.stage_metrics = read_stage_metrics(root / "metrics")
+    inp.headline = headline_metrics(inp.stage_metrics, hooks[0] if hooks else None)
+    for stage in ("prepare", "extract", "train", "evaluate", "interpret", "steer"):
+        if stage not in inp.stage_metrics:
+            inp.missing.append(f"metrics/{stage}.json")
+    for hook in hooks:
+        if not inp.manifest:
+            inp.manifest = read_manifest(root, hook)
+        cfg = _json(root / "models" / "sae" / hook / "cfg.json")
+        if cfg is not None:
+            inp.sae_cfgs[hook] = cfg
+        else:
+            inp.missing.append(f"models/sae/{hook}/cfg.json")
+        curve = root / "plots" / "train" / f"{hook}.csv"
+        if curve.is_file():
+            inp.curves[hook] = read_curve(curve)
+        else:
+            inp.missing.append(str(curve.relative_to(root)))
+        feats = root / "data" / "interpret" / hook / "features.parquet"
+        if feats.is_file():
+            try:
+                inp.features[hook], inp.feature_counts[hook] = top_features(feats, top_n)
+            except Exception as e:  # a malformed table must not sink the whole report
+                log.warning("cannot read %s: %s", feats, e)
+                inp.missing.append(str(feats.relative_to(root)))
+        else:
+            inp.missing.append(str(feats.relative_to(root)))
+    if not inp.manifest:
+        inp.missing.append("data/activations/train/<hook>/manifest.json")
+    inp.steer = _json(root / "metrics" / "steer.json")
+    steer_dir = root / "reports" / "steer"
+    inp.steer_pngs = sorted(steer_dir.glob("*.png")) if steer_dir.is_dir() else []
+    dash = root / "reports" / "features" / "index.html"
+    inp.dashboard = dash if dash.is_file() else None
+    return inp

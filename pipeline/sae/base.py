@@ -1,0 +1,251 @@
+"""The SAE base class, the training protocol every architecture follows, and the registry.
+
+Conventions (all architectures):
+
+- ``W_dec[d_sae, d_in]``: row i is the direction latent i writes; ``b_dec[d_in]``.
+- ``encode(x[..., d_in]) -> f[..., d_sae]`` and ``decode(f) -> x_hat[..., d_in]`` work on *raw*
+  activations: the input scaling ``cfg.scaling_factor`` is applied inside (x -> s·x on the way in,
+  x_hat -> x_hat / s on the way out), and ``save_sae`` folds it into the weights.
+- Training protocol used by ``pipeline.train``, per step::
+
+      out = sae.training_loss(x, step, total_steps)   # no host sync inside
+      out.loss.backward()
+      sae.before_optimizer_step()                       # e.g. project grads of unit-norm decoder rows
+      optimizer.step()
+      sae.after_optimizer_step()                        # e.g. renormalise decoder rows
+
+  plus ``init_from_data(x_sample)`` once before training and, for the 2023 relu_l1 recipe,
+  ``resample_dead(x_sample, optimizer)`` when ``wants_resample(step)``.
+- The loss is computed in the scaled space (E||x||^2 = d_in), so coefficients transfer across
+  models (Anthropic, April 2024 update); the reconstruction term is ||x - x_hat||^2 summed over
+  dimensions and averaged over tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+from pipeline.sae import ops
+from pipeline.sae.config import SAEConfig
+
+__all__ = ["SAE", "SAEConfig", "LossOutput", "ARCHS", "register", "make_sae"]
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LossOutput:
+    """What ``training_loss`` returns. All tensors stay on the device; nothing is synced to host."""
+
+    loss: Tensor  # scalar, what the trainer backpropagates
+    x_hat: Tensor  # [B, d_in] reconstruction, in raw (unscaled) units
+    latents: Tensor  # [B, d_sae] feature activations
+    terms: dict[str, Tensor]  # scalar tensors for logging: mse (scaled space), l0, sparsity, aux, ...
+
+
+class SAE(nn.Module):
+    """Base of every architecture. Subclasses implement ``_encode_scaled`` and ``training_loss``."""
+
+    arch: ClassVar[str] = ""
+    #: subtract b_dec from the input before encoding, unless cfg.apply_b_dec_to_input says otherwise
+    default_apply_b_dec: ClassVar[bool] = True
+    #: initialise b_dec at the geometric median of the (scaled) data in ``init_from_data``
+    init_b_dec_median: ClassVar[bool] = True
+    #: False for architectures without a dictionary (the dense autoencoder baseline)
+    has_dictionary: ClassVar[bool] = True
+
+    W_dec: nn.Parameter  # [d_sae, d_in]
+    b_dec: nn.Parameter  # [d_in]
+    W_enc: nn.Parameter  # [d_in, d_sae] (linear encoders)
+    b_enc: nn.Parameter  # [d_sae] (linear encoders except gated)
+    tokens_since_fired: Tensor  # [d_sae] long buffer
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._init_dtype = TORCH_DTYPES[cfg.dtype]  # parameters are created in this dtype
+        # Dead-latent bookkeeping (AuxK, resampling): training tokens since each latent last fired.
+        # Saved in checkpoints (state_dict) so resume is exact; not saved by save_sae.
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Current parameter dtype (follows ``.to(dtype)``)."""
+        return self.b_dec.dtype
+
+    # ---- architecture hooks -------------------------------------------------------------------
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether decoder rows are constrained to unit norm (projection + renormalisation)."""
+        return False
+
+    @property
+    def apply_b_dec(self) -> bool:
+        a = self.cfg.apply_b_dec_to_input
+        return self.default_apply_b_dec if a is None else a
+
+    def _encode_scaled(self, xs: Tensor) -> Tensor:
+        """Scaled input ``xs[..., d_in]`` -> feature activations ``f[..., d_sae]``."""
+        raise NotImplementedError
+
+    def _decode_scaled(self, f: Tensor) -> Tensor:
+        """``f[..., d_sae]`` -> reconstruction in scaled space ``[..., d_in]``."""
+        return f @ self.W_dec + self.b_dec
+
+    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+        """Loss on a batch ``x[B, d_in]`` of raw activations at optimizer step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    # ---- public inference API -----------------------------------------------------------------
+    def scale_in(self, x: Tensor) -> Tensor:
+        """Raw ``x[..., d_in]`` -> scaled input in the parameter dtype."""
+        x = x.to(self.dtype)
+        s = self.cfg.scaling_factor
+        return x if s == 1.0 else x * s
+
+    def center(self, xs: Tensor) -> Tensor:
+        """What the encoder sees: ``xs - b_dec`` if the architecture subtracts the decoder bias."""
+        return xs - self.b_dec if self.apply_b_dec else xs
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw activations ``x[..., d_in]`` -> feature activations ``f[..., d_sae]``."""
+        return self._encode_scaled(self.scale_in(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Feature activations ``f[..., d_sae]`` -> reconstruction ``x_hat[..., d_in]`` in raw units."""
+        out = self._decode_scaled(f.to(self.dtype))
+        s = self.cfg.scaling_factor
+        return out if s == 1.0 else out / s
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def feature_directions(self) -> Tensor:
+        """Unit-norm feature directions ``[d_sae, d_in]`` (rows of W_dec, normalised)."""
+        W = self.W_dec.detach()
+        return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    # ---- training protocol --------------------------------------------------------------------
+    def before_optimizer_step(self) -> None:
+        """Called after ``backward``, before ``optimizer.step()``."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            # Towards Monosemanticity (2023), "Autoencoder architecture": remove the gradient
+            # component parallel to each unit-norm decoder row so Adam moves along the sphere.
+            ops.remove_parallel_grad_(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        """Called after ``optimizer.step()``."""
+        if self.unit_norm_decoder:
+            ops.normalize_rows_(self.W_dec)
+
+    @torch.no_grad()
+    def init_from_data(self, x_sample: Tensor) -> None:
+        """Data-dependent initialisation from raw activations ``x_sample[N, d_in]``.
+
+        Sets ``cfg.scaling_factor`` so that E||s·x||^2 = d_in (Anthropic, April 2024 update), and,
+        where ``init_b_dec_median``, ``b_dec`` at the geometric median of the scaled sample
+        (Towards Monosemanticity, "Autoencoder architecture"; Gao et al. 2024 do the same for b_pre).
+        """
+        x = x_sample.detach().to(torch.float64).reshape(-1, self.cfg.d_in)
+        mean_sq = x.pow(2).sum(-1).mean().item()
+        if not math.isfinite(mean_sq) or mean_sq <= 0:
+            raise UserError("init_from_data: activation sample is all zeros or not finite")
+        self.cfg.scaling_factor = math.sqrt(self.cfg.d_in / mean_sq)
+        if self.init_b_dec_median and self.apply_b_dec:
+            med = ops.geometric_median(x * self.cfg.scaling_factor)
+            self.b_dec.copy_(med.to(self.b_dec))
+
+    def wants_resample(self, step: int) -> bool:
+        """Whether the trainer should call ``resample_dead`` before ``step`` (2023 recipe only)."""
+        return False
+
+    def resample_dead(self, x_sample: Tensor, optimizer: torch.optim.Optimizer) -> int:
+        """Re-initialise dead latents (relu_l1 2023 recipe); returns how many were resampled."""
+        raise UserError(f"sae arch {self.arch!r}: dead-neuron resampling is part of the relu_l1 2023 recipe only")
+
+    @torch.no_grad()
+    def fold_scaling(self) -> None:
+        """Fold ``cfg.scaling_factor`` s into the weights so the SAE takes raw input with s = 1.
+
+        For the linear encoders here, pre = W_enc^T (s·x - b_dec) + b = (s·W_enc)^T (x - b_dec/s) + b
+        and x_hat = (f W_dec + b_dec) / s, so W_enc *= s, W_dec /= s, b_dec /= s; latents unchanged.
+        """
+        s = self.cfg.scaling_factor
+        if s == 1.0:
+            return
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.div_(s)
+        self.cfg.scaling_factor = 1.0
+
+    # ---- shared pieces for subclasses ---------------------------------------------------------
+    def _recon_loss(self, xs: Tensor, xs_hat: Tensor) -> Tensor:
+        """||xs - xs_hat||^2 summed over dims, mean over tokens (scaled space). Scalar."""
+        return (xs_hat - xs).float().pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def _update_firing(self, f: Tensor) -> Tensor:
+        """Update tokens-since-fired from this batch's latents ``f[B, d_sae]``; return dead mask [d_sae].
+
+        In-place tensor ops only: no host sync.
+        """
+        fired = (f != 0).flatten(0, -2).any(0)  # [d_sae]
+        self.tokens_since_fired.add_(f.flatten(0, -2).shape[0]).masked_fill_(fired, 0)
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+
+    def _common_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, dead: Tensor) -> dict[str, Tensor]:
+        return {
+            "mse": self._recon_loss(xs, xs_hat).detach(),
+            "l0": (f != 0).float().sum(-1).mean().detach(),
+            "dead_fraction": dead.float().mean(),
+        }
+
+    def _warmup(self, step: int, total_steps: int) -> float:
+        """Linear warm-up factor in [0, 1] for the sparsity coefficient (host arithmetic, no sync)."""
+        n = self.cfg.l1_warmup_steps
+        if n is None:
+            n = int(0.05 * total_steps)  # Anthropic April 2024 update: first 5% of training
+        return 1.0 if n <= 0 else min(1.0, (step + 1) / n)
+
+    def _init_linear(self, generator: torch.Generator | None, decoder_norm: float = 1.0) -> None:
+        """Decoder rows random directions of norm ``decoder_norm``; encoder = decoder transpose.
+
+        Encoder-as-decoder-transpose init: Gao et al. 2024 ("Preventing dead latents") and the Anthropic April 2024 update.
+        """
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        W = torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32)
+        W = W / W.norm(dim=-1, keepdim=True) * decoder_norm
+        dt = self._init_dtype
+        self.W_dec = nn.Parameter(W.to(dt))  # [d_sae, d_in]
+        self.W_enc = nn.Parameter(W.t().contiguous().to(dt))  # [d_in, d_sae]
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dt))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dt))
+
+
+ARCHS: dict[str, Callable[[SAEConfig, torch.Generator | None], SAE]] = {}
+
+
+def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
+    """Class decorator adding an architecture to ``ARCHS`` under ``name``."""
+
+    def deco(cls: type[SAE]) -> type[SAE]:
+        cls.arch = name
+        ARCHS[name] = cls  # type: ignore[assignment]
+        return cls
+
+    return deco
+
+
+def make_sae(cfg: SAEConfig, seed: int | None = None) -> SAE:
+    """Build the SAE ``cfg.arch`` describes; ``seed`` makes the initialisation reproducible."""
+    cfg.check()
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return ARCHS[cfg.arch](cfg, gen)

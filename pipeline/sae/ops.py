@@ -1,0 +1,71 @@
+"""Tensor operations shared by the architectures: decoder-norm constraint, TopK, AuxK, geometric median."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def normalize_rows_(W: Tensor) -> None:
+    """Rescale each row of ``W[d_sae, d_in]`` to unit L2 norm, in place."""
+    W.div_(W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W: torch.nn.Parameter) -> None:
+    """Remove from ``W.grad`` the component parallel to each (unit-norm) row of ``W[d_sae, d_in]``.
+
+    With rows on the unit sphere, only the tangential part of the gradient changes the direction;
+    the radial part would be undone by renormalisation and distorts Adam's moment estimates
+    (Towards Monosemanticity, 2023; Gao et al. 2024, "Preventing dead latents").
+    """
+    assert W.grad is not None
+    along = (W.grad * W).sum(-1, keepdim=True)  # [d_sae, 1]
+    W.grad.sub_(along * W)
+
+
+def topk_activation(pre: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest pre-activations per row, ReLU them, zero the rest. ``pre[..., d_sae]``.
+
+    Gao et al. 2024, "TopK activation function": z = ReLU(TopK(W_enc(x - b_pre))). L0 <= k (== k unless fewer than k
+    pre-activations are positive). Gradients flow to the selected entries only.
+    """
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+
+def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """AuxK loss (Gao et al. 2024, "Preventing dead latents" and the AuxK appendix): dead latents reconstruct the main model's residual.
+
+    ``pre[B, d_sae]`` pre-activations, ``residual[B, d_in]`` = x - x_hat (detached), ``dead[d_sae]``
+    bool. The top ``k_aux`` pre-activations among dead latents decode (without bias) to e_hat and
+    the loss is ||residual - e_hat||^2 (summed over dims, mean over tokens). A fixed ``k_aux`` and a
+    mask instead of ``min(k_aux, n_dead)`` keeps the shapes static: no host sync. Zero when no
+    latent is dead.
+    """
+    masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
+    vals, idx = masked.topk(k_aux, dim=-1, sorted=False)  # [B, k_aux]
+    vals = torch.where(dead[idx], vals, torch.zeros_like(vals)).relu()  # live picks (-inf) -> 0
+    acts = torch.zeros_like(pre).scatter(-1, idx, vals)
+    e_hat = acts @ W_dec  # [B, d_in]
+    loss = (residual.detach() - e_hat).float().pow(2).sum(-1).mean()
+    return loss * dead.any().float()
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
+    """Geometric median of the rows of ``x[N, d]`` by Weiszfeld's algorithm, in float64.
+
+    The point minimising the sum of Euclidean distances; robust to outliers, which is why
+    Towards Monosemanticity initialises the pre-encoder bias there.
+    """
+    x = x.to(torch.float64)
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=-1).clamp_min(1e-12)  # [N]
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * (1.0 + y.norm()):
+            return y_new
+        y = y_new
+    return y

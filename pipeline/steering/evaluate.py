@@ -1,0 +1,118 @@
+"""The whole steering evaluation as one library call (the ``steer`` stage only loads inputs and writes outputs).
+
+statistics pass → feature choice and scales → baseline directions → topic model → sweep (generate,
+re-encode, score) → ablation effect → coefficient choice on validation prompts, report on test.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from pipeline.activations import ActivationDataset
+from pipeline.errors import UserError
+from pipeline.hooks import final_norm_and_unembed
+from pipeline.params.analysis import SteerParams
+from pipeline.steering.baselines import dim_direction, feature_topics, random_direction, select_features
+from pipeline.steering.interventions import SAELike, feature_write
+from pipeline.steering.metrics import TopicModel, label_windows
+from pipeline.steering.protocol import FeaturePlan, SweepConfig, ablation_effect, run_sweep, seeded_prompts
+from pipeline.steering.stats import collect_stats, label_grid
+from pipeline.steering.summary import add_scores, choose_and_report
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SteeringResult", "evaluate_steering"]
+
+
+@dataclass
+class SteeringResult:
+    generations: pl.DataFrame  # one row per (feature, method, coefficient, prompt)
+    metrics: dict[str, Any]  # the metrics JSON
+
+
+def _topic_model(contexts: pl.DataFrame, rows: dict[int, int], grid: np.ndarray, topics: list[str],
+                 vocab: int, window: int) -> tuple[TopicModel, float]:
+    """Fit on the train split's tokens, measure accuracy on validation windows of ``window`` tokens."""
+    out = {}
+    for split in ("train", "validation"):
+        c = contexts.filter(pl.col("split") == split)
+        toks = np.array(c["token_ids"].to_list(), dtype=np.int64).reshape(len(c), -1)
+        labs = grid[[rows[int(i)] for i in c["context_id"].to_list()]][:, : toks.shape[1]] if len(c) else np.zeros_like(toks)
+        out[split] = (toks, labs)
+    model = TopicModel.fit(out["train"][0], out["train"][1], topics, vocab)
+    return model, model.accuracy(*label_windows(*out["validation"], window))
+
+
+def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str, contexts: pl.DataFrame,
+                      documents: pl.DataFrame, acts: ActivationDataset, interp: pl.DataFrame | None,
+                      p: SteerParams, seed: int, bos: bool = True) -> SteeringResult:
+    """Run the protocol of ``p`` (see ``SteerParams``) for the SAE at ``hook``."""
+    t_start = time.perf_counter()
+    topics, rows, grid = label_grid(contexts, documents)
+    stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens)
+    if not topics and "dim" in p.methods:
+        raise UserError("steer.methods: 'dim' needs a labelled corpus (corpus.label_column); remove it")
+    features = select_features(stats, interp, p.features, p.n_features, p.select_by, p.min_firing)
+    if not features:
+        raise UserError(f"steer: no feature fires at least steer.min_firing={p.min_firing} times; list steer.features")
+    feat_topic = feature_topics(stats, interp, features)
+    vocab = int(final_norm_and_unembed(model)[1].shape[0])
+    topic_model, topic_acc = _topic_model(contexts, rows, grid, topics, vocab, p.max_new_tokens) if topics else (None, math.nan)
+    prompts = seeded_prompts(p.prompts, tokenizer, p.validation_fraction, seed, bos)
+    cfg = SweepConfig(hook, list(p.methods), list(p.coefficients), p.positions, p.max_new_tokens,
+                      p.do_sample, p.temperature, p.batch_size, seed)
+    all_rows: list[dict[str, Any]] = []
+    per_feature_extra: dict[str, dict[str, Any]] = {}
+    ctx_tokens = dict(zip(contexts["context_id"].to_list(), contexts["token_ids"].to_list(), strict=True))
+    t_ablate = 0.0
+    for f in features:
+        scale = stats.scale(f, p.scale, p.scale_quantile)
+        if scale <= 0:
+            raise UserError(f"steer.features: feature {f} never fires on the {p.stats_split} split, so it has no scale")
+        write = feature_write(sae, f, scale).cpu()  # [d_in]
+        norm = float(write.norm())
+        dirs = {"add": write}
+        if "dim" in p.methods:
+            dirs["dim"] = torch.from_numpy(dim_direction(stats, feat_topic[f])).float() * norm  # type: ignore[arg-type]
+        if "random" in p.methods:
+            dirs["random"] = torch.from_numpy(random_direction(write.shape[0], seed * 7919 + f)).float() * norm
+        plan = FeaturePlan(f, feat_topic[f], scale, dirs)
+        log.info("steering feature %d (topic %s, m_f %.3g, |write| %.3g)", f, feat_topic[f], scale, norm)
+        all_rows.extend(run_sweep(model, tokenizer, sae, plan, prompts, cfg, topic_model))
+        # Ablation effect on the strongest-firing contexts vs seeded contexts where it never fires.
+        t0 = time.perf_counter()
+        cmax = stats.context_max[:, f]
+        order = np.argsort(-cmax, kind="stable")
+        fire_ids = [int(stats.context_ids[i]) for i in order[: p.ablation_contexts] if cmax[i] > 0]
+        quiet_pool = stats.context_ids[cmax == 0]
+        rng = np.random.default_rng(seed + f)
+        quiet_ids = [int(c) for c in rng.permutation(quiet_pool)[: p.ablation_contexts]]
+        abl = ablation_effect(model, sae, hook, f, [ctx_tokens[c] for c in fire_ids], [ctx_tokens[c] for c in quiet_ids])
+        t_ablate += time.perf_counter() - t0
+        per_feature_extra[str(f)] = {"scale@1": scale, "write_norm@1": norm, "fire_rate@1": float(stats.fire_count[f] / stats.n_tokens),
+                                     "ablation_contexts": [len(fire_ids), len(quiet_ids)], **abl}
+    df = add_scores(pl.DataFrame(all_rows, infer_schema_length=None))
+    report = choose_and_report(df)
+    for key, extra in per_feature_extra.items():
+        report["features"][key].update(extra)
+    gen_s, toks = cfg.timing["generate_s"], cfg.timing["tokens"]
+    report["settings"] = {"hook": hook, "features": features, "methods": list(p.methods),
+                          "coefficients": list(p.coefficients), "positions": p.positions, "scale": p.scale,
+                          "n_prompts": {"validation": sum(q.split == "validation" for q in prompts),
+                                        "test": sum(q.split == "test" for q in prompts)},
+                          "stats_tokens": stats.n_tokens}
+    report["topic_model_accuracy@1"] = topic_acc
+    report["runtime"] = {"generations": int(cfg.timing["rows"]), "generated_tokens": int(toks),
+                         "generate_s": round(gen_s, 2), "generate_tokens_per_s": round(toks / max(gen_s, 1e-9), 1),
+                         "ablation_s": round(t_ablate, 2), "total_s": round(time.perf_counter() - t_start, 2)}
+    log.info("steer: %s", report["overall"].get("summary", ""))
+    return SteeringResult(df, report)

@@ -1,0 +1,116 @@
+"""On-device statistics of the training loop: running means between log rows, dead/dense latents.
+
+Everything here stays on the training device and is only read back (one host sync) when the loop
+logs, so a step never waits for the GPU. Both classes have ``state_dict``/``load_state_dict`` so
+a checkpoint holds them and a resumed run logs exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DENSE_THRESHOLD = 0.1  # a latent firing on >10% of tokens is "dense" (the usual cut-off, e.g. Rajamanoharan et al. 2024)
+
+
+class RunningStats:
+    """Sums over the steps since the last log row: loss, L0, residual and total variance, tokens."""
+
+    KEYS = ("loss", "l0", "resid", "var", "steps")
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, loss: Tensor, x: Tensor, x_hat: Tensor, active: Tensor) -> None:
+        """``x, x_hat`` [B, d_model]; ``active`` [B, d_sae] bool (latent != 0); ``loss`` scalar. No host sync."""
+        x = x.float()
+        err = x - x_hat.float()
+        # FVU numerator and denominator summed over the interval, divided once at log time: the
+        # ratio of sums is the interval's FVU, the mean of per-step ratios would not be.
+        vals = torch.stack([
+            loss.detach().float(),
+            active.sum(-1).float().mean(),
+            err.pow(2).sum(),
+            (x - x.mean(0)).pow(2).sum(),
+            torch.ones((), device=x.device),
+        ]).double()
+        self.sums += vals
+
+    def read_and_reset(self) -> dict[str, float]:
+        """One host sync; means over the interval (NaN when no step was taken)."""
+        loss, l0, resid, var, steps = self.sums.tolist()
+        self.sums.zero_()
+        if steps == 0:
+            return {"loss": float("nan"), "l0": float("nan"), "fvu": float("nan")}
+        return {"loss": loss / steps, "l0": l0 / steps, "fvu": resid / var if var > 0 else float("nan")}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"sums": self.sums.cpu()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.sums.copy_(state["sums"])
+
+
+class LatentTracker:
+    """Dead latents (no firing in the last ``window_tokens`` tokens) and dense ones (>10% of a window).
+
+    ``last_fired`` holds the training-token count at each latent's last firing, so "dead" is
+    exact at any step, not only at window boundaries (the rule used for AuxK in Gao et al. 2024,
+    sec. A.2, and for resampling in Bricken et al. 2023). Density is counted over consecutive
+    windows; before the first window completes, the partial window is reported.
+    """
+
+    def __init__(self, d_sae: int, window_tokens: int, device: torch.device):
+        self.window_tokens = window_tokens
+        self.tokens = 0  # host int: counts are deterministic, no sync needed
+        self.window_start = 0
+        self.last_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.window_counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.last_density: Tensor | None = None  # [d_sae] firing frequency in the last complete window
+
+    @torch.no_grad()
+    def update(self, active: Tensor) -> None:
+        """``active`` [B, d_sae] bool: which latents fired on each token of one training step."""
+        counts = active.sum(0)  # [d_sae]
+        self.tokens += active.shape[0]
+        self.last_fired = torch.where(counts > 0, self.tokens, self.last_fired)
+        self.window_counts += counts
+        if self.tokens - self.window_start >= self.window_tokens:
+            self.last_density = self.window_counts.double() / (self.tokens - self.window_start)
+            self.window_counts.zero_()
+            self.window_start = self.tokens
+
+    def dead_mask(self) -> Tensor:
+        """[d_sae] bool, on device: latents silent for at least ``window_tokens`` tokens."""
+        return (self.tokens - self.last_fired) >= self.window_tokens
+
+    def density(self) -> Tensor:
+        if self.last_density is not None:
+            return self.last_density
+        return self.window_counts.double() / max(1, self.tokens - self.window_start)
+
+    def fractions(self) -> dict[str, float]:
+        """Host sync: fraction of dead and of dense latents."""
+        dead = self.dead_mask().double().mean()
+        dense = (self.density() > DENSE_THRESHOLD).double().mean()
+        dead_f, dense_f = torch.stack([dead, dense]).tolist()
+        return {"dead_fraction": dead_f, "dense_fraction": dense_f}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "window_start": self.window_start, "last_fired": self.last_fired.cpu(),
+                "window_counts": self.window_counts.cpu(),
+                "last_density": None if self.last_density is None else self.last_density.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens = int(state["tokens"])
+        self.window_start = int(state["window_start"])
+        self.last_fired.copy_(state["last_fired"])
+        self.window_counts.copy_(state["window_counts"])
+        dens = state["last_density"]
+        self.last_density = None if dens is None else dens.to(self.last_fired.device)
+
+
+__all__ = ["RunningStats", "LatentTracker", "DENSE_THRESHOLD"]

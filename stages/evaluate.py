@@ -1,0 +1,61 @@
+"""``sae evaluate``: every SAE on the validation split, streamed, plus the SAE spliced into the model.
+
+Reads ``models/sae/<hook>/``, ``data/activations/validation/<hook>/`` and (for the downstream
+metrics) ``data/tokens/contexts.parquet``; writes ``metrics/evaluate.json`` as
+``{hook: {"fvu@2": ..., "ce_loss_recovered@1": ..., ...}}`` and ``plots/evaluate/density_<hook>.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.params import Params
+from stages.common import stage_command
+
+log = logging.getLogger("sae.evaluate")
+
+ACTIVATIONS = Path("data/activations/validation")
+MODELS = Path("models/sae")
+CONTEXTS = Path("data/tokens/contexts.parquet")
+PLOTS = Path("plots/evaluate")
+METRICS = Path("metrics/evaluate.json")
+
+
+@stage_command(help="Reconstruction, sparsity, feature density and spliced-model (CE recovered, KL) metrics of each SAE.")
+def command(params: Params) -> None:
+    import torch
+
+    from pipeline.activations import open_activations
+    from pipeline.errors import UserError
+    from pipeline.evaluate import evaluate_reconstruction, finite_or_none, write_density_csv
+    from pipeline.io import atomic_write_json
+    from pipeline.sae import load_sae
+    from pipeline.splice import splice_metrics, validation_contexts
+    from pipeline.train import resolve_device
+
+    ev = params.evaluate
+    device = resolve_device(ev.device, "evaluate.device")
+    model, contexts = None, None
+    if ev.n_splice_contexts > 0:
+        from pipeline.models import load_model
+
+        contexts = validation_contexts(CONTEXTS, ev.n_splice_contexts).to(device)
+        model = load_model(params.model.name, params.model.revision, params.model.dtype, str(device)).model
+
+    results: dict[str, Any] = {}
+    for hook in params.extract.hooks:
+        sae = load_sae(MODELS / hook, device=device)
+        ds = open_activations(ACTIVATIONS / hook)
+        if ds.d_model != sae.cfg.d_in:
+            raise UserError(f"{ds.root}: d_model {ds.d_model} does not match the SAE's d_in {sae.cfg.d_in}")
+        m, hist = evaluate_reconstruction(sae, ds, ev.n_tokens, ev.batch_size, device)
+        write_density_csv(PLOTS / f"density_{hook}.csv", hist)
+        if model is not None and contexts is not None:
+            with torch.no_grad():
+                m.update(splice_metrics(model, hook, sae, contexts, ev.splice_batch_size))
+            m["n_splice_contexts"] = int(contexts.shape[0])
+        results[hook] = finite_or_none(m)
+        log.info("%s: %s", hook, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
+    atomic_write_json(METRICS, results)

@@ -1,0 +1,94 @@
+"""``sae interpret``: what each learned feature means, with evidence, for every hook's SAE.
+
+Reads ``models/sae/<hook>/``, ``data/activations/<interpret.split>/<hook>/`` and ``data/tokens/``;
+writes ``data/interpret/<hook>/{features,examples}.parquet``, the dashboard under
+``reports/features/`` (``index.html`` links one dashboard per hook) and ``metrics/interpret.json``.
+LM calls are cached under ``data/interpret_cache/`` (DVC ``persist: true``, ``cache: false``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json
+from pipeline.params import Params
+from stages.common import stage_command
+
+log = logging.getLogger("sae.interpret")
+
+TOKENS = Path("data/tokens")
+ACTIVATIONS = Path("data/activations")
+MODELS = Path("models/sae")
+OUT = Path("data/interpret")
+CACHE = Path("data/interpret_cache")
+REPORT = Path("reports/features")
+METRICS = Path("metrics/interpret.json")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """The stage, relative to ``root`` (tests run it in a temp directory)."""
+    from pipeline.activations import open_activations
+    from pipeline.autointerp import make_backend
+    from pipeline.hooks import final_norm_and_unembed
+    from pipeline.interpret import InterpretConfig, build_context_table, interpret_hook
+    from pipeline.interpret.dashboard import write_hooks_page
+    from pipeline.models import load_model
+    from pipeline.sae import load_sae
+
+    p = params.interpret
+    for f in ("contexts.parquet", "documents.parquet"):
+        if not (root / TOKENS / f).is_file():
+            raise UserError(f"{root / TOKENS / f}: not found (run `sae prepare` first)")
+    contexts = pl.read_parquet(root / TOKENS / "contexts.parquet")
+    documents = pl.read_parquet(root / TOKENS / "documents.parquet")
+    table = build_context_table(contexts, documents, p.split)
+    device = _device(p.device)
+    lm = load_model(params.model.name, params.model.revision, dtype="float32", device="cpu")
+    norm, W_U = final_norm_and_unembed(lm.model)
+    cfg = InterpretConfig(
+        batch_size=p.batch_size, n_top=p.n_examples, n_quantiles=p.n_quantiles, per_bin=p.examples_per_quantile,
+        reservoir=p.reservoir, n_random=p.n_random, n_logits=p.n_logits, n_neighbours=p.n_neighbours,
+        cooc_per_token=p.cooc_per_token, cooc_max_features=p.cooc_max_features, n_explain=p.n_explain,
+        max_new_tokens=p.max_new_tokens, seed=params.seed, threshold=p.threshold,
+        encode_dtype=p.encode_dtype)
+    metrics: dict[str, Any] = {}
+    entries = []
+    backend = None
+    for hook in params.extract.hooks:
+        sae_dir = root / MODELS / hook
+        if not (sae_dir / "cfg.json").is_file():
+            raise UserError(f"{sae_dir}: no trained SAE for hook {hook} (run `sae train` first)")
+        dataset = open_activations(root / ACTIVATIONS / p.split / hook)
+        sae = load_sae(sae_dir, device=device)
+        if sae.W_dec.shape[1] != dataset.d_model or W_U.shape[1] != dataset.d_model:
+            raise UserError(f"{sae_dir}: SAE d_in {sae.W_dec.shape[1]} does not match the activations' d_model "
+                            f"{dataset.d_model} or the model's width {W_U.shape[1]}")
+        if backend is None and p.explainer != "stats":
+            backend = make_backend(p.explainer, root / CACHE, base_url=p.base_url, api_key_env=p.api_key_env,
+                                   max_retries=p.max_retries, timeout=p.request_timeout, device=device)
+        m = interpret_hook(dataset, sae, table, lm.tokenizer, norm, W_U, cfg, root / OUT / hook, root / REPORT / hook,
+                           backend=backend, device=device)
+        metrics[hook] = m
+        entries.append((hook, f"{hook}/index.html", f"{m['alive_features@1']} alive features, "
+                                                    f"median topic AUROC {m['median_topic_auroc@1']}"))
+    write_hooks_page(root / REPORT, entries)
+    atomic_write_json(root / METRICS, metrics)
+    return metrics
+
+
+@stage_command(help="Feature statistics, examples, logit lens, topic AUROC, explanations, scores and dashboard.")
+def command(params: Params) -> None:
+    metrics = run_interpret(params)
+    for hook, m in metrics.items():
+        log.info("%s: %s", hook, {k: v for k, v in m.items() if not isinstance(v, str)})

@@ -1,0 +1,90 @@
+"""``sae steer``: causal steering evaluation of one SAE's features against baselines.
+
+Reads ``models/sae/<hook>/``, ``data/activations/<steer.stats_split>/<hook>/``, ``data/tokens/`` and
+(when present) ``data/interpret/<hook>/features.parquet``; writes ``data/steer/generations.parquet``,
+``metrics/steer.json``, ``plots/steer/{concept,fluency}.csv``, ``plots/steer/frontier/<method>.csv`` and
+``reports/steer/*.png``. The protocol is documented in ``pipeline/steering/``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.activations import open_activations
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json, atomic_write_parquet
+from stages.common import Params, log, stage_command
+
+TOKENS = Path("data/tokens")
+ACTIVATIONS = Path("data/activations")
+MODELS = Path("models/sae")
+INTERPRET = Path("data/interpret")
+OUT = Path("data/steer")
+METRICS = Path("metrics/steer.json")
+PLOTS = Path("plots/steer")
+REPORTS = Path("reports/steer")
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> null: DVC and strict JSON readers reject NaN literals."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@stage_command(help="Causal steering evaluation: steer SAE features (addition, clamping), ablate them, "
+               "and compare with difference-in-means and random-direction baselines.")
+def command(params: Params) -> None:
+    import torch
+
+    from pipeline.models import load_model
+    from pipeline.sae import load_sae
+    from pipeline.steering import evaluate_steering
+    from pipeline.steering.baselines import read_interpret
+    from pipeline.steering.plots import sweep_curves, write_plot_csvs, write_pngs
+
+    t0 = time.perf_counter()
+    p = params.steer
+    hook = p.hook or params.extract.hooks[0]
+    sae_dir = MODELS / hook
+    if not (sae_dir / "cfg.json").is_file():
+        raise UserError(f"steer.hook: no SAE at {sae_dir} (run `sae train`, or set steer.hook to a trained hook)")
+    for f in ("contexts.parquet", "documents.parquet"):
+        if not (TOKENS / f).is_file():
+            raise UserError(f"{TOKENS / f}: not found (run `sae prepare` first)")
+    acts = open_activations(ACTIVATIONS / p.stats_split / hook)
+    torch.manual_seed(params.seed)
+    lm = load_model(params.model.name, params.model.revision, params.model.dtype, params.model.device)
+    device = next(lm.model.parameters()).device
+    sae = load_sae(sae_dir, device=device)
+    if sae.W_dec.shape[1] != lm.d_model:
+        raise UserError(f"{sae_dir}: SAE d_in {sae.W_dec.shape[1]} != model d_model {lm.d_model} (wrong model?)")
+    contexts = pl.read_parquet(TOKENS / "contexts.parquet")
+    documents = pl.read_parquet(TOKENS / "documents.parquet")
+    interp = read_interpret(INTERPRET / hook / "features.parquet")
+    result = evaluate_steering(lm.model, lm.tokenizer, sae, hook, contexts, documents, acts, interp, p,
+                               params.seed, bos=params.corpus.bos != "none")
+
+    atomic_write_parquet(OUT / "generations.parquet", result.generations)
+    curves = sweep_curves(result.generations)
+    for d in (PLOTS, REPORTS):  # the method set may have changed: no stale series
+        shutil.rmtree(d, ignore_errors=True)
+    write_plot_csvs(curves, PLOTS)
+    write_pngs(curves, REPORTS)
+    metrics = result.metrics
+    metrics["runtime"]["stage_s"] = round(time.perf_counter() - t0, 2)
+    metrics["model"] = {"id": lm.model_id, "dtype": params.model.dtype, "device": str(device)}
+    atomic_write_json(METRICS, _finite(metrics))
+    rt = metrics["runtime"]
+    log.info("steer: %d generations, %d tokens at %.0f tok/s; stage %.1fs", rt["generations"],
+             rt["generated_tokens"], rt["generate_tokens_per_s"], rt["stage_s"])

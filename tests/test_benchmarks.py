@@ -1,0 +1,60 @@
+"""benchmarks/train.py: the tiny CPU mode runs and writes a complete JSON report; the roofline model by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_train", REPO_ROOT / "benchmarks" / "train.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _positive(v: object) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v) and v > 0
+
+
+def test_floor_model_hand_value(bench: ModuleType) -> None:
+    card = {"matmul_tflops": 1.0, "copy_bandwidth_gbs": 1.0}  # 1e12 FLOP/s, 1e9 B/s
+    N, d, n, k = 2, 1, 1, 1
+    # params = 2·d·n + n + d = 4; memory = 34·4 + 12·N·d = 160 B -> 160 ns
+    # sparse FLOPs = 2·N·d·n + 8·N·k·d = 4 + 16 = 20 -> 0.02 ns; dense_bwd = 6·2 + 6·2 = 24 -> 0.024 ns
+    got = bench.floor_tok_s(card, N, d, n, k)
+    assert got["floor_tok_s"] == pytest.approx(2 / (160e-9 + 20e-12))
+    assert got["floor_dense_bwd_tok_s"] == pytest.approx(2 / (160e-9 + 24e-12))
+
+
+def test_tiny_cpu_run_writes_json_with_positive_numbers(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    bench.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert report["device"]["kernel_backend"] == "torch"  # auto never picks the Triton interpreter
+    assert _positive(report["card"]["matmul_tflops"]) and _positive(report["card"]["copy_bandwidth_gbs"])
+    (row,) = report["results"]
+    assert (row["d"], row["n_latents"], row["k"], row["batch"]) == (*bench.TINY_SIZES[0], bench.TINY_BATCHES[0])
+    assert _positive(row["floor_tok_s"]) and _positive(row["floor_dense_bwd_tok_s"])
+    assert row["floor_tok_s"] > row["floor_dense_bwd_tok_s"]  # the sparse backward does fewer FLOPs
+    from pipeline.sae import ARCHS
+
+    assert set(row["variants"]) == {"reference", "kernels"} | {f"sae:{a}" for a in ARCHS}
+    for name, v in row["variants"].items():
+        assert _positive(v["tok_s"]) and _positive(v["step_ms"]), name
+        assert v["tok_s"] == pytest.approx(row["batch"] / (v["step_ms"] / 1e3)), name
+        assert v["peak_gpu_mem_bytes"] is None  # CPU: no GPU memory to report
+    assert _positive(row["kernels_speedup_vs_reference"])
+    loader = row["loader"]
+    assert _positive(loader["iter_batches_tok_s"]) and _positive(loader["train_batches_tok_s"])
+    assert _positive(loader["ratio_to_kernels_step"])

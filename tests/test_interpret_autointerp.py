@@ -1,0 +1,159 @@
+"""Explainers, the lexical simulator, the detection/fuzzing metrics, and the LM backends (local + HTTP)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+from pipeline.autointerp import Evidence, LexicalSimulator, binary_metrics, simulate_scores, stats_explanation
+from pipeline.autointerp.backends import Cached, LocalChat, OpenAIChat
+from pipeline.autointerp.explain import split_evidence
+from pipeline.autointerp.run import lm_explain_and_score
+from pipeline.autointerp.simulate import explanation_terms
+from pipeline.errors import UserError
+
+VOCAB = {0: " the", 1: " cat", 2: " sat", 3: " on", 4: " mat", 5: " dog", 6: " big", 7: "."}
+NORM = {i: s.strip().lower() for i, s in VOCAB.items()}
+
+
+def planted(seed: int = 0, n: int = 12, T: int = 10):
+    """Contexts over VOCAB; the feature fires on ' cat' (token 1) only."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.choice([0, 2, 3, 4, 5, 6, 7], size=(n, T))
+    pos = tokens.copy()
+    pos[:, 4] = 1
+    acts = np.where(pos == 1, 2.0, 0.0).astype(np.float32)
+    return pos, acts, tokens
+
+
+def test_binary_metrics_hand_computed():
+    m = binary_metrics(np.array([0.9, 0.2, 0.6, 0.1]), np.array([True, True, False, False]), 0.5, "x")
+    # TPR 1/2, TNR 1/2 -> BA 0.5; F1 = 2*1/(2*1+1+1) = 0.5; AUC: pos {.9,.2} vs neg {.6,.1}: 3 of 4 pairs
+    assert m["x_balanced_accuracy@1"] == 0.5 and m["x_f1@1"] == 0.5 and m["x_auc@1"] == 0.75
+
+
+def test_explanation_terms():
+    assert explanation_terms('fires on "cat", "the mat"; topic: pets') == ([["cat"], ["the", "mat"]], False)
+    terms, fuzzy = explanation_terms("Mentions of animals like dogs")
+    assert fuzzy and ["animals"] in terms and ["dogs"] in terms and ["like"] not in terms
+
+
+def test_detection_perfect_high_wrong_chance():
+    pos, acts, neg = planted()
+    sim = LexicalSimulator(NORM)
+    good = simulate_scores(sim, 'fires on "cat"', pos, neg, acts, seed=0)
+    bad = simulate_scores(sim, 'fires on "zebra"', pos, neg, acts, seed=0)
+    assert good["detection_balanced_accuracy@1"] == 1.0 and good["detection_auc@1"] == 1.0
+    assert good["fuzzing_balanced_accuracy@1"] == 1.0
+    assert bad["detection_balanced_accuracy@1"] == 0.5 and bad["detection_auc@1"] == 0.5
+    assert bad["fuzzing_balanced_accuracy@1"] == 0.5
+    # A bigram term only matches where both tokens appear in order.
+    assert sim.predict('"big cat"', np.array([[6, 1, 1, 0]])).tolist() == [[False, True, False, False]]
+
+
+def test_stats_explainer_finds_token_and_ngram():
+    pos, acts, neg = planted()
+    ev = Evidence(3, pos, acts, pos, acts, neg, topic="pets", topic_auroc=0.95)
+    expl = stats_explanation(ev, NORM)
+    assert '"cat"' in expl and "topic: pets" in expl
+    pos2 = pos.copy()
+    pos2[:, 3] = 6  # always preceded by ' big': an n-gram feature
+    assert '"big cat"' in stats_explanation(Evidence(3, pos2, acts, pos2, acts, neg), NORM)
+
+
+def test_split_evidence_holds_out_explainer_examples():
+    kind = np.array([0, 0, 0, 0, 1, 1, 2])
+    rank = np.array([0, 1, 2, 3, 0, 1, 0])
+    ctx = np.array([10, 11, 12, 13, 10, 14, 20])  # quantile ctx 10 was shown to the explainer
+    acts = np.ones((7, 4), np.float32)
+    acts[6] = 0
+    ev = split_evidence(0, kind, rank, ctx, ctx[:, None].repeat(4, 1), acts, None, float("nan"), [])
+    assert sorted(ev.explain_tokens[:, 0].tolist()) == [10, 12]
+    assert sorted(ev.pos_tokens[:, 0].tolist()) == [11, 13, 14]
+    assert ev.neg_tokens[:, 0].tolist() == [20]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fail_first = 0
+    status = 500
+    calls: list[dict] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls.append({"body": body, "auth": self.headers.get("Authorization")})
+        if type(self).fail_first > 0:
+            type(self).fail_first -= 1
+            self.send_response(type(self).status)
+            self.end_headers()
+            return
+        if body.get("logprobs"):
+            msg = {"content": "Yes"}
+            lp = {"content": [{"token": "Yes", "logprob": 0.0,
+                               "top_logprobs": [{"token": "Yes", "logprob": np.log(0.75)}, {"token": " no", "logprob": np.log(0.25)}]}]}
+            out = {"choices": [{"message": msg, "logprobs": lp}]}
+        else:
+            out = {"choices": [{"message": {"content": ' fires on "cat"\n'}}]}
+        data = json.dumps(out).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    _Handler.calls, _Handler.fail_first, _Handler.status = [], 0, 500
+    srv = HTTPServer(("127.0.0.1", 0), _Handler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+def test_openai_backend_retries_then_answers(server):
+    _Handler.fail_first = 2
+    api = OpenAIChat("m", server, "secret", max_retries=3, timeout=5, backoff=0.01)
+    assert api.generate([{"role": "user", "content": "hi"}], 10) == 'fires on "cat"'
+    assert len(_Handler.calls) == 3 and _Handler.calls[-1]["auth"] == "Bearer secret"
+    assert api.yes_prob([{"role": "user", "content": "?"}]) == pytest.approx(0.75)
+
+
+def test_openai_backend_gives_up_with_user_error(server, tmp_path):
+    _Handler.fail_first = 100
+    cache = Cached(OpenAIChat("m", server, None, max_retries=1, timeout=5, backoff=0.01), tmp_path / "c.jsonl", "v1")
+    with pytest.raises(UserError, match="failed after 2 attempts"):
+        cache.generate([{"role": "user", "content": "x"}], 5)
+    _Handler.fail_first, _Handler.status = 1, 401
+    with pytest.raises(UserError, match="api_key_env"):
+        OpenAIChat("m", server, "bad", max_retries=3, backoff=0.01).generate([{"role": "user", "content": "x"}], 5)
+
+
+def test_lm_scoring_is_cached(server, tmp_path):
+    pos, acts, neg = planted()
+    ev = Evidence(1, pos[:4], acts[:4], pos[4:], acts[4:], neg[:6])
+    cache = Cached(OpenAIChat("m", server, None, backoff=0.01), tmp_path / "c.jsonl", "v1")
+    r = lm_explain_and_score(ev, cache, VOCAB, 16, seed=0)
+    assert r["explanation"] == 'fires on "cat"' and r["explainer"] == "openai:m"
+    assert r["detection_balanced_accuracy@1"] == 0.5  # this fake endpoint says Yes to everything
+    cache.flush()
+    n = len(_Handler.calls)
+    again = Cached(OpenAIChat("m", server, None, backoff=0.01), tmp_path / "c.jsonl", "v1")
+    assert lm_explain_and_score(ev, again, VOCAB, 16, seed=0) == r
+    assert len(_Handler.calls) == n and again.misses == 0  # rerun: nothing sent
+
+
+def test_local_backend_tiny_model(tiny_llama, tmp_path):
+    chat = Cached(LocalChat(str(tiny_llama)), tmp_path / "local.jsonl", "v1")
+    text = chat.generate([{"role": "user", "content": "Describe: the cat sat"}], 5)
+    p = chat.yes_prob([{"role": "user", "content": "Is it? Answer Yes or No."}])
+    assert isinstance(text, str) and 0.0 < p < 1.0
+    chat.flush()
+    assert len((tmp_path / "local.jsonl").read_text().splitlines()) == 2

@@ -1,0 +1,111 @@
+"""The whole ``sae steer`` stage on a tiny model in a temporary workspace (prepare + extract via their CLIs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stages.cli import main
+
+HOOK = "layers.1.resid_post"
+PROMPTS = "steer.prompts=['The music was', 'I cooked a', 'We saw the planet', 'It is']"
+FAST = [PROMPTS, "steer.max_new_tokens=6", "steer.coefficients=[0.0, 2.0, 6.0]", "steer.n_features=2",
+        "steer.ablation_contexts=2"]
+
+
+def _invoke(*args: str) -> None:
+    res = CliRunner().invoke(main, list(args))
+    assert res.exit_code == 0, (res.output, res.exception)
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, labelled_corpus: Path) -> Path:
+    """prepare + extract + a saved SAE, once for the module."""
+    from pipeline.activations import open_activations
+    from pipeline.sae import SAEConfig, make_sae, save_sae
+    from pipeline.testing import tiny_params, write_params
+
+    ws = tmp_path_factory.mktemp("steer-ws")
+    write_params(ws / "params.yaml", tiny_params(tiny_llama, labelled_corpus))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        _invoke("prepare")
+        _invoke("extract")
+        # A random relu SAE initialised from the data stands in for `sae train` (tested elsewhere).
+        sae = make_sae(SAEConfig(arch="relu_l1", d_in=32, d_sae=64, hook=HOOK), seed=0)
+        x = next(open_activations(Path("data/activations/train") / HOOK).iter_batches(512)).acts
+        sae.init_from_data(x)
+        save_sae(sae, Path("models/sae") / HOOK)
+    return ws
+
+
+@pytest.fixture()
+def workspace(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(prepared)
+    return prepared
+
+
+def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> None:
+    _invoke("steer", *_sets(FAST))
+    gen = pl.read_parquet("data/steer/generations.parquet")
+    # 2 features x 4 prompts x (1 unsteered + 4 methods x 3 coefficients)
+    assert gen.height == 2 * 4 * (1 + 4 * 3)
+    assert set(gen["method"].unique()) == {"none", "add", "clamp", "dim", "random"}
+    assert set(gen["split"].unique()) == {"validation", "test"}
+    assert (gen["token_ids"].list.len() == 6).all()
+    for k in ("concept_act@1", "topic_score@1", "perplexity@1", "fluency@1", "hm@1", "kl@1", "other_features@1"):
+        assert gen[k].is_not_null().all() and gen[k].is_finite().all(), k
+    none = gen.filter(pl.col("method") == "none")
+    assert (none["kl@1"] == 0).all() and (none["fluency@1"] == 1).all()
+    # A strong additive push changes the prompt's next-token distributions; coefficient 0 does not.
+    add = gen.filter(pl.col("method") == "add")
+    assert (add.filter(pl.col("coefficient") == 0.0)["kl@1"] == 0).all()
+    assert (add.filter(pl.col("coefficient") == 6.0)["kl@1"] > 0).all()
+    m = json.loads(Path("metrics/steer.json").read_text())
+    assert len(m["features"]) == 2
+    for entry in m["features"].values():
+        assert set(entry["methods"]) == {"add", "clamp", "dim", "random"}
+        assert entry["methods"]["add"]["coefficient"] in (0.0, 2.0, 6.0)
+        assert "ablation_effect@1" in entry and entry["ablation_dloss_nofire@1"] in (0.0, None)
+    assert set(m["methods"]) == {"add", "clamp", "dim", "random"}
+    assert "sae_beats_dim" in m["overall"] and "dim" in m["overall"]["summary"]
+    assert m["runtime"]["generations"] == gen.height and m["runtime"]["generated_tokens"] == gen.height * 6
+    assert 0.0 <= m["topic_model_accuracy@1"] <= 1.0
+    assert sorted(p.name for p in Path("plots/steer/frontier").iterdir()) == ["add.csv", "clamp.csv", "dim.csv", "random.csv"]
+    assert pl.read_csv("plots/steer/frontier/add.csv").columns == ["concept@1", "fluency@1", "coefficient"]
+    concept = pl.read_csv("plots/steer/concept.csv")
+    assert concept.columns == ["coefficient", "add", "clamp", "dim", "random"]
+    assert concept["coefficient"].to_list() == [0.0, 2.0, 6.0] and concept["add"].is_not_null().all()
+    for png in ("concept_vs_coefficient", "fluency_vs_coefficient", "frontier"):
+        assert Path(f"reports/steer/{png}.png").read_bytes()[:4] == b"\x89PNG"
+    # Seeded CPU runs repeat bit for bit.
+    _invoke("steer", *_sets(FAST))
+    again = pl.read_parquet("data/steer/generations.parquet")
+    assert again.equals(gen)
+
+
+def test_steer_stage_listed_features_generated_positions_and_errors(workspace: Path) -> None:
+    _invoke("steer", *_sets(FAST + ["steer.features=[1, 5]", "steer.methods=[add, clamp]",
+                                    "steer.positions=generated", "steer.do_sample=true"]))
+    gen = pl.read_parquet("data/steer/generations.parquet")
+    assert sorted(gen["feature"].unique().to_list()) == [1, 5]
+    assert set(gen["method"].unique()) == {"none", "add", "clamp"}
+    fluency = pl.read_csv("plots/steer/fluency.csv")  # methods not run: empty columns, same header
+    assert fluency.columns == ["coefficient", "add", "clamp", "dim", "random"] and fluency["dim"].is_null().all()
+    assert not Path("plots/steer/frontier/dim.csv").exists()  # no stale series from the previous run
+    # 'generated' steers from the last prompt token only: KL averages over that one position.
+    assert gen["kl@1"].is_finite().all()
+    res = CliRunner().invoke(main, ["steer", "--set", "steer.hook=layers.0.resid_post"])
+    assert res.exit_code == 2 and "steer.hook" in res.output
+    res = CliRunner().invoke(main, ["steer", *_sets(FAST + ["steer.features=[9999]"])])
+    assert res.exit_code == 2 and "steer.features" in res.output
+    torch.manual_seed(0)  # leave global RNG state predictable for other tests
