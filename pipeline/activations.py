@@ -242,18 +242,19 @@ class ActivationDataset:
             if checksums and sha256_file(path) != s.sha256:
                 raise UserError(f"{path}: sha256 mismatch (corrupted or modified shard); delete it and rerun")
 
-    def _iter_row_groups(self, order: list[tuple[int, int]] | None = None) -> Iterator[pa.Table]:
-        files = [pq.ParquetFile(p) for p in self.shard_paths()]
-        units = order if order is not None else [(i, g) for i, f in enumerate(files) for g in range(f.num_row_groups)]
-        for fi, gi in units:
-            try:
-                yield files[fi].read_row_group(gi)
-            except Exception as e:
-                raise UserError(f"{self.shard_paths()[fi]}: cannot read row group {gi} ({type(e).__name__}); the shard is corrupted") from None
+    def _open(self, path: Path) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(path)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable Parquet shard ({type(e).__name__}); delete it and rerun") from None
 
-    def row_groups(self) -> list[tuple[int, int]]:
-        """(shard index, row group index) units: the unit of shuffling, sharding across ranks and resume."""
-        return [(i, g) for i, p in enumerate(self.shard_paths()) for g in range(pq.ParquetFile(p).num_row_groups)]
+    def row_groups(self) -> list[tuple[int, int, int]]:
+        """(shard index, row group index, rows) units: the unit of shuffling, sharding across ranks and resume."""
+        units = []
+        for i, p in enumerate(self.shard_paths()):
+            meta = self._open(p).metadata
+            units.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+        return units
 
     def iter_arrays(self, shuffle: bool = False, seed: int = 0, buffer_groups: int = 8
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -262,49 +263,64 @@ class ActivationDataset:
         Shuffled mode: row groups in a seeded random order, then rows shuffled within a buffer of
         ``buffer_groups`` row groups (a seeded shuffle buffer across shards, bounded memory).
         """
+        for _, arrays in self._chunks(shuffle, seed, buffer_groups):
+            yield arrays
+
+    def _chunks(self, shuffle: bool, seed: int, buffer_groups: int = 8, skip_rows: int = 0
+                ) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
+        """(first row's index in the stream, arrays) per chunk. Chunks that end at or before
+        ``skip_rows`` are not read or decoded (the RNG still advances, so the stream is unchanged):
+        resuming deep into a large dataset costs no I/O."""
         rng = np.random.default_rng(seed)
         units = self.row_groups()
         if shuffle:
             units = [units[i] for i in rng.permutation(len(units))]
-        buf: list[pa.Table] = []
-
-        def flush() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-            t = pa.concat_tables(buf)
-            buf.clear()
+        step = buffer_groups if shuffle else 1
+        files: dict[int, pq.ParquetFile] = {}
+        paths = self.shard_paths()
+        row = 0
+        for start in range(0, len(units), step):
+            chunk = units[start: start + step]
+            n = sum(rows for _, _, rows in chunk)
+            perm = rng.permutation(n) if shuffle else None
+            if row + n <= skip_rows:
+                row += n
+                continue
+            tables = []
+            for fi, gi, _ in chunk:
+                f = files.setdefault(fi, self._open(paths[fi]))
+                try:
+                    tables.append(f.read_row_group(gi))
+                except Exception as e:
+                    raise UserError(f"{paths[fi]}: cannot read row group {gi} ({type(e).__name__}); the shard is corrupted") from None
+            t = pa.concat_tables(tables)
             arrays = (_decode_acts(t.column("act"), self.d_model, self.manifest.dtype),
                       t.column("context_id").to_numpy(), t.column("position").to_numpy(), t.column("token_id").to_numpy())
-            if shuffle:
-                perm = rng.permutation(t.num_rows)
+            if perm is not None:
                 arrays = tuple(a[perm] for a in arrays)  # type: ignore[assignment]
-            yield arrays
-
-        for table in self._iter_row_groups(units):
-            buf.append(table)
-            if not shuffle or len(buf) >= buffer_groups:
-                yield from flush()
-        if buf:
-            yield from flush()
+            yield row, arrays
+            row += n
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, start_batch: int = 0,
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      drop_last: bool = False) -> Iterator[ActivationBatch]:
         """Stream fixed-size batches. The stream is a pure function of (dataset, batch_size, shuffle, seed),
-        so ``start_batch`` resumes exactly where a checkpoint left off."""
+        so ``start_batch`` resumes exactly where a checkpoint left off, without reading what came before."""
         device = torch.device(device)
         pin = device.type == "cuda"
-        index = 0
+        skip = start_batch * batch_size
         rest: tuple[np.ndarray, ...] | None = None
-        for arrays in self.iter_arrays(shuffle=shuffle, seed=seed):
+        for row, arrays in self._chunks(shuffle, seed, skip_rows=skip):
+            if rest is None and row < skip:  # first chunk read straddles the cursor
+                arrays = tuple(a[skip - row:] for a in arrays)
             # Concatenate the leftover once per incoming chunk, then slice batches by offset.
             cur = arrays if rest is None else tuple(np.concatenate([r, a]) for r, a in zip(rest, arrays))
             n_full = len(cur[0]) // batch_size
             for b in range(n_full):
-                if index >= start_batch:
-                    sl = slice(b * batch_size, (b + 1) * batch_size)
-                    yield _to_batch([a[sl] for a in cur], device, dtype, pin)
-                index += 1
+                sl = slice(b * batch_size, (b + 1) * batch_size)
+                yield _to_batch([a[sl] for a in cur], device, dtype, pin)
             rest = tuple(a[n_full * batch_size:] for a in cur)
-        if rest is not None and len(rest[0]) and not drop_last and index >= start_batch:
+        if rest is not None and len(rest[0]) and not drop_last:
             yield _to_batch(list(rest), device, dtype, pin)
 
     def read_index(self):  # -> polars.DataFrame

@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.params import Params
 from stages.common import stage_command
 
@@ -83,6 +83,9 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         entries.append((hook, f"{hook}/index.html", f"{m['alive_features@1']} alive features, "
                                                     f"median topic AUROC {m['median_topic_auroc@1']}"))
     write_hooks_page(root / REPORT, entries)
+    # A declared DVC output must exist even when no LM ran ('stats' explainer).
+    atomic_write_text(root / CACHE / "README.txt", "LM call cache of `sae interpret` (one JSONL per backend); "
+                      "delete it to recompute explanations and scores.\n")
     atomic_write_json(root / METRICS, metrics)
     return metrics
 

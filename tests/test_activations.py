@@ -81,3 +81,24 @@ def test_truncated_and_missing_shards_are_named(dataset) -> None:
 def test_not_a_dataset(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not an activation dataset"):
         open_activations(tmp_path)
+
+
+def test_resume_cursor_reads_nothing_before_it(dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = dataset
+    ds = open_activations(root)
+    full = list(ds.iter_batches(70, shuffle=True, seed=5, device="cpu"))
+    read = []
+    real = __import__("pyarrow.parquet", fromlist=["ParquetFile"]).ParquetFile.read_row_group
+
+    def counting(self, i, *a, **k):
+        read.append(i)
+        return real(self, i, *a, **k)
+
+    monkeypatch.setattr("pyarrow.parquet.ParquetFile.read_row_group", counting)
+    for start in (0, 3, 9, 14):
+        got = list(ds.iter_batches(70, shuffle=True, seed=5, start_batch=start))
+        assert len(got) == len(full) - start
+        assert all(torch.equal(g.acts, f.acts) for g, f in zip(got, full[start:]))
+    read.clear()
+    list(ds.iter_batches(70, seed=5, start_batch=12))  # sequential: 840 rows in; shards 0-1 (600 rows) never read
+    assert len(read) == 2  # shard 2 (straddles the cursor) and shard 3; a full pass reads 4

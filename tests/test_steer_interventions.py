@@ -172,3 +172,20 @@ def test_continuation_nll_matches_manual_cross_entropy(lm) -> None:
     ref = torch.nn.functional.cross_entropy(logits[2:5], torch.tensor(seq[3:6]), reduction="none")
     torch.testing.assert_close(nll[0], ref, atol=1e-5, rtol=0)
     assert nll.shape == (2, 3)
+
+
+def test_generate_left_padding_gpt2_absolute_positions(tiny_gpt2: Path) -> None:
+    """GPT-2 has learned absolute positions: left padding must not shift them (position_ids from the mask)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32).eval()
+    pad = AutoTokenizer.from_pretrained(tiny_gpt2).pad_token_id
+    a, b = [0, 5, 17, 33, 90, 12], [0, 8]
+    new, _ = generate(model, left_pad([a, b], pad), 5)
+    single, _ = generate(model, left_pad([b], pad), 5)
+    assert new[1].tolist() == single[0].tolist()
+    # and steering works through GPT-2's tuple-returning blocks
+    sae = _sae()
+    with steer(model, HOOK, RowSteering(sae, 0, 80.0 * sae.W_dec[:1].clone().expand(2, -1))):
+        steered, _ = generate(model, left_pad([a, b], pad), 5)
+    assert not torch.equal(steered, new)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 
 @torch.no_grad()
-def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int, block: int = 1024,
+def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int, block: int = 256,
                dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``W_dec[d_sae, d_in]``, ``W_U[vocab, d_in]`` -> (top ids, top logits, bottom ids, bottom logits),
     each ``[d_sae, k]``: the tokens a feature most promotes / suppresses (most negative first).

@@ -160,7 +160,6 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
     explained = [j for j, r in results.items() if r.get("explainer") == primary]
     scores = {s: np.array([results[j].get(s, np.nan) for j in explained], dtype=np.float64) for s in SCORES}
     metrics = summary_metrics(stats.fire_count, stats.n_tokens, best_au, scores, primary, len(explained))
-    metrics["stats_seconds"] = round(t_stats, 2)
     _write_dashboard_index(dash_dir, dataset.hook, cols, metrics)
     log.info("interpret %s: non-LM parts in %.1fs", dataset.hook, t_stats)
     return metrics
