@@ -18,6 +18,8 @@ def test_repository_params_yaml_is_valid_and_complete() -> None:
     schema = flatten(to_dict(Params()))
     # params.yaml lists every knob the schema has, so a reader sees them all.
     assert set(on_disk) == set(schema)
+    # ...with the schema's defaults, so docs/params.md and tiny test params describe the same pipeline.
+    assert flatten(to_dict(params)) == schema
     assert params.extract.hooks
 
 

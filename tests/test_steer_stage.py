@@ -78,7 +78,9 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
         assert "ablation_effect@1" in entry and entry["ablation_dloss_nofire@1"] in (0.0, None)
     assert set(m["methods"]) == {"add", "clamp", "dim", "random"}
     assert "sae_beats_dim" in m["overall"] and "dim" in m["overall"]["summary"]
-    assert m["runtime"]["generations"] == gen.height and m["runtime"]["generated_tokens"] == gen.height * 6
+    assert "runtime" not in m  # wall-clock numbers would break exact reproduction of metrics
+    rt = json.loads(Path("reports/steer/runtime.json").read_text())
+    assert rt["generations"] == gen.height and rt["generated_tokens"] == gen.height * 6
     assert 0.0 <= m["topic_model_accuracy@1"] <= 1.0
     assert sorted(p.name for p in Path("plots/steer/frontier").iterdir()) == ["add.csv", "clamp.csv", "dim.csv", "random.csv"]
     assert pl.read_csv("plots/steer/frontier/add.csv").columns == ["concept@1", "fluency@1", "coefficient"]

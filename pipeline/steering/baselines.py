@@ -95,12 +95,19 @@ def feature_topics(stats: FeatureStats, interp: pl.DataFrame | None, features: l
     """The topic each feature stands for: interpretation's best topic, else the most selective topic."""
     if not stats.topics:
         return {f: None for f in features}
+    # Only topics with tokens in the statistics split, and other tokens to contrast them with, can
+    # give a difference-in-means baseline (interpretation ran on another split and may name others).
+    n_all = stats.topic_tokens.sum()
+    usable = [i for i, n in enumerate(stats.topic_tokens) if 0 < n < n_all]
+    if not usable:
+        return {f: None for f in features}
     tcol = _col(interp, _TOPIC_COLS)
     known: dict[int, str] = {}
     if tcol is not None:
-        known = {int(f): str(t) for f, t in zip(interp["feature"], interp[tcol], strict=True) if t in stats.topics}  # type: ignore[index]
-    sel = stats.selectivity()
-    return {f: known.get(f, stats.topics[int(np.argmax(sel[:, f]))]) for f in features}
+        ok = {stats.topics[i] for i in usable}
+        known = {int(f): str(t) for f, t in zip(interp["feature"], interp[tcol], strict=True) if t in ok}  # type: ignore[index]
+    sel = stats.selectivity()[usable]
+    return {f: known.get(f, stats.topics[usable[int(np.argmax(sel[:, f]))]]) for f in features}
 
 
 def dim_direction(stats: FeatureStats, topic: str) -> np.ndarray:

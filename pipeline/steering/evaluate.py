@@ -82,6 +82,8 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
         norm = float(write.norm())
         dirs = {"add": write}
         if "dim" in p.methods:
+            if feat_topic[f] is None:
+                raise UserError(f"steer.methods: 'dim' needs two labelled topics in the {p.stats_split} split; remove 'dim' or use more data")
             dirs["dim"] = torch.from_numpy(dim_direction(stats, feat_topic[f])).float() * norm  # type: ignore[arg-type]
         if "random" in p.methods:
             dirs["random"] = torch.from_numpy(random_direction(write.shape[0], seed * 7919 + f)).float() * norm
