@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -314,7 +313,7 @@ class ActivationDataset:
             if rest is None and row < skip:  # first chunk read straddles the cursor
                 arrays = tuple(a[skip - row:] for a in arrays)
             # Concatenate the leftover once per incoming chunk, then slice batches by offset.
-            cur = arrays if rest is None else tuple(np.concatenate([r, a]) for r, a in zip(rest, arrays))
+            cur = arrays if rest is None else tuple(np.concatenate([r, a]) for r, a in zip(rest, arrays, strict=False))
             n_full = len(cur[0]) // batch_size
             for b in range(n_full):
                 sl = slice(b * batch_size, (b + 1) * batch_size)

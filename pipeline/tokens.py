@@ -66,7 +66,7 @@ def build_contexts(docs: Iterable[Document], tokenizer, spec: ContextSpec,
     need = {s: want[s] * per_ctx for s in SPLITS}
 
     # Finite sources are shuffled as a whole (seeded) so a small budget still samples every topic.
-    docs = list(docs) if max_documents is None else [d for _, d in zip(range(max_documents), docs)]
+    docs = list(docs) if max_documents is None else [d for _, d in zip(range(max_documents), docs, strict=False)]
     if not docs:
         raise UserError("corpus.source: no documents with text were found")
     rng = np.random.default_rng(spec.seed)
@@ -82,7 +82,7 @@ def build_contexts(docs: Iterable[Document], tokenizer, spec: ContextSpec,
     def flush(idx: list[int]) -> None:
         texts = [docs[i].text for i in idx]
         enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for i, ids in zip(idx, enc):
+        for i, ids in zip(idx, enc, strict=False):
             split = SPLITS[split_of[i]]
             if have[split] >= need[split]:
                 continue

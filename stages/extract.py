@@ -10,7 +10,14 @@ import polars as pl
 
 from pipeline.activations import open_activations, sha256_file
 from pipeline.errors import UserError
-from pipeline.extract import ExtractSpec, auto_batch_size, extract_split, fingerprint, make_progress, prepare_output
+from pipeline.extract import (
+    ExtractSpec,
+    auto_batch_size,
+    extract_split,
+    fingerprint,
+    make_progress,
+    prepare_output,
+)
 from pipeline.hooks import validate_hooks
 from pipeline.io import atomic_write_json
 from pipeline.models import load_config, load_model

@@ -38,8 +38,8 @@ def test_contexts_have_fixed_length_bos_and_disjoint_splits(tokenizer) -> None:
     val = df.filter(pl.col("split") == "validation")
     assert val.height == round(30 * 0.25)
     # Split by document: a document's tokens appear in one split only.
-    doc_split = dict(zip(dd["document_id"].to_list(), dd["split"].to_list()))
-    for split, ids in zip(df["split"].to_list(), df["document_ids"].to_list()):
+    doc_split = dict(zip(dd["document_id"].to_list(), dd["split"].to_list(), strict=False))
+    for split, ids in zip(df["split"].to_list(), df["document_ids"].to_list(), strict=False):
         assert {doc_split[d] for d in ids} == {split}
 
 
