@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.hooks import d_model as _d_model
 from pipeline.hooks import n_layers as _n_layers
@@ -301,22 +302,13 @@ def load_tokenizer(name: str, revision: str = "main") -> Any:
     return _prepare_tokenizer(tok)
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"model.device: {device!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from None
-
-
 def load_model(name: str, revision: str = "main", dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load the subject model for inference: eval mode, no gradients, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in _DTYPES:
         raise UserError(f"model.dtype: {dtype!r} is not allowed (allowed: {', '.join(_DTYPES)})")
-    dev = _device(device)
+    dev = resolve_device(device, "model.device")
     path, model_id, resolved = _resolve(name, revision)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])

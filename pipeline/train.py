@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.activations import ActivationDataset
 from pipeline.checkpoint import capture_rng, fingerprint, load_checkpoint, restore_rng, save_checkpoint
+from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
@@ -48,19 +49,6 @@ SUMMARY_NAMES = {"loss": "loss", "l0": "l0@1", "fvu": "fvu_batch@1", "dead_fract
 NOT_FINGERPRINTED = ("device", "log_every", "val_every", "val_tokens", "checkpoint_every", "prefetch")
 
 LogFn = Callable[[dict[str, Any]], None]
-
-
-def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """'auto' -> cuda when present, else cpu; a bad or unavailable device is a UserError naming ``key``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{key}: {name!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{key}: {name!r} requested but CUDA is not available (use auto or cpu)")
-    return device
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -28,12 +28,12 @@ def command(params: Params) -> None:
     import torch
 
     from pipeline.activations import open_activations
+    from pipeline.devices import resolve_device
     from pipeline.errors import UserError
     from pipeline.evaluate import evaluate_reconstruction, finite_or_none, write_density_csv
     from pipeline.io import atomic_write_json
     from pipeline.sae import load_sae
     from pipeline.splice import splice_metrics, validation_contexts
-    from pipeline.train import resolve_device
 
     ev = params.evaluate
     device = resolve_device(ev.device, "evaluate.device")

@@ -14,6 +14,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.params import Params
@@ -28,12 +29,6 @@ OUT = Path("data/interpret")
 CACHE = Path("data/interpret_cache")
 REPORT = Path("reports/features")
 METRICS = Path("metrics/interpret.json")
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
@@ -53,7 +48,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     contexts = pl.read_parquet(root / TOKENS / "contexts.parquet")
     documents = pl.read_parquet(root / TOKENS / "documents.parquet")
     table = build_context_table(contexts, documents, p.split)
-    device = _device(p.device)
+    device = str(resolve_device(p.device, "interpret.device"))
     lm = load_model(params.model.name, params.model.revision, dtype="float32", device="cpu")
     norm, W_U = final_norm_and_unembed(lm.model)
     cfg = InterpretConfig(
