@@ -13,12 +13,11 @@ from typing import Any
 
 from pipeline.params import Params
 from stages.common import stage_command
+from stages.paths import ACTIVATIONS, CONTEXTS, MODELS
 
 log = logging.getLogger("sae.evaluate")
 
-ACTIVATIONS = Path("data/activations/validation")
-MODELS = Path("models/sae")
-CONTEXTS = Path("data/tokens/contexts.parquet")
+VALIDATION = ACTIVATIONS / "validation"
 PLOTS = Path("plots/evaluate")
 METRICS = Path("metrics/evaluate.json")
 
@@ -47,7 +46,7 @@ def command(params: Params) -> None:
     results: dict[str, Any] = {}
     for hook in params.extract.hooks:
         sae = load_sae(MODELS / hook, device=device)
-        ds = open_activations(ACTIVATIONS / hook)
+        ds = open_activations(VALIDATION / hook)
         if ds.d_model != sae.cfg.d_in:
             raise UserError(f"{ds.root}: d_model {ds.d_model} does not match the SAE's d_in {sae.cfg.d_in}")
         m, hist = evaluate_reconstruction(sae, ds, ev.n_tokens, ev.batch_size, device)

@@ -22,9 +22,9 @@ from pipeline.hooks import validate_hooks
 from pipeline.io import atomic_write_json
 from pipeline.models import load_config, load_model
 from stages.common import Params, log, stage_command
+from stages.paths import ACTIVATIONS, CONTEXTS
 
-CONTEXTS = Path("data/tokens/contexts.parquet")
-OUT = Path("data/activations")
+OUT = ACTIVATIONS
 METRICS = Path("metrics/extract.json")
 
 

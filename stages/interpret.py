@@ -19,13 +19,11 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.params import Params
 from stages.common import stage_command
+from stages.paths import ACTIVATIONS, INTERPRET, MODELS, TOKENS
 
 log = logging.getLogger("sae.interpret")
 
-TOKENS = Path("data/tokens")
-ACTIVATIONS = Path("data/activations")
-MODELS = Path("models/sae")
-OUT = Path("data/interpret")
+OUT = INTERPRET
 CACHE = Path("data/interpret_cache")
 REPORT = Path("reports/features")
 METRICS = Path("metrics/interpret.json")

@@ -12,8 +12,9 @@ from pipeline.io import atomic_write_json, atomic_write_parquet
 from pipeline.models import load_tokenizer
 from pipeline.tokens import ContextSpec, build_contexts
 from stages.common import Params, log, stage_command
+from stages.paths import TOKENS
 
-OUT = Path("data/tokens")
+OUT = TOKENS
 METRICS = Path("metrics/prepare.json")
 
 

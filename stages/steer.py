@@ -20,11 +20,8 @@ from pipeline.activations import open_activations
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_parquet
 from stages.common import Params, log, stage_command
+from stages.paths import ACTIVATIONS, INTERPRET, MODELS, TOKENS
 
-TOKENS = Path("data/tokens")
-ACTIVATIONS = Path("data/activations")
-MODELS = Path("models/sae")
-INTERPRET = Path("data/interpret")
 OUT = Path("data/steer")
 METRICS = Path("metrics/steer.json")
 PLOTS = Path("plots/steer")

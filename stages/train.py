@@ -21,11 +21,10 @@ from pipeline.io import atomic_write_json
 from pipeline.params import Params
 from pipeline.params.sae import SAEParams, TrainParams
 from stages.common import stage_command
+from stages.paths import ACTIVATIONS, MODELS
 
 log = logging.getLogger("sae.train")
 
-ACTIVATIONS = Path("data/activations")
-MODELS = Path("models/sae")
 CHECKPOINTS = Path("checkpoints")
 PLOTS = Path("plots/train")
 METRICS = Path("metrics/train.json")

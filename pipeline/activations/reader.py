@@ -1,75 +1,26 @@
-"""Activation datasets: a directory of Parquet shards + ``manifest.json``. Public API.
-
-Layout of one dataset (one hook, one split)::
-
-    manifest.json          model, tokenizer, corpus, hook, d_model, dtype, shards (rows, sha256)
-    shard-00000.parquet    rows: context_id:int32, position:int16|int32, token_id:int32, act:fixed_size_binary
-    shard-00001.parquet    ...
-
-The activation vector is stored as ``fixed_size_binary(d_model * itemsize)``: measured on this
-machine kind (DESIGN.md), it streams ~10x faster than ``list<float16>`` because decoding is a
-zero-copy ``np.frombuffer`` of the column's data buffer. Shards appear only complete
-(temp name -> fsync -> ``os.replace``); readers ignore temp names.
-
-Users can bring their own activations: :func:`write_activations` (one call) or
-:class:`ActivationWriter` (shard by shard), then :func:`open_activations` and ``iter_batches``.
-"""
+"""Reading activation datasets: verify, and stream as torch batches (sequential or seeded shuffle)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.activations.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    NP_DTYPES,
+    Manifest,
+    _decode_acts,
+    sha256_file,
+)
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, fsync_replace
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-NP_DTYPES = {"float16": np.float16, "float32": np.float32}
-ROW_GROUP_ROWS = 8192  # streaming granularity: ~9 MB of fp16 at d_model 576
-
-
-@dataclass
-class ShardInfo:
-    file: str
-    rows: int
-    sha256: str
-
-
-@dataclass
-class Manifest:
-    """Everything needed to trust and reuse a dataset without rerunning the model."""
-
-    hook: str
-    d_model: int
-    dtype: str
-    n_tokens: int = 0
-    model_id: str = ""
-    revision: str | None = None
-    weights_hash: str = ""
-    tokenizer: str = ""
-    corpus: str = ""
-    split: str = ""
-    context_length: int = 0
-    bos: str = ""
-    format_version: int = FORMAT_VERSION
-    shards: list[ShardInfo] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        shards = [ShardInfo(**s) for s in data.get("shards", [])]
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "shards"}
-        return cls(**known, shards=shards)
 
 
 @dataclass
@@ -78,126 +29,6 @@ class ActivationBatch:
     context_id: torch.Tensor  # [B] int64
     position: torch.Tensor  # [B] int64
     token_id: torch.Tensor  # [B] int64
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
-
-
-def _schema(d_model: int, dtype: str) -> pa.Schema:
-    width = d_model * np.dtype(NP_DTYPES[dtype]).itemsize
-    return pa.schema([
-        ("context_id", pa.int32()), ("position", pa.int32()), ("token_id", pa.int32()),
-        ("act", pa.binary(width)),
-    ])
-
-
-def encode_shard_table(context_id: np.ndarray, position: np.ndarray, token_id: np.ndarray,
-                       acts: np.ndarray, dtype: str) -> pa.Table:
-    """Rows for one shard. ``acts``: [N, d_model] array, cast to the storage dtype."""
-    acts = np.ascontiguousarray(acts, dtype=NP_DTYPES[dtype])
-    n, d = acts.shape
-    width = d * acts.itemsize
-    act_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(acts.reshape(-1).view(np.uint8))])
-    return pa.Table.from_arrays(
-        [pa.array(np.asarray(context_id, np.int32)), pa.array(np.asarray(position, np.int32)),
-         pa.array(np.asarray(token_id, np.int32)), act_col],
-        schema=_schema(d, dtype),
-    )
-
-
-def write_shard_file(path: Path, table: pa.Table) -> str:
-    """Write one shard atomically (uncompressed: zstd saved ~8% and cost ~5x decode). Returns sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="none", row_group_size=ROW_GROUP_ROWS, use_dictionary=False,
-                   write_statistics=False, store_schema=False)
-    fsync_replace(tmp, path)
-    return sha256_file(path)
-
-
-class ActivationWriter:
-    """Write a dataset shard by shard; ``finalize`` writes the manifest last (its presence means complete).
-
-    ``write_shard`` with an index that already exists on disk is skipped by callers that resume
-    (see :meth:`existing_shard`); shards are independent, so a killed run loses at most one.
-    """
-
-    def __init__(self, root: str | Path, hook: str, d_model: int, dtype: str = "float16", **meta: Any):
-        if dtype not in NP_DTYPES:
-            raise UserError(f"activation dtype {dtype!r} is not supported (allowed: {', '.join(NP_DTYPES)})")
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(hook=hook, d_model=d_model, dtype=dtype, **meta)
-        self._shards: dict[int, ShardInfo] = {}
-
-    def existing_shard(self, index: int) -> ShardInfo | None:
-        """A complete shard from an earlier (killed) run, re-hashed; None if absent."""
-        path = self.root / shard_name(index)
-        if not path.exists():
-            return None
-        try:
-            rows = pq.ParquetFile(path).metadata.num_rows
-        except Exception:  # a foreign or damaged file at a final name: rewrite it
-            return None
-        info = ShardInfo(path.name, rows, sha256_file(path))
-        self._shards[index] = info
-        return info
-
-    def write_shard(self, index: int, context_id: np.ndarray, position: np.ndarray, token_id: np.ndarray,
-                    acts: np.ndarray | torch.Tensor) -> ShardInfo:
-        if isinstance(acts, torch.Tensor):
-            acts = acts.detach().to("cpu", torch.float32 if self.manifest.dtype == "float32" else torch.float16).numpy()
-        if acts.ndim != 2 or acts.shape[1] != self.manifest.d_model:
-            raise UserError(f"activations for {self.root}: shape {tuple(acts.shape)} does not match d_model {self.manifest.d_model}")
-        table = encode_shard_table(context_id, position, token_id, acts, self.manifest.dtype)
-        path = self.root / shard_name(index)
-        info = ShardInfo(path.name, table.num_rows, write_shard_file(path, table))
-        self._shards[index] = info
-        return info
-
-    def finalize(self, **extra_meta: Any) -> Manifest:
-        m = self.manifest
-        for k, v in extra_meta.items():
-            setattr(m, k, v)
-        m.shards = [self._shards[i] for i in sorted(self._shards)]
-        m.n_tokens = sum(s.rows for s in m.shards)
-        atomic_write_json(self.root / MANIFEST, asdict(m))
-        return m
-
-
-def write_activations(root: str | Path, acts: np.ndarray | torch.Tensor, context_id: np.ndarray | None = None,
-                      position: np.ndarray | None = None, token_id: np.ndarray | None = None, hook: str = "custom",
-                      dtype: str = "float16", shard_rows: int = 65536, **meta: Any) -> Manifest:
-    """Write ``acts`` [N, d_model] as a dataset (bring-your-own activations). Missing ids default to 0..N-1 / 0."""
-    n, d = acts.shape
-    context_id = np.arange(n) if context_id is None else np.asarray(context_id)
-    position = np.zeros(n, np.int32) if position is None else np.asarray(position)
-    token_id = np.zeros(n, np.int32) if token_id is None else np.asarray(token_id)
-    w = ActivationWriter(root, hook=hook, d_model=d, dtype=dtype, **meta)
-    for i, start in enumerate(range(0, n, shard_rows)):
-        sl = slice(start, start + shard_rows)
-        w.write_shard(i, context_id[sl], position[sl], token_id[sl], acts[sl])
-    return w.finalize()
-
-
-def _decode_acts(col: pa.ChunkedArray | pa.Array, d_model: int, dtype: str) -> np.ndarray:
-    """fixed_size_binary column -> [N, d_model] array, zero-copy per chunk."""
-    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
-    parts = []
-    for c in chunks:
-        width = c.type.byte_width
-        buf = c.buffers()[1]
-        raw = np.frombuffer(buf, dtype=np.uint8, count=(c.offset + len(c)) * width)[c.offset * width:]
-        parts.append(raw.view(NP_DTYPES[dtype]).reshape(len(c), d_model))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class ActivationDataset:
@@ -355,7 +186,3 @@ def open_activations(root: str | Path, verify: bool = False) -> ActivationDatase
     if verify:
         ds.verify()
     return ds
-
-
-__all__ = ["ActivationBatch", "ActivationDataset", "ActivationWriter", "Manifest", "ShardInfo",
-           "open_activations", "write_activations", "sha256_file", "atomic_write_bytes"]
