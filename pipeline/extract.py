@@ -108,9 +108,12 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
                 w.manifest.d_model = bufs[h].shape[1]
                 pending.append(pool.submit(_write, w, shard, rows_ctx, rows_pos, rows_tok, bufs[h], done))
             # Back-pressure: never hold more than a few shards of activations in memory.
+            # Finished futures are collected with result() so a writer's exception (or a kill) is raised
+            # here, never dropped along with the future.
             while len([f for f in pending if not f.done()]) > spec.max_pending * len(writers):
                 pending[0].result()
-                pending = [f for f in pending if not f.done()]
+                pending = _collect_done(pending)
+            pending = _collect_done(pending)
         for f in pending:
             f.result()
     finally:
@@ -121,6 +124,14 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
             w.manifest.d_model = _width_from_disk(w)
         out[h] = w.finalize()
     return out
+
+
+def _collect_done(pending: list[Future]) -> list[Future]:
+    """Re-raise the first failure among finished writes; return the writes still running."""
+    for f in pending:
+        if f.done():
+            f.result()
+    return [f for f in pending if not f.done()]
 
 
 def _write(w: ActivationWriter, shard: int, rows_ctx: np.ndarray, rows_pos: np.ndarray, rows_tok: np.ndarray,

@@ -91,6 +91,26 @@ def test_killed_extract_resumes_to_identical_bytes(tiny_workspace: Path, monkeyp
     assert written_before >= 2  # shards 0 and 1 were done before the kill and were not recomputed
 
 
+def test_failed_shard_write_is_never_dropped(tiny_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shard 1's write fails at once while the other writes are slow, so the back-pressure wait
+    # runs: it used to prune finished futures, the failed one included, and extract exited 0.
+    import time
+
+    sae("prepare")
+    real = activations.ActivationWriter.write_shard
+
+    def failing(self, index, *args, **kwargs):
+        if index == 1:
+            raise OSError("disk full")
+        time.sleep(0.2)
+        return real(self, index, *args, **kwargs)
+
+    monkeypatch.setattr(activations.ActivationWriter, "write_shard", failing)
+    res = CliRunner().invoke(main, ["extract", "--set", "extract.contexts_per_shard=4"])
+    assert isinstance(res.exception, OSError), res.output
+    assert not (tiny_workspace / "data/activations/train/layers.1.resid_post/manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [

@@ -78,6 +78,9 @@ class ActivationWriter:
         m = self.manifest
         for k, v in extra_meta.items():
             setattr(m, k, v)
+        # A gap means a shard write was lost; a manifest over it would silently drop data.
+        if sorted(self._shards) != list(range(len(self._shards))):
+            raise RuntimeError(f"{self.root}: shards {sorted(self._shards)} are not contiguous from 0")
         m.shards = [self._shards[i] for i in sorted(self._shards)]
         m.n_tokens = sum(s.rows for s in m.shards)
         atomic_write_json(self.root / MANIFEST, asdict(m))
