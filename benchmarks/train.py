@@ -8,7 +8,9 @@ Measured in one process on one device, on random inputs (like the anchors in DES
   encoder backward on CUDA; on CPU ``auto`` falls back to the torch path, so the two match there);
   ``kernels_fused`` (CUDA only) also selects the top k inside the encoder matmul kernel;
 * ``sae:<arch>`` — each architecture of ``pipeline.sae`` through the trainer's step protocol
-  (``training_loss`` under bf16 autocast, ``before_optimizer_step``, Adam, ``after_optimizer_step``).
+  (``training_loss`` under bf16 autocast, ``before_optimizer_step``, Adam, ``after_optimizer_step``), with the
+  kernel backend ``train.kernels: auto`` picks (Triton for topk/batchtopk on CUDA): the step ``sae train`` runs,
+  AuxK and the unit-norm decoder constraint included.
 
 All variants use fp32 master weights, bf16 compute on CUDA (fp32 on CPU) and the same Adam (fused on CUDA).
 Also measured: the card's bf16 matmul rate and copy bandwidth (to compute a roofline floor for the step, model in
@@ -131,12 +133,14 @@ def topk_step(backend: Backend, d: int, n: int, k: int, dev: torch.device, compi
 def sae_step(arch: str, d: int, n: int, k: int, dev: torch.device, compile_step: bool) -> Callable[[torch.Tensor], None]:
     """One step of ``pipeline.sae``'s ``arch`` following the trainer's protocol (pipeline/sae/base.py)."""
     from pipeline.sae import SAEConfig, make_sae
+    from pipeline.train import kernel_backend
 
     extra: dict[str, Any] = {}
     if arch == "dense":
         extra["hidden_sizes"] = [n // 4, n // 8, n // 4]
         n = n // 8
     sae = make_sae(SAEConfig(arch=arch, d_in=d, d_sae=n, k=k, **extra), seed=0).to(dev)
+    sae.kernel_backend = kernel_backend("auto", arch, dev)  # what `train.kernels: auto` picks in the trainer
     opt = make_adam(sae.parameters(), lr=1e-4)
     use_bf16 = dev.type == "cuda"
 

@@ -33,6 +33,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
+from pipeline.kernels import resolve_backend
 from pipeline.loader import batches_per_epoch, epoch_seed, train_batches
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAE, SAEConfig, make_sae, save_sae
@@ -59,6 +60,21 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+KERNEL_ARCHS = ("topk", "batchtopk")  # the architectures pipeline.kernels implements
+
+
+def kernel_backend(choice: str, arch: str, device: torch.device) -> str:
+    """``train.kernels`` -> the SAE's ``kernel_backend``: Triton sparse kernels for topk/batchtopk on CUDA ('auto')."""
+    if arch not in KERNEL_ARCHS:
+        if choice == "triton":
+            raise UserError(f"train.kernels: 'triton' supports sae.arch {' and '.join(KERNEL_ARCHS)}, not {arch!r}")
+        return "torch"
+    try:
+        return resolve_backend(choice, device)  # type: ignore[arg-type]
+    except UserError as e:
+        raise UserError(f"train.kernels: {e}") from None
 
 
 def use_bf16_autocast(dtype: str, device: torch.device) -> bool:
@@ -151,6 +167,7 @@ def train_sae(
     np.random.seed(seed % 2**32)
     random.seed(seed)
     sae = make_sae(sae_cfg, seed=seed).to(device)
+    sae.kernel_backend = kernel_backend(cfg.kernels, sae_cfg.arch, device)
     opt = make_optimizer(sae, cfg, device)
     tracker = LatentTracker(sae_cfg.d_sae, cfg.dead_window_tokens, device)
     stats = RunningStats(device)
@@ -223,9 +240,9 @@ def train_sae(
 
             bad = ~(torch.isfinite(out.loss) & torch.isfinite(x).all())
             bad_step = torch.where(bad & (bad_step < 0), step, bad_step)
-            active = out.latents != 0  # [B, d_sae], computed once for both trackers
-            stats.update(out.loss, x, out.x_hat, active)
-            tracker.update(active)
+            counts, l0 = out.firing(sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
+            stats.update(out.loss, x, out.x_hat, l0)
+            tracker.update(counts, x.shape[0])
             step += 1
             pbar.update(1)
 

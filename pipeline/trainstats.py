@@ -24,15 +24,15 @@ class RunningStats:
         self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, loss: Tensor, x: Tensor, x_hat: Tensor, active: Tensor) -> None:
-        """``x, x_hat`` [B, d_model]; ``active`` [B, d_sae] bool (latent != 0); ``loss`` scalar. No host sync."""
+    def update(self, loss: Tensor, x: Tensor, x_hat: Tensor, l0: Tensor) -> None:
+        """``x, x_hat`` [B, d_model]; ``l0`` scalar mean active latents per token; ``loss`` scalar. No host sync."""
         x = x.float()
         err = x - x_hat.float()
         # FVU numerator and denominator summed over the interval, divided once at log time: the
         # ratio of sums is the interval's FVU, the mean of per-step ratios would not be.
         vals = torch.stack([
             loss.detach().float(),
-            active.sum(-1).float().mean(),
+            l0.float(),
             err.pow(2).sum(),
             (x - x.mean(0)).pow(2).sum(),
             torch.ones((), device=x.device),
@@ -72,10 +72,9 @@ class LatentTracker:
         self.last_density: Tensor | None = None  # [d_sae] firing frequency in the last complete window
 
     @torch.no_grad()
-    def update(self, active: Tensor) -> None:
-        """``active`` [B, d_sae] bool: which latents fired on each token of one training step."""
-        counts = active.sum(0)  # [d_sae]
-        self.tokens += active.shape[0]
+    def update(self, counts: Tensor, n_tokens: int) -> None:
+        """``counts`` [d_sae] int: on how many of this step's ``n_tokens`` tokens each latent fired."""
+        self.tokens += n_tokens
         self.last_fired = torch.where(counts > 0, self.tokens, self.last_fired)
         self.window_counts += counts
         if self.tokens - self.window_start >= self.window_tokens:

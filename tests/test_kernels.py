@@ -6,11 +6,13 @@ The Triton kernels run compiled on CUDA when a GPU is present, else on CPU under
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -214,6 +216,87 @@ def test_kernels_compile_for_h100_without_a_gpu(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pipeline.kernels.compile_check", "90"], env=env,
                           capture_output=True, text=True, timeout=300)
     lines = dict(line.split(maxsplit=1) for line in proc.stderr.splitlines() if line.strip())
-    for name in ("gather_rows", "gather_dot", "segment_outer", "fused_topk_bf16", "fused_topk_fp32"):
+    for name in ("gather_rows", "gather_dot", "segment_outer", "fused_topk_bf16", "fused_topk_fp32",
+                 "decoder_project_one_block", "decoder_project_looped", "decoder_normalize_one_block",
+                 "decoder_normalize_looped"):
         assert lines.get(name) == "ok", proc.stderr[-2000:]
     assert proc.returncode == 0
+
+
+# ---- the SAE training step through the kernels (what `train.kernels: triton` runs) ------------------------
+
+
+def _sae_pair(arch: str, k: int) -> tuple[Any, Any]:
+    """Two identical SAEs, one on the dense torch path and one on the Triton path, with 30 dead latents."""
+    from pipeline.sae import SAEConfig, make_sae
+
+    cfg = SAEConfig(arch=arch, d_in=D, d_sae=D_SAE, k=k, dead_after_tokens=1000)
+    dense = make_sae(cfg, seed=3).to(DEVICE)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(4)).to(DEVICE) * 2 + 0.5
+    dense.init_from_data(x)
+    dense.tokens_since_fired[:30] = 5000  # dead: AuxK has work to do
+    sparse = copy.deepcopy(dense)
+    sparse.kernel_backend = "triton"
+    return dense, sparse
+
+
+@needs_triton
+@pytest.mark.parametrize(("arch", "k"), [("topk", K), ("batchtopk", K)])
+def test_sae_training_loss_on_kernels_matches_dense_path(arch: str, k: int) -> None:
+    dense, sparse = _sae_pair(arch, k)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 2 + 0.5
+    outs = []
+    for sae in (dense, sparse):
+        out = sae.training_loss(x, 10, 100)
+        out.loss.backward()
+        outs.append(out)
+    a, b = outs
+    assert b.latents is None and b.code is not None  # the dense [N, d_sae] latents were never built
+    assert torch.allclose(a.loss, b.loss, rtol=1e-5) and a.terms["auxk"] > 0
+    assert torch.allclose(a.x_hat, b.x_hat, atol=1e-5)
+    for key in ("mse", "l0", "dead_fraction", "auxk"):
+        assert torch.allclose(a.terms[key], b.terms[key], rtol=1e-5), key
+    counts_a, l0_a = a.firing(D_SAE)
+    counts_b, l0_b = b.firing(D_SAE)
+    assert torch.equal(counts_a, counts_b) and torch.equal(l0_a, l0_b)
+    assert torch.equal(dense.tokens_since_fired, sparse.tokens_since_fired)
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        assert _rel(q.grad, p.grad) < 1e-5, name
+    if arch == "batchtopk":
+        assert torch.equal(dense.threshold, sparse.threshold) and dense.threshold > 0
+
+
+@needs_triton
+def test_train_sae_with_triton_kernels_follows_the_dense_run(tmp_path: Path) -> None:
+    from pipeline.activations import open_activations
+    from pipeline.params.sae import TrainParams
+    from pipeline.sae import SAEConfig
+    from pipeline.synthetic import write_synthetic_activations
+    from pipeline.train import train_sae
+
+    write_synthetic_activations(tmp_path / "acts", n_tokens=256, d_model=D, n_features=30, k_true=3, seed=1,
+                                dtype="float32")
+    ds = open_activations(tmp_path / "acts")
+    cfg = SAEConfig(arch="topk", d_in=D, d_sae=D_SAE, k=K, hook="synthetic")
+    runs = {}
+    for backend in ("torch", "triton"):
+        params = TrainParams(device="cpu", dtype="float32", batch_size=64, lr=1e-3, n_tokens=256, warmup_steps=0,
+                             log_every=2, val_every=0, checkpoint_every=0, prefetch=0, kernels=backend)
+        rows: list[dict[str, Any]] = []
+        sae = train_sae(ds, cfg, params, tmp_path / backend, tmp_path / f"{backend}_ckpt", seed=2, log_fn=rows.append)
+        runs[backend] = (sae.state_dict(), [r for r in rows if r["kind"] == "train"])
+    (w_dense, curve_dense), (w_sparse, curve_sparse) = runs["torch"], runs["triton"]
+    for name, p in w_dense.items():
+        assert torch.allclose(p.float(), w_sparse[name].float(), atol=1e-4), name
+    assert [r["l0"] for r in curve_sparse] == pytest.approx([r["l0"] for r in curve_dense])
+    assert [r["fvu"] for r in curve_sparse] == pytest.approx([r["fvu"] for r in curve_dense], rel=1e-4)
+
+
+def test_triton_kernels_for_an_arch_without_them_is_a_user_error() -> None:
+    from pipeline.train import kernel_backend
+
+    with pytest.raises(UserError, match="train.kernels: 'triton' supports sae.arch topk and batchtopk, not 'relu_l1'"):
+        kernel_backend("triton", "relu_l1", torch.device("cpu"))
+    assert kernel_backend("auto", "relu_l1", torch.device("cpu")) == "torch"
+    assert kernel_backend("torch", "topk", torch.device("cpu")) == "torch"

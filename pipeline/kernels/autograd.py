@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from pipeline.kernels import triton_sparse as ts
-from pipeline.kernels.reference import chunked_topk
+from pipeline.kernels.reference import chunked_topk, chunked_topk_multi
 
 
 class TopKEncode(torch.autograd.Function):
@@ -50,24 +50,69 @@ class TopKEncode(torch.autograd.Function):
         ctx: FunctionCtx, _grad_idx: Tensor | None, grad_val: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         xin, W_enc, top_idx, top_val = ctx.saved_tensors  # type: ignore[attr-defined]
-        x_dtype, b_dtype, pre_dtype = ctx.dtypes  # type: ignore[attr-defined]
-        g = torch.where(top_val > 0, grad_val.float(), 0.0)  # [N, k] ReLU'(·) · dL/dval, fp32
-        need_x, need_w, need_b, need_pre = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
-        grad_x = grad_W = grad_b = grad_pre = None
-        if need_x:
-            # dL/dx[n] = Σ_s g[n,s] · W_enc[:, idx[n,s]]: a sparse decode through W_enc.T (a view, no copy)
-            grad_x = ts.gather_rows(top_idx, g, W_enc.t(), None, x_dtype)
-        if need_w or need_b or need_pre:
-            # dL/dW_enc[:, j] = Σ_{(n,s): idx=j} g[n,s] · xin[n]: one segment sum per latent, written as rows of a
-            # contiguous [d_sae, d] buffer (coalesced stores) and handed back as its transpose [d, d_sae]
-            grad_Wt = torch.empty(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-            sums = ts.segment_outer(ts.build_csc(top_idx, W_enc.shape[1]), g, xin, grad_Wt, want_sum=True)
-            assert sums is not None  # [d_sae] fp32: Σ g per latent = dL/db_enc
-            grad_W = grad_Wt.t() if need_w else None
-            grad_b = sums.to(b_dtype) if need_b else None
-            if need_pre:
-                grad_pre = -torch.mv(W_enc, sums.to(W_enc.dtype)).to(pre_dtype)  # [d]
-        return grad_x, grad_W, grad_b, grad_pre, None, None, None
+        return (*_encoder_backward(ctx, xin, W_enc, top_idx, top_val, grad_val), None, None, None)
+
+
+def _encoder_backward(ctx: FunctionCtx, xin: Tensor, W_enc: Tensor, top_idx: Tensor, top_val: Tensor,
+                      grad_val: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(x, W_enc, b_enc, b_pre)`` of a sparse code ``top_idx/top_val [N, k]`` taken from ``xin @ W_enc``.
+
+    A latent may occur twice in a row (TopK and AuxK codes concatenated): the segment sums add both terms.
+    """
+    x_dtype, b_dtype, pre_dtype = ctx.dtypes  # type: ignore[attr-defined]
+    g = torch.where(top_val > 0, grad_val.float(), 0.0)  # [N, k] ReLU'(·) · dL/dval, fp32
+    need_x, need_w, need_b, need_pre = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
+    grad_x = grad_W = grad_b = grad_pre = None
+    if need_x:
+        # dL/dx[n] = Σ_s g[n,s] · W_enc[:, idx[n,s]]: a sparse decode through W_enc.T (a view, no copy)
+        grad_x = ts.gather_rows(top_idx, g, W_enc.t(), None, x_dtype)
+    if need_w or need_b or need_pre:
+        # dL/dW_enc[:, j] = Σ_{(n,s): idx=j} g[n,s] · xin[n]: one segment sum per latent, written as rows of a
+        # contiguous [d_sae, d] buffer (coalesced stores) and handed back as its transpose [d, d_sae]
+        grad_Wt = torch.empty(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
+        sums = ts.segment_outer(ts.build_csc(top_idx, W_enc.shape[1]), g, xin, grad_Wt, want_sum=True)
+        assert sums is not None  # [d_sae] fp32: Σ g per latent = dL/db_enc
+        grad_W = grad_Wt.t() if need_w else None
+        grad_b = sums.to(b_dtype) if need_b else None
+        if need_pre:
+            grad_pre = -torch.mv(W_enc, sums.to(W_enc.dtype)).to(pre_dtype)  # [d]
+    return grad_x, grad_W, grad_b, grad_pre
+
+
+class TopKEncodeAux(torch.autograd.Function):
+    """:class:`TopKEncode` plus the AuxK code (Gao et al. 2024, AuxK appendix) from the same encoder matmul.
+
+    ``aux_bias [d_sae]`` is added to the pre-activations for the second selection only (0 for dead latents, a large
+    negative number for live ones), which picks the top ``k_aux`` dead latents per token. Returns
+    ``(top_idx [N, k], top_val [N, k], aux_idx [N, k_aux], aux_val [N, k_aux])``, values after ReLU; the backward
+    runs once over both codes concatenated, so AuxK costs no second dense matmul in either direction.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_pre: Tensor | None, k: int, chunk: int | None,
+        aux_bias: Tensor, k_aux: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        xin = (x if b_pre is None else x - b_pre).to(W_enc.dtype)  # [N, d]
+        (top_val, top_idx), (aux_val, aux_idx) = chunked_topk_multi(
+            xin, W_enc, b_enc, [(None, k), (aux_bias.to(W_enc.dtype), k_aux)], chunk)
+        top_val, aux_val = top_val.relu(), aux_val.relu()
+        ctx.save_for_backward(xin, W_enc, torch.cat([top_idx, aux_idx], 1), torch.cat([top_val, aux_val], 1))
+        ctx.mark_non_differentiable(top_idx, aux_idx)
+        ctx.k = k  # type: ignore[attr-defined]
+        ctx.dtypes = (x.dtype, b_enc.dtype, None if b_pre is None else b_pre.dtype)  # type: ignore[attr-defined]
+        return top_idx, top_val, aux_idx, aux_val
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, _gi: Tensor | None, grad_val: Tensor | None, _ga: Tensor | None, grad_aux: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        xin, W_enc, idx, val = ctx.saved_tensors  # type: ignore[attr-defined]
+        k = ctx.k  # type: ignore[attr-defined]
+        gv = torch.zeros_like(val[:, :k]) if grad_val is None else grad_val
+        ga = torch.zeros_like(val[:, k:]) if grad_aux is None else grad_aux
+        grads = _encoder_backward(ctx, xin, W_enc, idx, val, torch.cat([gv.to(val.dtype), ga.to(val.dtype)], 1))
+        return (*grads, None, None, None, None)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -116,3 +161,11 @@ def topk_encode(
     one kernel); otherwise the matmul is cuBLAS's, ``chunk`` latents at a time, and the top-k torch's.
     """
     return TopKEncode.apply(x, W_enc, b_enc, b_pre, k, chunk, fused)
+
+
+def topk_encode_aux(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, aux_bias: Tensor, k_aux: int, chunk: int | None = None,
+    b_pre: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK code and AuxK code from one encoder pass; see :class:`TopKEncodeAux`."""
+    return TopKEncodeAux.apply(x, W_enc, b_enc, b_pre, k, chunk, aux_bias, k_aux)

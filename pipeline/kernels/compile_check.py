@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any]]]:
+    from pipeline.kernels import decoder_norm as dn
     from pipeline.kernels import triton_sparse as ts
 
     c = "constexpr"
@@ -27,7 +28,7 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any]]]:
     fused_bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i64"}
     fused_fp32 = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i64"}
     blocks = {"BLOCK_M": 64, "BLOCK_L": 128, "BLOCK_DK": 32, "BLOCK_K": 32}
-    return {
+    cases: dict[str, tuple[Any, dict[str, str], dict[str, Any]]] = {
         "gather_rows": (ts._gather_rows_kernel,
                         {"idx_ptr": "*i64", "val_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "out_ptr": "*fp32",
                          **gather, "HAS_BIAS": c, "BLOCK_K": c, "BLOCK_D": c},
@@ -44,6 +45,15 @@ def _cases() -> dict[str, tuple[Any, dict[str, str], dict[str, Any]]]:
         "fused_topk_bf16": (ts._fused_topk_kernel, {**fused_bf16, **fused}, {"IEEE": False, **blocks}),
         "fused_topk_fp32": (ts._fused_topk_kernel, {**fused_fp32, **fused}, {"IEEE": True, **blocks}),
     }
+    # Decoder-norm kernels on fp32 master weights: one-block rows (d_in <= BLOCK_D) and the looped variant.
+    rows = {"R": "i32", "D": "i32", "stride_wr": "i32", "stride_wc": "i32", "BLOCK_R": c, "BLOCK_D": c, "ONE_BLOCK": c}
+    grad = {"g_ptr": "*fp32", "stride_gr": "i32", "stride_gc": "i32"}
+    for one in (True, False):
+        bl = {"BLOCK_R": 4, "BLOCK_D": 1024, "ONE_BLOCK": True} if one else {"BLOCK_R": 2, "BLOCK_D": 2048, "ONE_BLOCK": False}
+        tag = "one_block" if one else "looped"
+        cases[f"decoder_project_{tag}"] = (dn._project_out_kernel, {"w_ptr": "*fp32", **grad, **rows}, bl)
+        cases[f"decoder_normalize_{tag}"] = (dn._normalize_rows_kernel, {"w_ptr": "*fp32", "eps": "fp32", **rows}, bl)
+    return cases
 
 
 def compile_all(arch: int = 90) -> dict[str, str]:

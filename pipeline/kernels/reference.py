@@ -39,25 +39,43 @@ def chunked_topk(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk: int | N
     :param x: ``[N, d]``; ``W_enc`` ``[d, d_sae]``; ``b_enc`` ``[d_sae]``; all in the compute dtype
     :returns: ``(top_val [N, k], top_idx [N, k] int64)``, sorted descending per row
     """
+    (val, idx), = chunked_topk_multi(x, W_enc, b_enc, [(None, k)], chunk)
+    return val, idx
+
+
+def chunked_topk_multi(x: Tensor, W_enc: Tensor, b_enc: Tensor, selections: list[tuple[Tensor | None, int]],
+                       chunk: int | None) -> list[tuple[Tensor, Tensor]]:
+    """Several top-k selections from one pass over the pre-activations ``pre = x @ W_enc + b_enc``.
+
+    Selection ``(extra_bias, k)`` takes the k largest of ``pre + extra_bias`` (``extra_bias [d_sae]`` or None) and
+    returns the values *including* the extra bias. The TopK code and the AuxK code (the dead latents, selected by
+    pushing live ones down with a large negative bias) thus share the encoder matmul, the dominant cost of a step.
+
+    :returns: per selection ``(val [N, k], idx [N, k] int64)``, sorted descending per row
+    """
     d_sae = W_enc.shape[1]
-    if chunk is None or chunk >= d_sae:
-        return (x @ W_enc + b_enc).topk(k, dim=-1, sorted=True)
-    best_val: Tensor | None = None
-    best_idx: Tensor | None = None
+    chunk = d_sae if chunk is None else min(chunk, d_sae)
+    best: list[tuple[Tensor, Tensor] | None] = [None] * len(selections)
     for c0 in range(0, d_sae, chunk):
         c1 = min(c0 + chunk, d_sae)
-        pre = x @ W_enc[:, c0:c1] + b_enc[c0:c1]  # [N, c1-c0]
-        val, idx = pre.topk(min(k, c1 - c0), dim=-1, sorted=False)
-        idx = idx + c0
-        if best_val is not None and best_idx is not None:
-            val, idx = torch.cat([best_val, val], 1), torch.cat([best_idx, idx], 1)  # [N, <= 2k]
-        if val.shape[1] > k:
-            val, pos = val.topk(k, dim=-1, sorted=False)
-            idx = idx.gather(1, pos)
-        best_val, best_idx = val, idx
-    assert best_val is not None and best_idx is not None
-    val, pos = best_val.sort(dim=-1, descending=True)
-    return val, best_idx.gather(1, pos)
+        pre = x @ W_enc[:, c0:c1] + b_enc[c0:c1]  # [N, c1-c0] — the only dense slice alive at a time
+        for i, (extra, k) in enumerate(selections):
+            p = pre if extra is None else pre + extra[c0:c1]
+            val, idx = p.topk(min(k, c1 - c0), dim=-1, sorted=False)
+            idx = idx + c0
+            prev = best[i]
+            if prev is not None:
+                val, idx = torch.cat([prev[0], val], 1), torch.cat([prev[1], idx], 1)  # [N, <= 2k]
+            if val.shape[1] > k:
+                val, pos = val.topk(k, dim=-1, sorted=False)
+                idx = idx.gather(1, pos)
+            best[i] = (val, idx)
+    out = []
+    for b in best:
+        assert b is not None
+        val, pos = b[0].sort(dim=-1, descending=True)
+        out.append((val, b[1].gather(1, pos)))
+    return out
 
 
 def batchtopk_encode_torch(

@@ -47,8 +47,26 @@ class LossOutput:
 
     loss: Tensor  # scalar, what the trainer backpropagates
     x_hat: Tensor  # [B, d_in] reconstruction, in raw (unscaled) units
-    latents: Tensor  # [B, d_sae] feature activations
+    latents: Tensor | None  # [B, d_sae] feature activations; None when only the sparse code exists
     terms: dict[str, Tensor]  # scalar tensors for logging: mse (scaled space), l0, sparsity, aux, ...
+    #: the sparse code ``(top_idx [B, k'], top_val [B, k'])`` of the kernel path (0 = inactive slot)
+    code: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def firing(self, d_sae: int) -> tuple[Tensor, Tensor]:
+        """``(counts [d_sae] int64, l0 scalar float32)``: tokens each latent fired on, and the mean L0.
+
+        From the dense latents when there are any, else from the sparse code; no host sync either way.
+        """
+        if self.latents is not None:
+            active = self.latents != 0  # [B, d_sae]
+            return active.sum(0), active.sum(-1).float().mean()
+        assert self.code is not None, "training_loss returned neither latents nor a sparse code"
+        idx, val = self.code
+        on = val != 0  # [B, k']
+        counts = torch.zeros(d_sae, dtype=torch.int64, device=idx.device).index_add_(
+            0, idx.flatten(), on.flatten().long())  # integer sums: order-independent, deterministic
+        return counts, on.sum(-1).float().mean()
 
 
 class SAE(nn.Module):
@@ -71,6 +89,9 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        #: how ``training_loss`` computes: "torch" (dense, every arch) or "triton" (the sparse kernels of
+        #: pipeline.kernels; topk and batchtopk only). Set by the trainer from ``train.kernels``.
+        self.kernel_backend = "torch"
         self._init_dtype = TORCH_DTYPES[cfg.dtype]  # parameters are created in this dtype
         # Dead-latent bookkeeping (AuxK, resampling): training tokens since each latent last fired.
         # Saved in checkpoints (state_dict) so resume is exact; not saved by save_sae.
@@ -190,6 +211,16 @@ class SAE(nn.Module):
     def _recon_loss(self, xs: Tensor, xs_hat: Tensor) -> Tensor:
         """||xs - xs_hat||^2 summed over dims, mean over tokens (scaled space). Scalar."""
         return (xs_hat - xs).float().pow(2).sum(-1).mean()
+
+    def _dead_mask(self) -> Tensor:
+        """[d_sae] bool: latents that have not fired for ``cfg.dead_after_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+
+    @torch.no_grad()
+    def _update_firing_counts(self, counts: Tensor, n_tokens: int) -> Tensor:
+        """Like ``_update_firing`` from per-latent firing ``counts [d_sae]`` over ``n_tokens`` tokens (sparse path)."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(counts > 0, 0)
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
     @torch.no_grad()
     def _update_firing(self, f: Tensor) -> Tensor:

@@ -2,25 +2,58 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
+Backend = Literal["auto", "triton", "torch"]
+
+
+def _use_triton(W: Tensor, backend: Backend) -> bool:
+    """``auto``: the fused kernel on CUDA when Triton is usable, else the PyTorch code (CPU stays bit-identical).
+
+    ``triton`` forces the kernels (on CPU only under ``TRITON_INTERPRET=1``: tests), ``torch`` the PyTorch code.
+    """
+    if backend == "torch" or (backend == "auto" and W.device.type != "cuda"):
+        return False  # no Triton import, no probing: the CPU path is the plain code below
+    from pipeline.kernels.dispatch import resolve_backend  # lazy: `import pipeline.sae` never needs Triton
+
+    return resolve_backend(backend, W.device) == "triton"
+
 
 @torch.no_grad()
-def normalize_rows_(W: Tensor) -> None:
-    """Rescale each row of ``W[d_sae, d_in]`` to unit L2 norm, in place."""
-    W.div_(W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).eps))
+def normalize_rows_(W: Tensor, *, backend: Backend = "auto") -> None:
+    """Rescale each row of ``W[d_sae, d_in]`` to unit L2 norm, in place.
+
+    On CUDA (``backend="auto"``) this is one fused pass per row
+    (:func:`pipeline.kernels.decoder_norm.normalize_rows_triton_`), same formula.
+    """
+    eps = torch.finfo(W.dtype).eps
+    if _use_triton(W, backend):
+        from pipeline.kernels.decoder_norm import normalize_rows_triton_
+
+        normalize_rows_triton_(W, eps)
+        return
+    W.div_(W.norm(dim=-1, keepdim=True).clamp_min(eps))
 
 
 @torch.no_grad()
-def remove_parallel_grad_(W: torch.nn.Parameter) -> None:
+def remove_parallel_grad_(W: torch.nn.Parameter, *, backend: Backend = "auto") -> None:
     """Remove from ``W.grad`` the component parallel to each (unit-norm) row of ``W[d_sae, d_in]``.
 
     With rows on the unit sphere, only the tangential part of the gradient changes the direction;
     the radial part would be undone by renormalisation and distorts Adam's moment estimates
     (Towards Monosemanticity, 2023; Gao et al. 2024, "Preventing dead latents").
+    On CUDA (``backend="auto"``) this is one fused pass per row
+    (:func:`pipeline.kernels.decoder_norm.project_out_parallel_`), same formula.
     """
     assert W.grad is not None
+    if _use_triton(W, backend):
+        from pipeline.kernels.decoder_norm import project_out_parallel_
+
+        project_out_parallel_(W, W.grad)
+        return
     along = (W.grad * W).sum(-1, keepdim=True)  # [d_sae, 1]
     W.grad.sub_(along * W)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.kernels.reference import batch_threshold
 from pipeline.sae import ops
 from pipeline.sae.base import SAE, LossOutput, register
 from pipeline.sae.config import SAEConfig
@@ -48,20 +49,62 @@ class TopKSAE(SAE):
         return self._activate(self.pre_acts(xs), self.training)
 
     def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+        if self.kernel_backend == "triton":
+            return self._training_loss_sparse(x)
         xs = self.scale_in(x)  # [B, d_in]
         pre = self.pre_acts(xs)  # [B, d_sae]
         f = self._activate(pre, True)
         xs_hat = self._decode_scaled(f)
         recon = self._recon_loss(xs, xs_hat)
+        # AuxK works on the latents dead when the step began (the kernel path selects them in the same encoder pass
+        # as the TopK code, before this batch's firing is known); the logged dead fraction is after the batch.
+        dead_before = self._dead_mask()
         dead = self._update_firing(f)
         self._on_train_latents(f.detach())
-        aux = ops.auxk_loss(pre, xs - xs_hat, self.W_dec, dead, self.k_aux)
+        aux = ops.auxk_loss(pre, xs - xs_hat, self.W_dec, dead_before, self.k_aux)
         loss = recon + self.cfg.aux_coeff * aux
         terms = self._common_terms(xs, xs_hat, f, dead) | {"auxk": aux.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
 
     def _on_train_latents(self, f: Tensor) -> None:
-        """Hook for per-batch statistics of the training latents ``f[B, d_sae]``."""
+        """Hook for per-batch statistics of the training latents ``f[B, d_sae]`` (or their non-zeros)."""
+
+    def _training_loss_sparse(self, x: Tensor) -> LossOutput:
+        """The same loss through the Triton kernels (Gao et al. 2024, "efficient training"): the encoder's top-k
+        (and AuxK's, from the same matmul) is taken chunk by chunk, the decoder forward and both backward passes
+        touch only the non-zeros, and the dense ``[B, d_sae]`` latents are never built. Matmuls run in the autocast
+        dtype (bf16 on GPU) with fp32 accumulation; the fp32 master weights receive fp32 gradients.
+        """
+        from pipeline.kernels.autograd import sparse_decode, topk_encode_aux  # needs Triton: imported on use
+
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.dtype
+        with torch.autocast(dev, enabled=False):  # the kernels cast explicitly; autocast would recast their inputs
+            xs = self.scale_in(x)  # [B, d_in]
+            dead_before = self._dead_mask()
+            # -1e30 rather than -inf pushes live latents out of the AuxK selection: one that is still picked (fewer
+            # dead than k_aux) has value ReLU(-1e30) = 0 and gradient 0, where -inf would make 0 * inf = NaN.
+            push_out = torch.where(dead_before, 0.0, -1e30).to(self.b_enc.dtype)
+            batch = self.arch == "batchtopk"
+            k_sel = min(self.cfg.d_sae, 4 * self.cfg.k) if batch else self.cfg.k  # batchtopk: per-row candidates
+            idx, val, aux_idx, aux_val = topk_encode_aux(
+                xs, self.W_enc.to(cdt), self.b_enc.to(cdt), k_sel, push_out, self.k_aux,
+                b_pre=self.b_dec if self.apply_b_dec else None)
+            if batch:
+                val = batch_threshold(val, xs.shape[0] * self.cfg.k)
+            xs_hat = sparse_decode(idx, val, self.W_dec.to(cdt), self.b_dec)  # [B, d_in] float32
+            recon = self._recon_loss(xs, xs_hat)
+            out = LossOutput(recon, xs_hat, None, {}, (idx, val))
+            counts, l0 = out.firing(self.cfg.d_sae)
+            dead = self._update_firing_counts(counts, xs.shape[0])
+            self._on_train_latents(val.detach())
+            aux_val = torch.where(dead_before[aux_idx], aux_val, torch.zeros_like(aux_val))
+            e_hat = sparse_decode(aux_idx, aux_val, self.W_dec.to(cdt), torch.zeros_like(self.b_dec))  # float32
+            aux = ((xs - xs_hat).detach() - e_hat).pow(2).sum(-1).mean() * dead_before.any().float()
+        out.loss = recon + self.cfg.aux_coeff * aux
+        out.x_hat = xs_hat / self.cfg.scaling_factor
+        out.terms = {"mse": recon.detach(), "l0": l0, "dead_fraction": dead.float().mean(), "auxk": aux.detach()}
+        return out
 
 
 @register("batchtopk")
