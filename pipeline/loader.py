@@ -8,14 +8,14 @@ sees the same number of tokens), and each epoch reshuffles with a seed derived f
 Reading and decoding Parquet happens in a background thread (pyarrow and numpy release the GIL),
 ``prefetch`` batches ahead, with bounded memory: at most ``prefetch`` batches plus the dataset's
 shuffle buffer are in host memory, whatever the dataset size. On CUDA the thread pins each batch
-so the copy to the GPU is asynchronous (``non_blocking=True``) and overlaps the previous step.
+and the copy to the GPU is issued one batch ahead on a side stream, so it overlaps the current step.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -110,12 +110,41 @@ def train_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_
     host_dtype = torch.float16 if (on_cuda and dataset.manifest.dtype == "float16") else torch.float32
     gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda)
     prefetcher = _Prefetcher(gen, prefetch) if prefetch > 0 else None
+    host = prefetcher if prefetcher is not None else gen
     try:
-        for acts in (prefetcher if prefetcher is not None else gen):
-            yield acts.to(device, non_blocking=on_cuda).float() if on_cuda else acts
+        yield from (_side_stream_copies(host, device) if on_cuda else host)
     finally:  # the consumer stopped (finished, raised, or was killed): stop the reader thread now
         if prefetcher is not None:
             prefetcher.close()
+
+
+def _side_stream_copies(host: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """Pinned host batches -> float32 device batches, each copy issued one batch ahead on a side stream.
+
+    A non-blocking copy on the compute stream would still queue behind the current step's kernels; on its own
+    stream the copy of batch i+1 runs while step i computes. The compute stream waits on the copy's event before
+    using the batch, and ``record_stream`` tells the caching allocator the batch is used there.
+    """
+    copy_stream = torch.cuda.Stream(device)
+    compute = torch.cuda.current_stream(device)
+
+    def issue(acts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(copy_stream):
+            on_dev = acts.to(device, non_blocking=True)  # the pinned block is not reused before this copy ends
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return on_dev, done
+
+    it = iter(host)
+    first = next(it, None)
+    pending = issue(first) if first is not None else None
+    while pending is not None:
+        on_dev, done = pending
+        following = next(it, None)
+        pending = issue(following) if following is not None else None
+        compute.wait_event(done)
+        on_dev.record_stream(compute)
+        yield on_dev.float()
 
 
 __all__ = ["train_batches", "batches_per_epoch", "epoch_seed"]

@@ -1,7 +1,10 @@
 """Training-step kernels for TopK / BatchTopK SAEs (Gao et al. 2024, sparse kernels for efficient training).
 
 * :func:`topk_sae_forward` — dispatcher: Triton kernels on CUDA, plain PyTorch on CPU (``backend="auto"``).
-* :func:`sparse_decode`, :func:`topk_encode` — the Triton autograd functions (import Triton lazily).
+* :func:`sparse_decode`, :func:`topk_encode` — the Triton autograd functions (import Triton lazily);
+  :func:`pipeline.kernels.autograd.topk_encode_aux` also selects the AuxK code from the same encoder pass
+  (what ``pipeline.sae``'s topk/batchtopk training step uses with ``train.kernels``).
+* :mod:`pipeline.kernels.decoder_norm` — fused unit-norm decoder projection / renormalisation (``pipeline.sae.ops``).
 * :mod:`pipeline.kernels.reference` — the plain-PyTorch definitions the kernels are tested against.
 
 Triton is an optional dependency (``pip install 'sae-pipeline[gpu]'``); without it everything here still works
