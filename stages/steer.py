@@ -3,7 +3,8 @@
 Reads ``models/sae/<hook>/``, ``data/activations/<steer.stats_split>/<hook>/``, ``data/tokens/`` and
 (when present) ``data/interpret/<hook>/features.parquet``; writes ``data/steer/generations.parquet``,
 ``metrics/steer.json``, ``plots/steer/{concept,fluency}.csv``, ``plots/steer/frontier/<method>.csv`` and
-``reports/steer/*.png``. The protocol is documented in ``pipeline/steering/``.
+``reports/steer/*.png``. The protocol is documented in ``pipeline/steering/``. With ``steer.judge`` on,
+the LLM judge's calls are cached under ``data/steer_cache/`` (DVC ``persist: true``, ``cache: false``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import polars as pl
 
 from pipeline.activations import open_activations
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, atomic_write_parquet
+from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from stages.common import Params, log, stage_command
 from stages.paths import ACTIVATIONS, INTERPRET, MODELS, TOKENS
 
@@ -26,6 +27,7 @@ OUT = Path("data/steer")
 METRICS = Path("metrics/steer.json")
 PLOTS = Path("plots/steer")
 REPORTS = Path("reports/steer")
+CACHE = Path("data/steer_cache")
 
 
 def _finite(obj: Any) -> Any:
@@ -44,10 +46,12 @@ def _finite(obj: Any) -> Any:
 def command(params: Params) -> None:
     import torch
 
+    from pipeline.autointerp import make_backend
     from pipeline.models import load_model
     from pipeline.sae import load_sae
     from pipeline.steering import evaluate_steering
     from pipeline.steering.baselines import read_interpret
+    from pipeline.steering.judge import PROMPT_VERSION
     from pipeline.steering.plots import sweep_curves, write_plot_csvs, write_pngs
 
     t0 = time.perf_counter()
@@ -69,8 +73,19 @@ def command(params: Params) -> None:
     contexts = pl.read_parquet(TOKENS / "contexts.parquet")
     documents = pl.read_parquet(TOKENS / "documents.parquet")
     interp = read_interpret(INTERPRET / hook / "features.parquet")
-    result = evaluate_steering(lm.model, lm.tokenizer, sae, hook, contexts, documents, acts, interp, p,
-                               params.seed, bos=params.corpus.bos != "none")
+    # The judge talks to the endpoint configured for interpretation (one endpoint setting per project).
+    ip = params.interpret
+    judge = make_backend(p.judge, CACHE, base_url=ip.base_url, api_key_env=ip.api_key_env, max_retries=ip.max_retries,
+                         timeout=ip.request_timeout, device=str(device), version=PROMPT_VERSION, key="steer.judge")
+    try:
+        result = evaluate_steering(lm.model, lm.tokenizer, sae, hook, contexts, documents, acts, interp, p,
+                                   params.seed, bos=params.corpus.bos != "none", judge=judge)
+    finally:
+        if judge is not None:
+            judge.flush()  # answers so far survive a failure: a rerun resumes from them
+    # A declared DVC output must exist even when no judge ran.
+    atomic_write_text(CACHE / "README.txt", "LLM judge call cache of `sae steer` (one JSONL per steer.judge "
+                      "backend); delete it to re-judge.\n")
 
     atomic_write_parquet(OUT / "generations.parquet", result.generations)
     curves = sweep_curves(result.generations)

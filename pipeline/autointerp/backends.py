@@ -41,7 +41,7 @@ class Backend(Protocol):
 class LocalChat:
     """A transformers causal LM loaded with ``pipeline.models.load_model`` (greedy, CPU/GPU)."""
 
-    def __init__(self, model_name: str, device: str = "cpu") -> None:
+    def __init__(self, model_name: str, device: str = "cpu", key: str = "interpret.explainer") -> None:
         from pipeline.models import load_model
 
         self.name = f"local:{model_name}"
@@ -61,7 +61,7 @@ class LocalChat:
         y, n = set(first_ids(YES)), set(first_ids(NO))
         self.yes_ids, self.no_ids = sorted(y - n), sorted(n - y)  # a shared first piece (" ") tells nothing
         if not self.yes_ids or not self.no_ids:
-            raise UserError(f"interpret.explainer: {model_name}'s tokenizer cannot tell 'Yes' from 'No' ({len(vocab)} tokens)")
+            raise UserError(f"{key}: {model_name}'s tokenizer cannot tell 'Yes' from 'No' ({len(vocab)} tokens)")
 
     def _prompt(self, messages: Messages) -> str:
         tok = self.lm.tokenizer

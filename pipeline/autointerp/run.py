@@ -23,19 +23,25 @@ from pipeline.autointerp.explain import (
 from pipeline.autointerp.simulate import LexicalSimulator, binary_metrics, fuzz_highlights, simulate_scores
 
 
-def make_backend(explainer: str, cache_dir: Path, *, base_url: str, api_key_env: str, max_retries: int,
-                 timeout: float, device: str = "cpu", backoff: float = 1.0) -> Cached | None:
-    """``interpret.explainer`` -> a cached LM backend (None for ``stats``)."""
-    if explainer == "stats":
+def make_backend(spec: str, cache_dir: Path, *, base_url: str, api_key_env: str, max_retries: int,
+                 timeout: float, device: str = "cpu", backoff: float = 1.0, version: str | None = None,
+                 key: str = "interpret.explainer") -> Cached | None:
+    """A backend spec -> a cached LM backend; None for the no-LM specs ``stats`` and ``none``.
+
+    ``spec`` is ``local:<model>`` or ``openai:<model>`` (``interpret.explainer``, ``steer.judge``);
+    ``version`` keys the cache (default: the interpretation prompts' versions), so a prompt change
+    never reuses stale answers; ``key`` names the param in error messages.
+    """
+    if spec in ("stats", "none"):
         return None
-    kind, _, model = explainer.partition(":")
+    kind, _, model = spec.partition(":")
     backend: Backend
     if kind == "local":
-        backend = LocalChat(model, device=device)
+        backend = LocalChat(model, device=device, key=key)
     else:
         backend = OpenAIChat(model, base_url, os.environ.get(api_key_env) or None, max_retries, timeout, backoff)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in explainer)
-    return Cached(backend, Path(cache_dir) / f"{safe}.jsonl", f"{PROMPT_VERSION}/{SCORE_PROMPT_VERSION}")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
+    return Cached(backend, Path(cache_dir) / f"{safe}.jsonl", version or f"{PROMPT_VERSION}/{SCORE_PROMPT_VERSION}")
 
 
 def stats_explain_and_score(ev: Evidence, norm: dict[int, str], sim: LexicalSimulator, seed: int) -> dict[str, Any]:

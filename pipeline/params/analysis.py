@@ -8,6 +8,13 @@ from typing import Literal
 from pipeline.params.core import ParamsError, knob
 
 
+def check_backend(spec: str, key: str, off: str) -> None:
+    """An LM backend spec: ``off`` (no LM), ``local:<model>`` or ``openai:<model>``."""
+    kind, _, model = spec.partition(":")
+    if spec != off and (kind not in ("local", "openai") or not model):
+        raise ParamsError(f"{key}: {spec!r} is not allowed (allowed: '{off}', 'local:<model>', 'openai:<model>')")
+
+
 @dataclass
 class InterpretParams:
     """Feature interpretation (the ``interpret`` stage): streaming statistics, examples, logit lens,
@@ -36,10 +43,7 @@ class InterpretParams:
     max_new_tokens: int = knob(48, help="Tokens generated per LM explanation.", ge=1)
 
     def check(self, prefix: str) -> None:
-        backend, _, model = self.explainer.partition(":")
-        if self.explainer != "stats" and (backend not in ("local", "openai") or not model):
-            raise ParamsError(f"{prefix}.explainer: {self.explainer!r} is not allowed "
-                              "(allowed: 'stats', 'local:<model>', 'openai:<model>')")
+        check_backend(self.explainer, f"{prefix}.explainer", "stats")
 
 
 @dataclass
@@ -79,6 +83,11 @@ class SteerParams:
     stats_max_tokens: int = knob(65536, help="Activation rows read for feature statistics.", ge=1)
     ablation_contexts: int = knob(4, help="Contexts where the feature fires (and as many where it does not) for the ablation effect.", ge=1)
     min_firing: int = knob(8, help="Minimum firing tokens for a feature to be chosen automatically.", ge=1)
+    judge: str = knob(
+        "none", help="LLM judge of every generation (AxBench, Wu et al. 2025): 'none', 'local:<model>' "
+        "(transformers chat model) or 'openai:<model>' (the endpoint of interpret.base_url, api_key_env, "
+        "max_retries, request_timeout). Rates concept, instruction and fluency 0-2 and reports their harmonic "
+        "mean next to hm@1; off by default (a tiny local model is a weak judge).")
 
     def check(self, prefix: str) -> None:
         if not self.coefficients:
@@ -89,3 +98,4 @@ class SteerParams:
             raise ParamsError(f"{prefix}.prompts: need at least 2 prompts (one validation, one test)")
         if any(f < 0 for f in self.features):
             raise ParamsError(f"{prefix}.features: {self.features} has a negative feature index")
+        check_backend(self.judge, f"{prefix}.judge", "none")

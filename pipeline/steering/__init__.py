@@ -3,8 +3,8 @@
 Modules: ``interventions`` (addition, clamping, ablation as forward hooks), ``generate`` (batched
 KV-cache generation, teacher-forced scoring), ``stats`` (feature statistics from activations),
 ``baselines`` (feature choice, difference-in-means and random directions), ``metrics`` (versioned
-definitions), ``protocol`` (the sweep), ``summary`` (coefficient choice and verdict), ``plots``,
-``evaluate`` (everything in one call).
+definitions), ``protocol`` (the sweep), ``judge`` (optional LLM judge, AxBench), ``summary``
+(coefficient choice and verdict), ``plots``, ``evaluate`` (everything in one call).
 """
 
 from pipeline.steering.evaluate import SteeringResult, evaluate_steering

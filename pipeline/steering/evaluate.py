@@ -1,7 +1,8 @@
 """The whole steering evaluation as one library call (the ``steer`` stage only loads inputs and writes outputs).
 
 statistics pass → feature choice and scales → baseline directions → topic model → sweep (generate,
-re-encode, score) → ablation effect → coefficient choice on validation prompts, report on test.
+re-encode, score; optionally the LLM judge) → ablation effect → coefficient choice on validation
+prompts, report on test.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.hooks import final_norm_and_unembed
 from pipeline.params.analysis import SteerParams
 from pipeline.steering.baselines import dim_direction, feature_topics, random_direction, select_features
 from pipeline.steering.interventions import SAELike, feature_write
+from pipeline.steering.judge import JUDGE_COLUMNS, PROMPT_VERSION, TextBackend, judge_rows
 from pipeline.steering.metrics import TopicModel, label_windows
 from pipeline.steering.protocol import FeaturePlan, SweepConfig, ablation_effect, run_sweep, seeded_prompts
 from pipeline.steering.stats import collect_stats, label_grid
@@ -52,10 +54,31 @@ def _topic_model(contexts: pl.DataFrame, rows: dict[int, int], grid: np.ndarray,
     return model, model.accuracy(*label_windows(*out["validation"], window))
 
 
+def judge_concepts(features: list[int], feat_topic: dict[int, str | None], interp: pl.DataFrame | None) -> dict[int, str]:
+    """The concept the judge looks for in every method's generations of a feature.
+
+    The feature's topic when it has one: that is what ``dim`` steers towards and what ``concept@1``
+    measures, so all methods are judged on the same question. Else interpretation's explanation.
+    """
+    expl: dict[int, str] = {}
+    if interp is not None and "explanation" in interp.columns:
+        expl = {int(f): str(e).strip() for f, e in zip(interp["feature"], interp["explanation"], strict=True)
+                if e is not None and str(e).strip()}
+    out = {}
+    for f in features:
+        concept = feat_topic.get(f) or expl.get(f)
+        if not concept:
+            raise UserError(f"steer.judge: feature {f} has neither a topic nor an explanation to judge against "
+                            "(run `sae interpret` first, or set steer.judge: none)")
+        out[f] = concept
+    return out
+
+
 def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str, contexts: pl.DataFrame,
                       documents: pl.DataFrame, acts: ActivationDataset, interp: pl.DataFrame | None,
-                      p: SteerParams, seed: int, bos: bool = True) -> SteeringResult:
-    """Run the protocol of ``p`` (see ``SteerParams``) for the SAE at ``hook``."""
+                      p: SteerParams, seed: int, bos: bool = True, judge: TextBackend | None = None) -> SteeringResult:
+    """Run the protocol of ``p`` (see ``SteerParams``) for the SAE at ``hook``; ``judge``: the LLM judge's
+    backend (``steer.judge``), or None to leave it out."""
     t_start = time.perf_counter()
     topics, rows, grid = label_grid(contexts, documents)
     stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens)
@@ -65,6 +88,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     if not features:
         raise UserError(f"steer: no feature fires at least steer.min_firing={p.min_firing} times; list steer.features")
     feat_topic = feature_topics(stats, interp, features)
+    concepts = judge_concepts(features, feat_topic, interp) if judge is not None else {}
     vocab = int(final_norm_and_unembed(model)[1].shape[0])
     topic_model, topic_acc = _topic_model(contexts, rows, grid, topics, vocab, p.max_new_tokens) if topics else (None, math.nan)
     prompts = seeded_prompts(p.prompts, tokenizer, p.validation_fraction, seed, bos)
@@ -73,7 +97,8 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     all_rows: list[dict[str, Any]] = []
     per_feature_extra: dict[str, dict[str, Any]] = {}
     ctx_tokens = dict(zip(contexts["context_id"].to_list(), contexts["token_ids"].to_list(), strict=True))
-    t_ablate = 0.0
+    t_ablate = t_judge = 0.0
+    unparsed = 0
     for f in features:
         scale = stats.scale(f, p.scale, p.scale_quantile)
         if scale <= 0:
@@ -89,7 +114,15 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
             dirs["random"] = torch.from_numpy(random_direction(write.shape[0], seed * 7919 + f)).float() * norm
         plan = FeaturePlan(f, feat_topic[f], scale, dirs)
         log.info("steering feature %d (topic %s, m_f %.3g, |write| %.3g)", f, feat_topic[f], scale, norm)
-        all_rows.extend(run_sweep(model, tokenizer, sae, plan, prompts, cfg, topic_model))
+        sweep = run_sweep(model, tokenizer, sae, plan, prompts, cfg, topic_model)
+        if judge is not None:
+            t0 = time.perf_counter()
+            unparsed += judge_rows(judge, sweep, concepts[f])
+            t_judge += time.perf_counter() - t0
+            flush = getattr(judge, "flush", None)
+            if flush is not None:
+                flush()  # a later failure keeps this feature's answers
+        all_rows.extend(sweep)
         # Ablation effect on the strongest-firing contexts vs seeded contexts where it never fires.
         t0 = time.perf_counter()
         cmax = stats.context_max[:, f]
@@ -102,7 +135,10 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
         t_ablate += time.perf_counter() - t0
         per_feature_extra[str(f)] = {"scale@1": scale, "write_norm@1": norm, "fire_rate@1": float(stats.fire_count[f] / stats.n_tokens),
                                      "ablation_contexts": [len(fire_ids), len(quiet_ids)], **abl}
-    df = add_scores(pl.DataFrame(all_rows, infer_schema_length=None))
+    df = pl.DataFrame(all_rows, infer_schema_length=None)
+    if judge is not None:  # fixed dtypes even when every answer of a column was unparseable (all None)
+        df = df.with_columns(*(pl.col(c).cast(pl.Int64) for c in JUDGE_COLUMNS[:3]), pl.col("judge_hm").cast(pl.Float64))
+    df = add_scores(df)
     report = choose_and_report(df)
     for key, extra in per_feature_extra.items():
         report["features"][key].update(extra)
@@ -113,8 +149,15 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
                                         "test": sum(q.split == "test" for q in prompts)},
                           "stats_tokens": stats.n_tokens}
     report["topic_model_accuracy@1"] = topic_acc
+    if judge is not None:
+        report["judge"] = {"backend": judge.name, "prompt_version": PROMPT_VERSION,
+                           "concepts": {str(f): c for f, c in concepts.items()},
+                           "ratings": 3 * len(df), "unparsed": unparsed}
+        if unparsed:
+            log.warning("steer.judge: %d of %d answers had no 0-2 rating (recorded as null)", unparsed, 3 * len(df))
     report["runtime"] = {"generations": int(cfg.timing["rows"]), "generated_tokens": int(toks),
                          "generate_s": round(gen_s, 2), "generate_tokens_per_s": round(toks / max(gen_s, 1e-9), 1),
-                         "ablation_s": round(t_ablate, 2), "total_s": round(time.perf_counter() - t_start, 2)}
+                         "ablation_s": round(t_ablate, 2), **({"judge_s": round(t_judge, 2)} if judge is not None else {}),
+                         "total_s": round(time.perf_counter() - t_start, 2)}
     log.info("steer: %s", report["overall"].get("summary", ""))
     return SteeringResult(df, report)
