@@ -102,3 +102,31 @@ def test_resume_cursor_reads_nothing_before_it(dataset, monkeypatch: pytest.Monk
     read.clear()
     list(ds.iter_batches(70, seed=5, start_batch=12))  # sequential: 840 rows in; shards 0-1 (600 rows) never read
     assert len(read) == 2  # shard 2 (straddles the cursor) and shard 3; a full pass reads 4
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_only_the_shards_being_read_stay_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shuffle: bool) -> None:
+    # Keeping every shard open grew host memory with the dataset size (~55 MB per chunk on a 20 GB dataset).
+    from pipeline.activations.reader import ActivationDataset
+
+    acts = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    write_activations(tmp_path / "ds", acts, shard_rows=20)  # 20 shards
+    ds = open_activations(tmp_path / "ds")
+    opened = []
+    real = ActivationDataset._open
+
+    def tracking(self, path):
+        f = real(self, path)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(ActivationDataset, "_open", tracking)
+    n_open = []
+    for _ in ds.iter_arrays(shuffle=shuffle, buffer_groups=2):
+        n_open.append(sum(not f.closed for f in opened))
+    assert len(n_open) == (10 if shuffle else 20) and max(n_open) <= 4  # this chunk's and the next's shards
+    assert all(f.closed for f in opened)
+    stream = ds.iter_arrays(shuffle=shuffle, buffer_groups=2)
+    next(stream)
+    stream.close()  # the consumer stops early: nothing is left open
+    assert all(f.closed for f in opened)
