@@ -8,8 +8,8 @@ with the public activation API, then trains one pass in a *fresh* subprocess so 
 RSS (``ru_maxrss``) is the trainer's alone, and prints it next to the dataset size: the ratio
 peak RSS / dataset bytes is what should stay far below 1 (target: < 4 GB for 20 GB of data).
 
-Measured on the 2-core dev box (2026-11-27, CPU, batch 4096, d_sae 576, one pass, prefetch 4):
-0.25 GB dataset -> 1.35 GB peak RSS; 1.01 GB -> 1.53 GB. The reader alone (no SAE) peaked at
+Measured on the 2-core dev box (2026-11-27/28, CPU, batch 4096, d_sae 576, one pass, prefetch 4):
+0.25 GB dataset -> 1.35 GB peak RSS; 1.01 GB -> 1.53 GB; 20.2 GB (17.4M tokens) -> 1.54 GB. The reader alone (no SAE) peaked at
 0.77 / 0.86 GB, and at 0.82 GB after five passes over the 0.25 GB set: bounded by the shuffle
 buffer, the prefetch queue and allocator caching, not by the dataset size.
 """
