@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
 import numpy as np
 import pytest
+from fake_endpoint import serve
 
 from pipeline.autointerp import Evidence, LexicalSimulator, binary_metrics, simulate_scores, stats_explanation
 from pipeline.autointerp.backends import Cached, LocalChat, OpenAIChat
@@ -77,77 +74,51 @@ def test_split_evidence_holds_out_explainer_examples():
     assert ev.neg_tokens[:, 0].tolist() == [20]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    fail_first = 0
-    status = 500
-    calls: list[dict] = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).calls.append({"body": body, "auth": self.headers.get("Authorization")})
-        if type(self).fail_first > 0:
-            type(self).fail_first -= 1
-            self.send_response(type(self).status)
-            self.end_headers()
-            return
-        if body.get("logprobs"):
-            msg = {"content": "Yes"}
-            lp = {"content": [{"token": "Yes", "logprob": 0.0,
-                               "top_logprobs": [{"token": "Yes", "logprob": np.log(0.75)}, {"token": " no", "logprob": np.log(0.25)}]}]}
-            out = {"choices": [{"message": msg, "logprobs": lp}]}
-        else:
-            out = {"choices": [{"message": {"content": ' fires on "cat"\n'}}]}
-        data = json.dumps(out).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _answer(body: dict) -> dict:
+    if body.get("logprobs"):
+        msg = {"content": "Yes"}
+        lp = {"content": [{"token": "Yes", "logprob": 0.0,
+                           "top_logprobs": [{"token": "Yes", "logprob": np.log(0.75)}, {"token": " no", "logprob": np.log(0.25)}]}]}
+        return {"choices": [{"message": msg, "logprobs": lp}]}
+    return {"choices": [{"message": {"content": ' fires on "cat"\n'}}]}
 
 
 @pytest.fixture()
 def server():
-    _Handler.calls, _Handler.fail_first, _Handler.status = [], 0, 500
-    srv = HTTPServer(("127.0.0.1", 0), _Handler)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    with serve(_answer) as endpoint:
+        yield endpoint
 
 
 def test_openai_backend_retries_then_answers(server):
-    _Handler.fail_first = 2
-    api = OpenAIChat("m", server, "secret", max_retries=3, timeout=5, backoff=0.01)
+    server.fail_first = 2
+    api = OpenAIChat("m", server.url, "secret", max_retries=3, timeout=5, backoff=0.01)
     assert api.generate([{"role": "user", "content": "hi"}], 10) == 'fires on "cat"'
-    assert len(_Handler.calls) == 3 and _Handler.calls[-1]["auth"] == "Bearer secret"
+    assert len(server.calls) == 3 and server.calls[-1]["auth"] == "Bearer secret"
     assert api.yes_prob([{"role": "user", "content": "?"}]) == pytest.approx(0.75)
 
 
 def test_openai_backend_gives_up_with_user_error(server, tmp_path):
-    _Handler.fail_first = 100
-    cache = Cached(OpenAIChat("m", server, None, max_retries=1, timeout=5, backoff=0.01), tmp_path / "c.jsonl", "v1")
+    server.fail_first = 100
+    cache = Cached(OpenAIChat("m", server.url, None, max_retries=1, timeout=5, backoff=0.01), tmp_path / "c.jsonl", "v1")
     with pytest.raises(UserError, match="failed after 2 attempts"):
         cache.generate([{"role": "user", "content": "x"}], 5)
-    _Handler.fail_first, _Handler.status = 1, 401
+    server.fail_first, server.status = 1, 401
     with pytest.raises(UserError, match="api_key_env"):
-        OpenAIChat("m", server, "bad", max_retries=3, backoff=0.01).generate([{"role": "user", "content": "x"}], 5)
+        OpenAIChat("m", server.url, "bad", max_retries=3, backoff=0.01).generate([{"role": "user", "content": "x"}], 5)
 
 
 def test_lm_scoring_is_cached(server, tmp_path):
     pos, acts, neg = planted()
     ev = Evidence(1, pos[:4], acts[:4], pos[4:], acts[4:], neg[:6])
-    cache = Cached(OpenAIChat("m", server, None, backoff=0.01), tmp_path / "c.jsonl", "v1")
+    cache = Cached(OpenAIChat("m", server.url, None, backoff=0.01), tmp_path / "c.jsonl", "v1")
     r = lm_explain_and_score(ev, cache, VOCAB, 16, seed=0)
     assert r["explanation"] == 'fires on "cat"' and r["explainer"] == "openai:m"
     assert r["detection_balanced_accuracy@1"] == 0.5  # this fake endpoint says Yes to everything
     cache.flush()
-    n = len(_Handler.calls)
-    again = Cached(OpenAIChat("m", server, None, backoff=0.01), tmp_path / "c.jsonl", "v1")
+    n = len(server.calls)
+    again = Cached(OpenAIChat("m", server.url, None, backoff=0.01), tmp_path / "c.jsonl", "v1")
     assert lm_explain_and_score(ev, again, VOCAB, 16, seed=0) == r
-    assert len(_Handler.calls) == n and again.misses == 0  # rerun: nothing sent
+    assert len(server.calls) == n and again.misses == 0  # rerun: nothing sent
 
 
 def test_local_backend_tiny_model(tiny_llama, tmp_path):

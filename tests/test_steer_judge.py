@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from fake_endpoint import FakeEndpoint, serve
 from test_steer_stage import FAST, _invoke, _sets, prepared, workspace  # noqa: F401  (module fixtures)
 
 from pipeline.autointerp.backends import Cached
@@ -132,38 +131,21 @@ def test_report_without_judge_columns_is_unchanged() -> None:
     assert rep["overall"]["summary"].startswith(plain["overall"]["summary"] + ". LLM judge:")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint answering like :class:`FakeJudge`."""
-
-    calls: list[str] = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        user = body["messages"][-1]["content"]
-        type(self).calls.append(user)
-        answer = ("Rating: [[2]]" if "concept below" in user else "**Rating**: [1]" if "instruction below" in user
-                  else "Fluent. Rating: 2")
-        data = json.dumps({"choices": [{"message": {"content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _judge_answer(body: dict) -> dict:
+    """Answers like :class:`FakeJudge`."""
+    user = body["messages"][-1]["content"]
+    answer = ("Rating: [[2]]" if "concept below" in user else "**Rating**: [1]" if "instruction below" in user
+              else "Fluent. Rating: 2")
+    return {"choices": [{"message": {"content": answer}}]}
 
 
 @pytest.fixture()
 def endpoint():
-    _Handler.calls = []
-    srv = HTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+    with serve(_judge_answer) as fake:
+        yield fake
 
 
-def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: str) -> None:  # noqa: F811
+def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpoint) -> None:  # noqa: F811
     small = FAST + ["steer.methods=[add, dim]", "steer.coefficients=[2.0]"]
     _invoke("steer", *_sets(small))
     plain_gen = Path("data/steer/generations.parquet").read_bytes()
@@ -171,19 +153,20 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: str) -> N
     plain = pl.read_parquet("data/steer/generations.parquet")
     assert "judge" not in plain_metrics and not any(c.startswith("judge") for c in plain.columns)
 
-    judged = [*small, "steer.judge=openai:fake-judge", f"interpret.base_url={endpoint}"]
+    judged = [*small, "steer.judge=openai:fake-judge", f"interpret.base_url={endpoint.url}"]
     _invoke("steer", *_sets(judged))
     gen = pl.read_parquet("data/steer/generations.parquet")
     assert gen.height == 2 * 4 * (1 + 2)  # every row judged, the unsteered reference included
     assert (gen["judge_concept"] == 2).all() and (gen["judge_instruction"] == 1).all() and (gen["judge_fluency"] == 2).all()
     assert gen["judge_hm"].to_list() == pytest.approx([1.5] * gen.height)
-    assert len(_Handler.calls) == len(set(_Handler.calls)) <= 3 * gen.height  # duplicate texts hit the cache
+    sent = [c["body"]["messages"][-1]["content"] for c in endpoint.calls]  # the user prompts the judge got
+    assert len(sent) == len(set(sent)) <= 3 * gen.height  # duplicate texts hit the cache
     m = json.loads(Path("metrics/steer.json").read_text())
     assert m["judge"]["backend"] == "openai:fake-judge" and m["judge"]["unparsed"] == 0
     assert m["judge"]["prompt_version"] == PROMPT_VERSION
     for f, concept in m["judge"]["concepts"].items():
         assert m["features"][f]["topic"] == concept  # labelled corpus: the topic, shared by all methods
-        assert any(f"Concept: {concept}" in c for c in _Handler.calls)
+        assert any(f"Concept: {concept}" in c for c in sent)
     assert m["methods"]["add"]["judge_hm"] == pytest.approx(1.5) and m["methods"]["dim"]["judge_hm"] == pytest.approx(1.5)
     assert "LLM judge" in m["overall"]["summary"] and m["overall"]["judge_sae_beats_dim"] is False  # a tie
     assert m["overall"]["judge_sae_wins_vs_dim"] == "0/2"
@@ -191,9 +174,9 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: str) -> N
     assert gen.drop("judge_concept", "judge_instruction", "judge_fluency", "judge_hm").equals(plain)
     assert Path("data/steer_cache/openai_fake-judge.jsonl").is_file()
 
-    n = len(_Handler.calls)  # a rerun answers from the cache: nothing sent
+    n = len(endpoint.calls)  # a rerun answers from the cache: nothing sent
     _invoke("steer", *_sets(judged))
-    assert len(_Handler.calls) == n
+    assert len(endpoint.calls) == n
     assert pl.read_parquet("data/steer/generations.parquet").equals(gen)
 
     # Judge off again: outputs byte for byte as before it ran.
