@@ -110,10 +110,10 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
             # Back-pressure: never hold more than a few shards of activations in memory.
             # Finished futures are collected with result() so a writer's exception (or a kill) is raised
             # here, never dropped along with the future.
-            while len([f for f in pending if not f.done()]) > spec.max_pending * len(writers):
+            pending = _collect_done(pending)
+            while len(pending) > spec.max_pending * len(writers):
                 pending[0].result()
                 pending = _collect_done(pending)
-            pending = _collect_done(pending)
         for f in pending:
             f.result()
     finally:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import UserError
-from pipeline.kernels.reference import batch_threshold, topk_sae_forward_torch
+from pipeline.kernels.reference import batch_threshold, batchtopk_width, topk_sae_forward_torch
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -102,7 +102,7 @@ def topk_sae_forward(
     if arch == "topk":
         top_idx, top_val = topk_encode(x, We, be, k, chunk, fused_encoder, b_pre)
     else:
-        k_cand = min(d_sae, 4 * k if k_max is None else k_max)
+        k_cand = batchtopk_width(k, d_sae, k_max)
         top_idx, cand_val = topk_encode(x, We, be, k_cand, chunk, fused_encoder, b_pre)  # per-row candidates
         top_val = batch_threshold(cand_val, x.shape[0] * k)
     x_hat = sparse_decode(top_idx, top_val, Wd, b_dec)

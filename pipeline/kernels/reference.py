@@ -78,6 +78,11 @@ def chunked_topk_multi(x: Tensor, W_enc: Tensor, b_enc: Tensor, selections: list
     return out
 
 
+def batchtopk_width(k: int, d_sae: int, k_max: int | None = None) -> int:
+    """Slots per row of a BatchTopK code: ``k_max`` (default ``4*k``), at most ``d_sae``."""
+    return min(d_sae, 4 * k if k_max is None else k_max)
+
+
 def batchtopk_encode_torch(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, k_max: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -91,7 +96,7 @@ def batchtopk_encode_torch(
     :returns: ``(top_idx [N, k_max], top_val [N, k_max])``; unselected slots have value 0.
     """
     N, d_sae = x.shape[0], W_enc.shape[1]
-    k_max = min(d_sae, 4 * k if k_max is None else k_max)
+    k_max = batchtopk_width(k, d_sae, k_max)
     pre = (x @ W_enc + b_enc).relu()  # [N, d_sae]
     cand_val, cand_idx = pre.topk(k_max, dim=-1, sorted=True)  # [N, k_max] per-row candidates
     return cand_idx, batch_threshold(cand_val, N * k)

@@ -62,11 +62,16 @@ class LossOutput:
             active = self.latents != 0  # [B, d_sae]
             return active.sum(0), active.sum(-1).float().mean()
         assert self.code is not None, "training_loss returned neither latents nor a sparse code"
-        idx, val = self.code
-        on = val != 0  # [B, k']
-        counts = torch.zeros(d_sae, dtype=torch.int64, device=idx.device).index_add_(
-            0, idx.flatten(), on.flatten().long())  # integer sums: order-independent, deterministic
-        return counts, on.sum(-1).float().mean()
+        return code_firing(*self.code, d_sae)
+
+
+@torch.no_grad()
+def code_firing(idx: Tensor, val: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """``(counts [d_sae] int64, l0 scalar float32)`` of a sparse code ``idx, val [B, k']`` (0 = inactive slot)."""
+    on = val != 0  # [B, k']
+    counts = torch.zeros(d_sae, dtype=torch.int64, device=idx.device).index_add_(
+        0, idx.flatten(), on.flatten().long())  # integer sums: order-independent, deterministic
+    return counts, on.sum(-1).float().mean()
 
 
 class SAE(nn.Module):
@@ -218,19 +223,16 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def _update_firing_counts(self, counts: Tensor, n_tokens: int) -> Tensor:
-        """Like ``_update_firing`` from per-latent firing ``counts [d_sae]`` over ``n_tokens`` tokens (sparse path)."""
+        """Update tokens-since-fired from per-latent firing ``counts [d_sae]`` (or a bool fired mask) over a batch
+        of ``n_tokens`` tokens; return the dead mask [d_sae]. In-place tensor ops only: no host sync."""
         self.tokens_since_fired.add_(n_tokens).masked_fill_(counts > 0, 0)
-        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+        return self._dead_mask()
 
     @torch.no_grad()
     def _update_firing(self, f: Tensor) -> Tensor:
-        """Update tokens-since-fired from this batch's latents ``f[B, d_sae]``; return dead mask [d_sae].
-
-        In-place tensor ops only: no host sync.
-        """
+        """``_update_firing_counts`` from this batch's dense latents ``f[B, d_sae]``."""
         fired = (f != 0).flatten(0, -2).any(0)  # [d_sae]
-        self.tokens_since_fired.add_(f.flatten(0, -2).shape[0]).masked_fill_(fired, 0)
-        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+        return self._update_firing_counts(fired, f.flatten(0, -2).shape[0])
 
     def _common_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, dead: Tensor) -> dict[str, Tensor]:
         return {

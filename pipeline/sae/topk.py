@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.kernels.reference import batch_threshold
+from pipeline.kernels.reference import batch_threshold, batchtopk_width
 from pipeline.sae import ops
-from pipeline.sae.base import SAE, LossOutput, register
+from pipeline.sae.base import SAE, LossOutput, code_firing, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -86,25 +86,23 @@ class TopKSAE(SAE):
             # dead than k_aux) has value ReLU(-1e30) = 0 and gradient 0, where -inf would make 0 * inf = NaN.
             push_out = torch.where(dead_before, 0.0, -1e30).to(self.b_enc.dtype)
             batch = self.arch == "batchtopk"
-            k_sel = min(self.cfg.d_sae, 4 * self.cfg.k) if batch else self.cfg.k  # batchtopk: per-row candidates
+            k_sel = batchtopk_width(self.cfg.k, self.cfg.d_sae) if batch else self.cfg.k  # batchtopk: candidates
             idx, val, aux_idx, aux_val = topk_encode_aux(
                 xs, self.W_enc.to(cdt), self.b_enc.to(cdt), k_sel, push_out, self.k_aux,
                 b_pre=self.b_dec if self.apply_b_dec else None)
             if batch:
                 val = batch_threshold(val, xs.shape[0] * self.cfg.k)
-            xs_hat = sparse_decode(idx, val, self.W_dec.to(cdt), self.b_dec)  # [B, d_in] float32
+            W_dec = self.W_dec.to(cdt)  # one cast, shared by both decodes (its gradient reaches the fp32 master)
+            xs_hat = sparse_decode(idx, val, W_dec, self.b_dec)  # [B, d_in] float32
             recon = self._recon_loss(xs, xs_hat)
-            out = LossOutput(recon, xs_hat, None, {}, (idx, val))
-            counts, l0 = out.firing(self.cfg.d_sae)
+            counts, l0 = code_firing(idx, val, self.cfg.d_sae)
             dead = self._update_firing_counts(counts, xs.shape[0])
             self._on_train_latents(val.detach())
             aux_val = torch.where(dead_before[aux_idx], aux_val, torch.zeros_like(aux_val))
-            e_hat = sparse_decode(aux_idx, aux_val, self.W_dec.to(cdt), torch.zeros_like(self.b_dec))  # float32
+            e_hat = sparse_decode(aux_idx, aux_val, W_dec, torch.zeros_like(self.b_dec))  # float32
             aux = ((xs - xs_hat).detach() - e_hat).pow(2).sum(-1).mean() * dead_before.any().float()
-        out.loss = recon + self.cfg.aux_coeff * aux
-        out.x_hat = xs_hat / self.cfg.scaling_factor
-        out.terms = {"mse": recon.detach(), "l0": l0, "dead_fraction": dead.float().mean(), "auxk": aux.detach()}
-        return out
+        terms = {"mse": recon.detach(), "l0": l0, "dead_fraction": dead.float().mean(), "auxk": aux.detach()}
+        return LossOutput(recon + self.cfg.aux_coeff * aux, xs_hat / self.cfg.scaling_factor, None, terms, (idx, val))
 
 
 @register("batchtopk")
