@@ -68,12 +68,36 @@ def topk_activation(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
 
-def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:
-    """AuxK loss (Gao et al. 2024, "Preventing dead latents" and the AuxK appendix): dead latents reconstruct the main model's residual.
+def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Gao et al. 2024's normalised MSE of ``pred[B, d]`` against ``target[B, d]``, in float32. Scalar.
 
-    ``pre[B, d_sae]`` pre-activations, ``residual[B, d_in]`` = x - x_hat (detached), ``dead[d_sae]``
+    sum_n ||target_n - pred_n||^2 / sum_n ||target_n - mean_batch(target)||^2: the squared error over the target's
+    variance around its batch mean (their code: ``normalized_mse`` in openai/sparse_autoencoder ``kernels.py``), so
+    scaling both by c leaves it unchanged. A target without variance across the batch (one token, an all-zero
+    residual, or a constant one up to float32 rounding: variance <= eps·E||target||^2) has nothing to normalise
+    by; the value is then 0, where the ratio would be 0/0 or rounding noise blown up (Gao et al. use
+    ``nan_to_num(0)``). Branch-free (``torch.where``): no host sync, and no NaN reaches the gradient.
+    """
+    pred, target = pred.float(), target.float()
+    err = (target - pred).pow(2).sum(-1).mean()
+    var = (target - target.mean(0)).pow(2).sum(-1).mean()
+    ok = var > torch.finfo(torch.float32).eps * target.pow(2).sum(-1).mean()
+    return torch.where(ok, err / torch.where(ok, var, torch.ones_like(var)), torch.zeros_like(err))
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """sum_d Var_batch(x[:, d]) of ``x[B, d]``, detached, float32: E_n ||x_n - mean_batch(x)||^2. Scalar."""
+    x = x.detach().float()
+    return (x - x.mean(0)).pow(2).sum(-1).mean()
+
+
+def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """AuxK loss (Gao et al. 2024, "Preventing dead latents" and appendix A.2): dead latents reconstruct the main model's residual.
+
+    ``pre[B, d_sae]`` pre-activations, ``residual[B, d_in]`` = e = x - x_hat (detached), ``dead[d_sae]``
     bool. The top ``k_aux`` pre-activations among dead latents decode (without bias) to e_hat and
-    the loss is ||residual - e_hat||^2 (summed over dims, mean over tokens). A fixed ``k_aux`` and a
+    the loss is ``normalized_mse(e_hat, e)``: the squared error over e's variance around its batch mean, as in
+    Gao et al.'s code, so the term does not fade as the SAE improves and e shrinks. A fixed ``k_aux`` and a
     mask instead of ``min(k_aux, n_dead)`` keeps the shapes static: no host sync. Zero when no
     latent is dead.
     """
@@ -82,8 +106,7 @@ def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, k_aux:
     vals = torch.where(dead[idx], vals, torch.zeros_like(vals)).relu()  # live picks (-inf) -> 0
     acts = torch.zeros_like(pre).scatter(-1, idx, vals)
     e_hat = acts @ W_dec  # [B, d_in]
-    loss = (residual.detach() - e_hat).float().pow(2).sum(-1).mean()
-    return loss * dead.any().float()
+    return normalized_mse(e_hat, residual.detach()) * dead.any().float()
 
 
 @torch.no_grad()

@@ -2,9 +2,11 @@
 
 topk — Gao et al. 2024, "Scaling and evaluating sparse autoencoders". "TopK activation function":
   z = ReLU(TopK(W_enc (x - b_pre))), x_hat = W_dec z + b_pre; decoder rows unit-norm with the
-  parallel gradient removed. "Preventing dead latents" (and the AuxK appendix): encoder initialised
-  as the decoder transpose; AuxK: the top k_aux dead latents model the residual, coefficient
+  parallel gradient removed. "Preventing dead latents" (and the AuxK appendix A.2): encoder initialised
+  as the decoder transpose; AuxK: the top k_aux dead latents model the residual e = x - x_hat, coefficient
   alpha = 1/32; a latent is dead after 10M tokens without firing. b_pre at the geometric median.
+  Their objective is mse_scale·mse(x_hat, x) + alpha·normalized_mse(e_hat, e), both terms normalised by a
+  variance (of the data, of e); see ``TopKSAE.aux_weight`` for the same objective in this module's units.
 
 batchtopk — Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders": during training the
   B·k largest pre-activations over the whole batch are kept (so L0 is k on average, adapting per
@@ -62,9 +64,22 @@ class TopKSAE(SAE):
         dead = self._update_firing(f)
         self._on_train_latents(f.detach())
         aux = ops.auxk_loss(pre, xs - xs_hat, self.W_dec, dead_before, self.k_aux)
-        loss = recon + self.cfg.aux_coeff * aux
+        loss = recon + self.aux_weight(xs) * aux
         terms = self._common_terms(xs, xs_hat, f, dead) | {"auxk": aux.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
+
+    def aux_weight(self, xs: Tensor) -> Tensor:
+        """The AuxK coefficient in the units of the reconstruction term, for a scaled batch ``xs[B, d_in]``. Scalar.
+
+        Gao et al. 2024 (appendix A.2 and their train.py) minimise mse_scale·mse + alpha·normalized_mse(e_hat, e),
+        with mse the mean over elements and mse_scale = 1 / the data's per-element variance: the reconstruction
+        term is the FVU. Here it is ||xs - xs_hat||^2 (summed over dims, mean over tokens) = FVU · TV(xs), with
+        TV the data's total variance; multiplying their objective by TV(xs) (a positive constant: same minimiser,
+        same balance) gives recon + alpha·TV(xs)·normalized_mse. TV is this batch's (detached), where theirs is
+        estimated once from a sample; both estimate the same number. The AuxK term itself (``terms["auxk"]``)
+        is the scale-free normalized_mse.
+        """
+        return self.cfg.aux_coeff * ops.total_variance(xs)
 
     def _on_train_latents(self, f: Tensor) -> None:
         """Hook for per-batch statistics of the training latents ``f[B, d_sae]`` (or their non-zeros)."""
@@ -100,9 +115,10 @@ class TopKSAE(SAE):
             self._on_train_latents(val.detach())
             aux_val = torch.where(dead_before[aux_idx], aux_val, torch.zeros_like(aux_val))
             e_hat = sparse_decode(aux_idx, aux_val, W_dec, torch.zeros_like(self.b_dec))  # float32
-            aux = ((xs - xs_hat).detach() - e_hat).pow(2).sum(-1).mean() * dead_before.any().float()
+            aux = ops.normalized_mse(e_hat, (xs - xs_hat).detach()) * dead_before.any().float()  # as auxk_loss
+            loss = recon + self.aux_weight(xs) * aux
         terms = {"mse": recon.detach(), "l0": l0, "dead_fraction": dead.float().mean(), "auxk": aux.detach()}
-        return LossOutput(recon + self.cfg.aux_coeff * aux, xs_hat / self.cfg.scaling_factor, None, terms, (idx, val))
+        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, None, terms, (idx, val))
 
 
 @register("batchtopk")
