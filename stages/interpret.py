@@ -68,8 +68,9 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             raise UserError(f"{sae_dir}: SAE d_in {sae.W_dec.shape[1]} does not match the activations' d_model "
                             f"{dataset.d_model} or the model's width {W_U.shape[1]}")
         if backend is None and p.explainer != "stats":
-            backend = make_backend(p.explainer, root / CACHE, base_url=p.base_url, api_key_env=p.api_key_env,
-                                   max_retries=p.max_retries, timeout=p.request_timeout, device=device)
+            llm = params.llm
+            backend = make_backend(p.explainer, root / CACHE, base_url=llm.base_url, api_key_env=llm.api_key_env,
+                                   max_retries=llm.max_retries, timeout=llm.request_timeout, device=device)
         m = interpret_hook(dataset, sae, table, lm.tokenizer, norm, W_U, cfg, root / OUT / hook, root / REPORT / hook,
                            backend=backend, device=device)
         metrics[hook] = m

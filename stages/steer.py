@@ -73,10 +73,11 @@ def command(params: Params) -> None:
     contexts = pl.read_parquet(TOKENS / "contexts.parquet")
     documents = pl.read_parquet(TOKENS / "documents.parquet")
     interp = read_interpret(INTERPRET / hook / "features.parquet")
-    # The judge talks to the endpoint configured for interpretation (one endpoint setting per project).
-    ip = params.interpret
-    judge = make_backend(p.judge, CACHE, base_url=ip.base_url, api_key_env=ip.api_key_env, max_retries=ip.max_retries,
-                         timeout=ip.request_timeout, device=str(device), version=PROMPT_VERSION, key="steer.judge")
+    # The judge talks to the endpoint interpretation uses (the shared llm section).
+    llm = params.llm
+    judge = make_backend(p.judge, CACHE, base_url=llm.base_url, api_key_env=llm.api_key_env,
+                         max_retries=llm.max_retries, timeout=llm.request_timeout, device=str(device),
+                         version=PROMPT_VERSION, key="steer.judge")
     try:
         result = evaluate_steering(lm.model, lm.tokenizer, sae, hook, contexts, documents, acts, interp, p,
                                    params.seed, bos=params.corpus.bos != "none", judge=judge)

@@ -103,7 +103,7 @@ def test_openai_backend_gives_up_with_user_error(server, tmp_path):
     with pytest.raises(UserError, match="failed after 2 attempts"):
         cache.generate([{"role": "user", "content": "x"}], 5)
     server.fail_first, server.status = 1, 401
-    with pytest.raises(UserError, match="api_key_env"):
+    with pytest.raises(UserError, match="check llm.api_key_env"):
         OpenAIChat("m", server.url, "bad", max_retries=3, backoff=0.01).generate([{"role": "user", "content": "x"}], 5)
 
 

@@ -18,9 +18,10 @@ from pipeline.params import ParamsError, load_params
 from stages.interpret import run_interpret
 
 
-def _params(world, tiny: Path, **interpret):
+def _params(world, tiny: Path, llm: dict | None = None, **interpret):
     path = world.root / "params.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": str(tiny)}, "extract": {"hooks": [world.hook]},
+                                    "llm": llm or {},
                                     "interpret": {"batch_size": 500, "encode_dtype": "float32", **interpret}}))
     return load_params(path)
 
@@ -142,8 +143,8 @@ def test_endpoint_failure_keeps_finished_features(planted, tiny_llama):
     srv = HTTPServer(("127.0.0.1", 0), _Endpoint)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        p = _params(world, tiny_llama, explainer="openai:fake", n_explain=3, max_retries=0,
-                    base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1")
+        p = _params(world, tiny_llama, explainer="openai:fake", n_explain=3,
+                    llm={"max_retries": 0, "base_url": f"http://127.0.0.1:{srv.server_address[1]}/v1"})
         _Endpoint.budget = 45  # one feature needs at most 1 + 20 + 20 calls: the second one fails
         with pytest.raises(UserError, match="failed after 1 attempts"):
             run_interpret(p, world.root)

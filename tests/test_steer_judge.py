@@ -153,7 +153,7 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpo
     plain = pl.read_parquet("data/steer/generations.parquet")
     assert "judge" not in plain_metrics and not any(c.startswith("judge") for c in plain.columns)
 
-    judged = [*small, "steer.judge=openai:fake-judge", f"interpret.base_url={endpoint.url}"]
+    judged = [*small, "steer.judge=openai:fake-judge", f"llm.base_url={endpoint.url}"]
     _invoke("steer", *_sets(judged))
     gen = pl.read_parquet("data/steer/generations.parquet")
     assert gen.height == 2 * 4 * (1 + 2)  # every row judged, the unsteered reference included

@@ -133,14 +133,14 @@ class OpenAIChat:
             except urllib.error.HTTPError as e:
                 reason = f"HTTP {e.code}"
                 if e.code in (401, 403):
-                    raise UserError(f"interpret.base_url: {self.url} refused the API key ({reason}); "
-                                    "check interpret.api_key_env") from None
+                    raise UserError(f"llm.base_url: {self.url} refused the API key ({reason}); "
+                                    "check llm.api_key_env") from None
                 if e.code not in (408, 409, 429) and e.code < 500:
-                    raise UserError(f"interpret.base_url: {self.url} rejected the request ({reason})") from None
+                    raise UserError(f"llm.base_url: {self.url} rejected the request ({reason})") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
                 reason = type(e).__name__ + (f": {e.reason}" if isinstance(e, urllib.error.URLError) else "")
             log.warning("endpoint %s: %s (attempt %d/%d)", self.url, reason, attempt + 1, self.max_retries + 1)
-        raise UserError(f"interpret.base_url: {self.url} failed after {self.max_retries + 1} attempts ({reason}); "
+        raise UserError(f"llm.base_url: {self.url} failed after {self.max_retries + 1} attempts ({reason}); "
                         "completed features are cached, rerun to resume")
 
     def generate(self, messages: Messages, max_new_tokens: int) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.params.analysis import InterpretParams, SteerParams
+from pipeline.params.analysis import InterpretParams, LLMParams, SteerParams
 from pipeline.params.core import ParamsError, describe, flatten, from_dict, knob, to_dict
 from pipeline.params.data import CorpusParams, ExtractParams, ModelParams
 from pipeline.params.sae import EvaluateParams, SAEParams, TrainParams
@@ -29,6 +29,7 @@ class Params:
     sae: SAEParams = knob(factory=SAEParams, help="SAE architecture.")
     train: TrainParams = knob(factory=TrainParams, help="SAE training loop.")
     evaluate: EvaluateParams = knob(factory=EvaluateParams, help="SAE evaluation.")
+    llm: LLMParams = knob(factory=LLMParams, help="OpenAI-compatible LLM endpoint of the openai: backends (interpret, steer).")
     interpret: InterpretParams = knob(factory=InterpretParams, help="Feature interpretation.")
     steer: SteerParams = knob(factory=SteerParams, help="Causal steering evaluation.")
     tracking: TrackingParams = knob(factory=TrackingParams, help="MLflow tracking.")

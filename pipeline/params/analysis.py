@@ -1,4 +1,4 @@
-"""Params of the analysis stages: interpretation and steering. (Owned by the interpret/steer work.)"""
+"""Params of the analysis stages: interpretation, steering and the LLM endpoint they share."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ def check_backend(spec: str, key: str, off: str) -> None:
     kind, _, model = spec.partition(":")
     if spec != off and (kind not in ("local", "openai") or not model):
         raise ParamsError(f"{key}: {spec!r} is not allowed (allowed: '{off}', 'local:<model>', 'openai:<model>')")
+
+
+@dataclass
+class LLMParams:
+    """The OpenAI-compatible endpoint of every ``openai:<model>`` backend: the interpret stage's explainer
+    and scorer (``interpret.explainer``) and the steer stage's judge (``steer.judge``). One section, so
+    both stages (and their DVC params) follow one setting."""
+
+    base_url: str = knob("http://localhost:8000/v1", help="Base URL of the OpenAI-compatible endpoint (openai: backends of interpret.explainer and steer.judge).")
+    api_key_env: str = knob("OPENAI_API_KEY", help="Environment variable holding the endpoint's API key (may be unset for local servers).")
+    max_retries: int = knob(5, help="Retries per endpoint request (exponential backoff) before giving up.", ge=0)
+    request_timeout: float = knob(60.0, help="Seconds per endpoint request.", gt=0)
 
 
 @dataclass
@@ -34,12 +46,8 @@ class InterpretParams:
     n_neighbours: int = knob(10, help="Nearest features (decoder cosine) and co-occurring features kept per feature.", ge=1)
     cooc_per_token: int = knob(16, help="Co-occurrence is counted among this many strongest active features of each token (bounded work per token).", ge=2)
     cooc_max_features: int = knob(16384, help="Skip co-occurrence above this d_sae (its matrix is d_sae^2 int32).", ge=1)
-    explainer: str = knob("stats", help="Explainer backend: 'stats' (no LM), 'local:<model>' (transformers chat model, e.g. local:smollm2-135m) or 'openai:<model>' (OpenAI-compatible endpoint).")
+    explainer: str = knob("stats", help="Explainer backend: 'stats' (no LM), 'local:<model>' (transformers chat model, e.g. local:smollm2-135m) or 'openai:<model>' (the OpenAI-compatible endpoint of the llm section).")
     n_explain: int = knob(16, help="Features explained and scored by an LM backend (seeded random alive features); 'stats' explains all.", ge=0)
-    base_url: str = knob("http://localhost:8000/v1", help="Base URL of the OpenAI-compatible endpoint (openai: explainer).")
-    api_key_env: str = knob("OPENAI_API_KEY", help="Environment variable holding the endpoint's API key (may be unset for local servers).")
-    max_retries: int = knob(5, help="Retries per endpoint request (exponential backoff) before giving up.", ge=0)
-    request_timeout: float = knob(60.0, help="Seconds per endpoint request.", gt=0)
     max_new_tokens: int = knob(48, help="Tokens generated per LM explanation.", ge=1)
 
     def check(self, prefix: str) -> None:
@@ -85,9 +93,9 @@ class SteerParams:
     min_firing: int = knob(8, help="Minimum firing tokens for a feature to be chosen automatically.", ge=1)
     judge: str = knob(
         "none", help="LLM judge of every generation (AxBench, Wu et al. 2025): 'none', 'local:<model>' "
-        "(transformers chat model) or 'openai:<model>' (the endpoint of interpret.base_url, api_key_env, "
-        "max_retries, request_timeout). Rates concept, instruction and fluency 0-2 and reports their harmonic "
-        "mean next to hm@1; off by default (a tiny local model is a weak judge).")
+        "(transformers chat model) or 'openai:<model>' (the endpoint of the llm section). Rates concept, "
+        "instruction and fluency 0-2 and reports their harmonic mean next to hm@1; off by default (a tiny "
+        "local model is a weak judge).")
 
     def check(self, prefix: str) -> None:
         if not self.coefficients:
