@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.interpret.synthetic import TOKEN_FEATURE, write_planted_world
 from pipeline.params import load_params
+from pipeline.testing import default_params, write_params
 from stages.interpret import run_interpret
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,8 +34,8 @@ def browse(url: str, profile: Path) -> tuple[str, list[str]]:
 def dashboard(tmp_path_factory, tiny_llama):
     world = write_planted_world(tmp_path_factory.mktemp("dash"), tiny_llama)
     path = world.root / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name": str(tiny_llama)}, "extract": {"hooks": [world.hook]},
-                                    "interpret": {"encode_dtype": "float32"}}))
+    write_params(path, default_params(model={"name": str(tiny_llama)}, extract={"hooks": [world.hook]},
+                                      interpret={"encode_dtype": "float32"}))
     run_interpret(load_params(path), world.root)
     return world, world.root / "reports" / "features"
 

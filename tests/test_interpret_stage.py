@@ -10,19 +10,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import yaml
 
 from pipeline.errors import UserError
 from pipeline.interpret.synthetic import TOKEN_FEATURE, TOPIC_FEATURE, write_planted_world
 from pipeline.params import ParamsError, load_params
+from pipeline.testing import default_params, write_params
 from stages.interpret import run_interpret
 
 
 def _params(world, tiny: Path, llm: dict | None = None, **interpret):
     path = world.root / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name": str(tiny)}, "extract": {"hooks": [world.hook]},
-                                    "llm": llm or {},
-                                    "interpret": {"batch_size": 500, "encode_dtype": "float32", **interpret}}))
+    write_params(path, default_params(model={"name": str(tiny)}, extract={"hooks": [world.hook]}, llm=llm or {},
+                                      interpret={"batch_size": 500, "encode_dtype": "float32", **interpret}))
     return load_params(path)
 
 

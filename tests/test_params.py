@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pipeline.params import Params, ParamsError, apply_overrides, describe, flatten, load_params, to_dict
+from pipeline.testing import default_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,11 +68,58 @@ def test_overrides_parse_yaml_values() -> None:
     assert data == {"train": {"lr": 1e-3}, "extract": {"hooks": ["embed", "layers.0.mlp_out"]}, "model": {"name": "gpt2"}}
 
 
+def _full(tmp_path: Path, drop: tuple[str, ...] = (), **sections: object) -> Path:
+    """A complete params file (schema defaults + ``sections``) with the dotted keys in ``drop`` deleted."""
+    data = default_params(**sections)
+    for key in drop:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        del node[leaf]
+    return _write(tmp_path, yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    ("drop", "expected"),
+    [
+        (("train.lr",), "missing keys: train.lr ("),
+        (("train.lr", "train.betas", "seed"), "missing keys: seed, train.lr, train.betas ("),
+        (("interpret",), "missing keys: interpret (whole section) ("),
+        (("steer.hook", "report"), "missing keys: steer.hook, report (whole section) ("),
+    ],
+)
+def test_params_file_missing_keys_names_them_in_one_line(tmp_path: Path, drop: tuple[str, ...], expected: str) -> None:
+    # A defaulted key is invisible to DVC (it tracks only keys params.yaml lists): reject, do not default.
+    with pytest.raises(ParamsError) as err:
+        load_params(_full(tmp_path, drop))
+    msg = str(err.value)
+    assert expected in msg and "docs/params.md" in msg and "\n" not in msg
+    # --set changes values; it does not complete a file.
+    with pytest.raises(ParamsError, match="missing keys"):
+        load_params(_full(tmp_path, drop), ["train.lr=0.001"])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_params_file_says_so(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_params(_write(tmp_path, text))
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'params.yaml'}: empty (expected every section: seed, model, ")
+    assert "\n" not in msg
+
+
+def test_complete_file_with_nulls_and_overrides_loads(tmp_path: Path) -> None:
+    # A nullable knob set to null is listed, so present; overrides apply on top of a complete file.
+    p = load_params(_full(tmp_path, steer={"hook": None}, train={"grad_clip": None}), ["train.lr=1e-3", "seed=3"])
+    assert p.steer.hook is None and p.train.grad_clip is None and p.train.lr == 1e-3 and p.seed == 3
+
+
 def test_ints_widen_to_float_but_bools_are_not_ints(tmp_path: Path) -> None:
-    p = load_params(_write(tmp_path, "train:\n  lr: 1\n"))
+    p = load_params(_full(tmp_path, train={"lr": 1}))
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
     with pytest.raises(ParamsError, match="seed: True has the wrong type"):
-        load_params(_write(tmp_path, "seed: true\n"))
+        load_params(_full(tmp_path, seed=True))
 
 
 def test_docs_params_md_is_in_sync() -> None:

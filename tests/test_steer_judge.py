@@ -22,6 +22,7 @@ from pipeline.steering.judge import (
     parse_rating,
 )
 from pipeline.steering.summary import choose_and_report
+from pipeline.testing import default_params, write_params
 from stages.cli import main
 
 
@@ -109,7 +110,7 @@ def test_judge_calls_are_cached_per_prompt_version(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", ["stats", "gpt-4", "'local:'", "'openai:'", "remote:m"])
 def test_bad_judge_param_is_one_line_naming_the_key(tmp_path: Path, value: str) -> None:
     p = tmp_path / "params.yaml"
-    p.write_text("seed: 0\n")
+    write_params(p, default_params())
     with pytest.raises(ParamsError) as err:
         load_params(p, [f"steer.judge={value}"])
     assert "steer.judge:" in str(err.value) and "not allowed" in str(err.value) and "\n" not in str(err.value)

@@ -111,7 +111,7 @@ def test_one_run_with_params_metrics_curves_tags_artifacts(tmp_path: Path, monke
     assert {"report/summary.html", "report/summary.md", "metrics/evaluate.json", f"sae/{HOOK}/cfg.json"} <= listed
 
     # A second execution is a second run, and the first one is on its frontier; a modified tracked file marks it dirty.
-    (ws / "params.yaml").write_text((ws / "params.yaml").read_text() + "seed: 1\n")
+    (ws / "params.yaml").write_text((ws / "params.yaml").read_text().replace("\nseed: 0\n", "\nseed: 1\n"))
     run_stage(ws, monkeypatch, "tracking.experiment=one-run")
     second = [r for r in runs(store, "one-run") if r.info.run_id != run.info.run_id]
     assert len(second) == 1 and second[0].data.tags["git.dirty"] == "true"

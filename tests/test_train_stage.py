@@ -68,6 +68,23 @@ def test_train_stage_writes_declared_outputs(workspace: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), again.state_dict().values(), strict=True))
 
 
+def test_params_file_missing_a_key_stops_before_training(workspace: Path) -> None:
+    # Before: a deleted train.lr trained silently with the schema default, invisible to DVC.
+    from stages.train import command
+
+    data = yaml.safe_load(Path("params.yaml").read_text())
+    del data["train"]["lr"]
+    Path("params.yaml").write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(command, [])
+    assert res.exit_code == 2
+    line = res.output.strip()
+    assert line.startswith("error: params.yaml: missing keys: train.lr (") and "\n" not in line, res.output
+    assert not Path("models/sae").exists() and not Path("metrics/train.json").exists()
+    Path("params.yaml").write_text("")
+    res = CliRunner().invoke(command, [])
+    assert res.exit_code == 2 and res.output.startswith("error: params.yaml: empty (expected every section: "), res.output
+
+
 def test_changed_params_on_resume_is_one_line_error(workspace: Path) -> None:
     from pipeline.activations import open_activations
     from pipeline.train import train_sae

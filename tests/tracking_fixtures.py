@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.testing import default_params
+
 HOOK = "layers.1.resid_post"
 CURVE = [(0, 1.0, 100.0, 0.9, 0.0), (10, 0.7, 50.0, 0.5, 0.1), (20, 0.5, 32.0, 0.3, 0.05)]
 METRICS = {
@@ -34,7 +36,10 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def minimal_params(root: Path, **sections: dict) -> Path:
-    data = {"extract": {"hooks": [HOOK]}, "train": {"lr": 0.0005}, **sections}
+    """A complete params file (load_params rejects missing keys): defaults, this hook, ``sections`` on top."""
+    data = default_params(extract={"hooks": [HOOK]}, train={"lr": 0.0005})
+    for name, values in sections.items():
+        data[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(data))
     return root / "params.yaml"
 

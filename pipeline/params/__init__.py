@@ -5,14 +5,14 @@ Stages call :func:`load_params`; the library below never reads ``params.yaml`` i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.params.analysis import InterpretParams, LLMParams, SteerParams
-from pipeline.params.core import ParamsError, describe, flatten, from_dict, knob, to_dict
+from pipeline.params.core import ParamsError, describe, flatten, from_dict, knob, missing_keys, to_dict
 from pipeline.params.data import CorpusParams, ExtractParams, ModelParams
 from pipeline.params.sae import EvaluateParams, SAEParams, TrainParams
 from pipeline.params.tracking import ReportParams, TrackingParams
@@ -63,17 +63,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read, override and validate params; raise :class:`ParamsError` on any user mistake."""
+    """Read, override and validate params; raise :class:`ParamsError` on any user mistake.
+
+    The file must list every key of the schema (``null`` counts as listed): DVC tracks only the
+    keys ``params.yaml`` holds, so a key silently defaulted would change results without DVC
+    seeing it. Bad values are reported first (they name the key precisely, e.g. a misspelt key),
+    then missing keys, all in one line. ``overrides`` change values; they do not complete a file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ParamsError(f"{path}: not valid YAML{where}") from None
+    if data is None or data == {}:
+        sections = ", ".join(f.name for f in fields(Params))
+        raise ParamsError(f"{path}: empty (expected every section: {sections}; see docs/params.md)")
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
+    missing = missing_keys(Params, data)
     apply_overrides(data, list(overrides))
-    return from_dict(Params, data)
+    params = from_dict(Params, data)
+    if missing:
+        raise ParamsError(f"{path}: missing keys: {', '.join(missing)} (every key must be listed so DVC tracks it; "
+                          "see docs/params.md for each key's default)")
+    return params

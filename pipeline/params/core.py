@@ -153,6 +153,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     return obj
 
 
+def missing_keys(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of schema ``cls`` absent from ``data``, in schema order; a wholly absent section
+    is named once (``"train (whole section)"``). A key present with value ``null`` is present.
+    A non-mapping where a section belongs is left to :func:`from_dict`, which names it.
+
+    :func:`from_dict` fills absent keys with defaults (convenient in code); a params *file* must not
+    rely on that, since DVC only tracks the keys the file lists.
+    """
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data:
+            out.append(f"{key} (whole section)" if dataclasses.is_dataclass(hints[f.name]) else key)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(data[f.name], Mapping):
+            out.extend(missing_keys(hints[f.name], data[f.name], key))
+    return out
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclass tree → plain dict (for logging, hashing, writing back to YAML)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

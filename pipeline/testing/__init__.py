@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 TOPICS = ("music", "cooking", "astronomy")
 _TOPIC_WORDS = {
@@ -93,23 +94,33 @@ def tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, n_layers: int 
     return out_dir
 
 
-def tiny_params(model_dir: Path, corpus: Path, hooks: list[str] | None = None, **sections: dict) -> dict:
-    """A complete params dict (every knob, as DVC wants) that runs the pipeline on a tiny model in seconds.
-
-    Starts from the schema's defaults and overrides what makes it tiny; ``sections`` deep-merge on top,
-    e.g. ``tiny_params(m, c, train={"lr": 1e-3})``.
-    """
+def default_params(**sections: Any) -> dict:
+    """A complete params dict (every knob, as ``load_params`` and DVC want): the schema's defaults with
+    ``sections`` merged on top, e.g. ``default_params(seed=1, train={"lr": 1e-3})``."""
     from pipeline.params import Params, to_dict
 
     params = to_dict(Params())
-    tiny = {
-        "model": {"name": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "corpus": {"source": str(corpus), "context_length": 32, "n_tokens": 32 * 40, "validation_fraction": 0.2},
-        "extract": {"hooks": hooks or ["layers.1.resid_post"], "batch_size": 4, "contexts_per_shard": 8},
-    }
-    for overrides in (tiny, sections):
-        for section, values in overrides.items():
+    for section, values in sections.items():
+        if isinstance(values, dict):
             params[section].update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def tiny_params(model_dir: Path, corpus: Path, hooks: list[str] | None = None, **sections: dict) -> dict:
+    """A complete params dict that runs the pipeline on a tiny model in seconds.
+
+    Starts from the schema's defaults and overrides what makes it tiny; ``sections`` merge on top,
+    e.g. ``tiny_params(m, c, train={"lr": 1e-3})``.
+    """
+    params = default_params(
+        model={"name": str(model_dir), "dtype": "float32", "device": "cpu"},
+        corpus={"source": str(corpus), "context_length": 32, "n_tokens": 32 * 40, "validation_fraction": 0.2},
+        extract={"hooks": hooks or ["layers.1.resid_post"], "batch_size": 4, "contexts_per_shard": 8},
+    )
+    for section, values in sections.items():
+        params[section].update(values)
     return params
 
 
