@@ -3,11 +3,18 @@
 Metric definitions live in :mod:`pipeline.metrics` (versioned names such as ``fvu@2``); this module
 only streams batches through the SAE into those accumulators, so any dataset size fits in memory.
 The downstream (spliced-model) metrics are in :mod:`pipeline.splice`.
+
+Given ``special_ids`` (the stage passes the tokenizer's BOS/EOS/PAD ids when
+``evaluate.exclude_special_tokens`` is on), rows whose ``token_id`` is special are left out of every
+metric and of the density histogram, and the metrics carry their special-excluded names (``fvu@3``,
+``l0@2``, ...); the all-token :data:`pipeline.metrics.ALL_TOKEN_REFERENCE` values come alongside.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,42 +23,80 @@ import torch
 
 from pipeline import metrics
 from pipeline.activations import ActivationDataset
+from pipeline.errors import UserError
 from pipeline.sae import SAE
 
 # Feature-density histogram: fixed log10(firing frequency) bin edges so runs are comparable.
 DENSITY_EDGES = np.round(np.arange(-7.0, 0.0001, 0.25), 2)  # 28 bins from 1e-7 to 1
 
 
+@dataclass
+class ReconstructionPass:
+    """Accumulators of one pass. ``recon``/``firing`` see the rows that count: every row, or the
+    non-special ones when special ids were given; then ``recon_all``/``firing_all`` see every row."""
+
+    recon: metrics.ReconstructionAccumulator
+    firing: metrics.FiringAccumulator
+    recon_all: metrics.ReconstructionAccumulator | None = None
+    firing_all: metrics.FiringAccumulator | None = None
+
+    @property
+    def n_special(self) -> int:
+        """Rows excluded as special tokens."""
+        return self.firing_all.n - self.firing.n if self.firing_all is not None else 0
+
+    def result(self) -> dict[str, float]:
+        """Versioned metrics + ``n_tokens`` (rows they average over) [+ ``n_special_tokens``]."""
+        out = {**self.recon.result(), **self.firing.result()}
+        if self.recon_all is None or self.firing_all is None:
+            return {**out, "n_tokens": self.firing.n}
+        every = {**self.recon_all.result(), **self.firing_all.result()}
+        return {**metrics.excluding_special(out), "n_tokens": self.firing.n, "n_special_tokens": self.n_special,
+                **{k: every[k] for k in metrics.ALL_TOKEN_REFERENCE if k in every}}
+
+
 @torch.no_grad()
 def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | None = None, batch_size: int = 4096,
-                        device: str | torch.device = "cpu"
-                        ) -> tuple[metrics.ReconstructionAccumulator, metrics.FiringAccumulator]:
-    """Stream the first ``n_tokens`` (all if None) of ``dataset`` in storage order through ``sae``."""
+                        device: str | torch.device = "cpu", special_ids: Collection[int] = ()) -> ReconstructionPass:
+    """Stream the first ``n_tokens`` rows (all if None; special rows count towards the limit) of
+    ``dataset`` in storage order through ``sae``; rows whose token id is in ``special_ids`` are excluded."""
     device = torch.device(device)
     was_training = sae.training
     sae.eval()
-    recon = metrics.ReconstructionAccumulator(dataset.d_model, device)
-    firing = metrics.FiringAccumulator(sae.cfg.d_sae, device)
+    out = ReconstructionPass(metrics.ReconstructionAccumulator(dataset.d_model, device),
+                             metrics.FiringAccumulator(sae.cfg.d_sae, device))
+    if special_ids:
+        out.recon_all = metrics.ReconstructionAccumulator(dataset.d_model, device)
+        out.firing_all = metrics.FiringAccumulator(sae.cfg.d_sae, device)
     seen = 0
     limit = n_tokens if n_tokens is not None else dataset.n_tokens
     for batch in dataset.iter_batches(batch_size, shuffle=False, device=device, dtype=torch.float32):
         x = batch.acts[: limit - seen]  # [B, d_model]
         f = sae.encode(x)  # [B, d_sae]
         x_hat = sae.decode(f)  # [B, d_model]
-        recon.update(x, x_hat)
-        firing.update(f)
         seen += x.shape[0]
+        if out.recon_all is not None and out.firing_all is not None:
+            out.recon_all.update(x, x_hat)
+            out.firing_all.update(f)
+            keep = ~metrics.special_mask(batch.token_id[: x.shape[0]], special_ids)  # [B]
+            x, x_hat, f = x[keep], x_hat[keep], f[keep]
+        out.recon.update(x, x_hat)
+        out.firing.update(f)
         if seen >= limit:
             break
     sae.train(was_training)
-    return recon, firing
+    if special_ids and out.firing.n == 0 and out.n_special > 0:
+        raise UserError(f"{dataset.root}: all {out.n_special} rows read have a special token id "
+                        f"({sorted(special_ids)}); were the activations written without token ids? "
+                        "Set evaluate.exclude_special_tokens: false to evaluate them anyway")
+    return out
 
 
 def reconstruction_metrics(sae: SAE, dataset: ActivationDataset, n_tokens: int | None = None, batch_size: int = 4096,
-                           device: str | torch.device = "cpu") -> dict[str, float]:
-    """``mse@1, nmse@1, fvu@2, shrinkage@1, l0@1, l1@1, dead_fraction@1, dense_fraction@1`` + ``n_tokens``."""
-    recon, firing = reconstruction_pass(sae, dataset, n_tokens, batch_size, device)
-    return {**recon.result(), **firing.result(), "n_tokens": firing.n}
+                           device: str | torch.device = "cpu", special_ids: Collection[int] = ()) -> dict[str, float]:
+    """``mse@1, nmse@1, fvu@2, shrinkage@1, l0@1, l1@1, dead_fraction@1, dense_fraction@1`` + ``n_tokens``
+    (with ``special_ids``: their special-excluded versions, ``n_special_tokens`` and the all-token reference)."""
+    return reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids).result()
 
 
 def density_histogram(frequencies: torch.Tensor) -> list[dict[str, Any]]:
@@ -67,11 +112,11 @@ def density_histogram(frequencies: torch.Tensor) -> list[dict[str, Any]]:
 
 
 def evaluate_reconstruction(sae: SAE, dataset: ActivationDataset, n_tokens: int | None, batch_size: int,
-                            device: str | torch.device) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Reconstruction/sparsity metrics and the feature-density histogram of one SAE."""
-    recon, firing = reconstruction_pass(sae, dataset, n_tokens, batch_size, device)
-    out = {**recon.result(), **firing.result(), "n_tokens": firing.n}
-    return out, density_histogram(firing.frequencies())
+                            device: str | torch.device, special_ids: Collection[int] = ()
+                            ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Reconstruction/sparsity metrics and the feature-density histogram (of the rows that count) of one SAE."""
+    p = reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids)
+    return p.result(), density_histogram(p.firing.frequencies())
 
 
 def write_density_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -86,5 +131,5 @@ def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-__all__ = ["reconstruction_metrics", "reconstruction_pass", "evaluate_reconstruction", "density_histogram",
+__all__ = ["ReconstructionPass", "reconstruction_metrics", "reconstruction_pass", "evaluate_reconstruction", "density_histogram",
            "write_density_csv", "finite_or_none", "DENSITY_EDGES"]

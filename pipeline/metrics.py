@@ -28,11 +28,28 @@ Definitions:
 - ``delta_lm_loss@1``: CE_sae - CE_clean (nats/token).
 - ``mmcs@1``: mean over rows of A of the max cosine similarity with any row of B (mean max cosine
   similarity; Sharkey et al. 2022, "Taking features out of superposition with sparse autoencoders").
+
+Special tokens excluded (``evaluate.exclude_special_tokens: true``, the default; SAEBench's core
+evaluation does the same with ``exclude_special_tokens_from_reconstruction``). BOS/EOS/PAD positions
+carry activations unlike any text token (BOS is an attention sink with massive activations, Xiao et
+al. 2023, Sun et al. 2024; at position 0 it is the same vector in every context), so they can
+dominate the total variance and flatter or ruin FVU depending on whether the SAE spends latents on
+them. A different token set is a different definition, so each name bumps its version
+(:data:`EXCLUDING_SPECIAL`); with the option off, the names above are produced unchanged.
+
+- ``mse@2, nmse@2, fvu@3, shrinkage@2, l0@2, l1@2, dead_fraction@2, dense_fraction@2``: the
+  definitions of ``mse@1 ... dense_fraction@1`` over the activation rows whose token is not special.
+- ``ce_loss_recovered@2, kl_div@2, delta_lm_loss@2, ce_clean@2, ce_sae@2, ce_zero_ablation@2``: the
+  SAE replaces the hook's output only at non-special positions (special positions keep the original
+  activation), the zero-ablation baseline zeroes only those same positions, and only predictions
+  made at non-special positions are averaged. (SAEBench zeroes every position in the baseline, BOS
+  included; here both edited forwards lose the same positions, so the ratio compares like with like.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +72,28 @@ CE_SAE = "ce_sae@1"  # ... with the SAE reconstruction spliced in at the hook
 CE_ZERO_ABLATION = "ce_zero_ablation@1"  # ... with the hook output zeroed
 
 DENSE_THRESHOLD = 0.1  # dense_fraction@1: fires on more than 10% of tokens
+
+# All-token name -> the same definition over non-special tokens (see the module docstring).
+EXCLUDING_SPECIAL = {
+    MSE: "mse@2", NMSE: "nmse@2", FVU: "fvu@3", SHRINKAGE: "shrinkage@2",
+    L0: "l0@2", L1: "l1@2", DEAD_FRACTION: "dead_fraction@2", DENSE_FRACTION: "dense_fraction@2",
+    CE_LOSS_RECOVERED: "ce_loss_recovered@2", KL_DIV: "kl_div@2", DELTA_LM_LOSS: "delta_lm_loss@2",
+    CE_CLEAN: "ce_clean@2", CE_SAE: "ce_sae@2", CE_ZERO_ABLATION: "ce_zero_ablation@2",
+}
+# All-token values still reported when special tokens are excluded: the headline triple and KL,
+# so every run shows what the exclusion changes and stays comparable with runs made without it.
+ALL_TOKEN_REFERENCE = (L0, FVU, CE_LOSS_RECOVERED, KL_DIV)
+
+
+def excluding_special(values: dict[str, float]) -> dict[str, float]:
+    """Rename all-token metric names to their special-tokens-excluded versions (others unchanged)."""
+    return {EXCLUDING_SPECIAL.get(k, k): v for k, v in values.items()}
+
+
+def special_mask(token_ids: Tensor, special_ids: Collection[int]) -> Tensor:
+    """``token_ids [...]`` int -> bool ``[...]``, True where the token id is in ``special_ids``."""
+    ids = torch.tensor(sorted(special_ids), dtype=token_ids.dtype, device=token_ids.device)
+    return torch.isin(token_ids, ids)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -164,6 +203,8 @@ class ReconstructionAccumulator:
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor) -> None:
         x, x_hat = _flat(x), _flat(x_hat)
+        if x.shape[0] == 0:  # e.g. a batch of special tokens only: its mean would poison the shift
+            return
         if self.shift is None:
             self.shift = x.mean(0)
         y = x - self.shift

@@ -42,6 +42,14 @@ def _special_id(tokenizer, which: str) -> int | None:
     return int(tid) if tid is not None else None
 
 
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """The ids evaluation leaves out (``evaluate.exclude_special_tokens``): BOS, EOS and PAD, the set
+    SAEBench's core evaluation ignores. These are the only special tokens this module inserts (BOS by
+    ``corpus.bos``, EOS between documents); other added tokens (chat markers, ...) only occur where
+    the text itself contains them, and count as text."""
+    return frozenset(t for t in (_special_id(tokenizer, w) for w in ("bos", "eos", "pad")) if t is not None)
+
+
 def build_contexts(docs: Iterable[Document], tokenizer, spec: ContextSpec,
                    max_documents: int | None = None) -> tuple[pa.Table, pa.Table]:
     """Return (contexts, documents) tables.

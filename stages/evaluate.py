@@ -2,7 +2,9 @@
 
 Reads ``models/sae/<hook>/``, ``data/activations/validation/<hook>/`` and (for the downstream
 metrics) ``data/tokens/contexts.parquet``; writes ``metrics/evaluate.json`` as
-``{hook: {"fvu@2": ..., "ce_loss_recovered@1": ..., ...}}`` and ``plots/evaluate/density_<hook>.csv``.
+``{hook: {"fvu@3": ..., "ce_loss_recovered@2": ..., ...}}`` and ``plots/evaluate/density_<hook>.csv``.
+With ``evaluate.exclude_special_tokens`` (default) the model's tokenizer supplies the BOS/EOS/PAD
+ids left out (:func:`pipeline.tokens.special_token_ids`); off, the all-token names (``fvu@2``, ...).
 """
 
 from __future__ import annotations
@@ -36,12 +38,23 @@ def command(params: Params) -> None:
 
     ev = params.evaluate
     device = resolve_device(ev.device, "evaluate.device")
-    model, contexts = None, None
+    model, contexts, tokenizer = None, None, None
     if ev.n_splice_contexts > 0:
         from pipeline.models import load_model
 
         contexts = validation_contexts(CONTEXTS, ev.n_splice_contexts).to(device)
-        model = load_model(params.model.name, params.model.revision, params.model.dtype, str(device)).model
+        loaded = load_model(params.model.name, params.model.revision, params.model.dtype, str(device))
+        model, tokenizer = loaded.model, loaded.tokenizer
+    special: frozenset[int] = frozenset()
+    if ev.exclude_special_tokens:
+        from pipeline.models import load_tokenizer
+        from pipeline.tokens import special_token_ids
+
+        special = special_token_ids(tokenizer if tokenizer is not None else load_tokenizer(params.model.name, params.model.revision))
+        if special:
+            log.info("excluding special token ids %s from the metrics", sorted(special))
+        else:
+            log.warning("the tokenizer has no BOS/EOS/PAD id: nothing to exclude, all-token metrics reported")
 
     results: dict[str, Any] = {}
     for hook in params.extract.hooks:
@@ -49,11 +62,11 @@ def command(params: Params) -> None:
         ds = open_activations(VALIDATION / hook)
         if ds.d_model != sae.cfg.d_in:
             raise UserError(f"{ds.root}: d_model {ds.d_model} does not match the SAE's d_in {sae.cfg.d_in}")
-        m, hist = evaluate_reconstruction(sae, ds, ev.n_tokens, ev.batch_size, device)
+        m, hist = evaluate_reconstruction(sae, ds, ev.n_tokens, ev.batch_size, device, special)
         write_density_csv(PLOTS / f"density_{hook}.csv", hist)
         if model is not None and contexts is not None:
             with torch.no_grad():
-                m.update(splice_metrics(model, hook, sae, contexts, ev.splice_batch_size))
+                m.update(splice_metrics(model, hook, sae, contexts, ev.splice_batch_size, special))
             m["n_splice_contexts"] = int(contexts.shape[0])
         results[hook] = finite_or_none(m)
         log.info("%s: %s", hook, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))

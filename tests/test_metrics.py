@@ -23,6 +23,18 @@ def test_names_are_versioned() -> None:
              M.CE_LOSS_RECOVERED, M.KL_DIV, M.DELTA_LM_LOSS, M.MMCS]
     assert all("@" in n and n.split("@")[1].isdigit() for n in names)
     assert M.FVU == "fvu@2"
+    # Excluding special tokens changes the token set, so each name keeps its base and bumps its version.
+    for old, new in M.EXCLUDING_SPECIAL.items():
+        (b0, v0), (b1, v1) = old.split("@"), new.split("@")
+        assert b0 == b1 and int(v1) == int(v0) + 1, (old, new)
+    assert M.EXCLUDING_SPECIAL[M.FVU] == "fvu@3" and set(M.ALL_TOKEN_REFERENCE) <= set(M.EXCLUDING_SPECIAL)
+    assert M.excluding_special({M.FVU: 0.5, "n_tokens": 3}) == {"fvu@3": 0.5, "n_tokens": 3}
+
+
+def test_special_mask() -> None:
+    ids = torch.tensor([[0, 5, 1], [7, 0, 2]])
+    assert M.special_mask(ids, {0, 2}).tolist() == [[True, False, False], [False, True, True]]
+    assert not M.special_mask(ids, {99}).any()
 
 
 def test_reconstruction_metrics_by_hand() -> None:
@@ -87,6 +99,15 @@ def test_reconstruction_accumulator_streams_exactly() -> None:
         acc.update(a, b)
     assert acc.result()[M.FVU] == pytest.approx(M.fvu(x, x_hat), rel=1e-9)
     assert acc.result()[M.FVU] == pytest.approx(0.01, rel=0.1)  # noise variance 0.01 / unit variance
+
+
+def test_reconstruction_accumulator_skips_empty_batches() -> None:
+    # Excluding special tokens can leave a batch with no rows (e.g. a lone BOS); its mean must not
+    # become the shift (NaN would poison every sum).
+    acc = M.ReconstructionAccumulator(2)
+    acc.update(X[:0], X_HAT[:0])
+    acc.update(X, X_HAT)
+    assert acc.result()[M.FVU] == pytest.approx(2 / 34) and acc.n == 2
 
 
 def test_firing_accumulator() -> None:

@@ -14,7 +14,7 @@ from pipeline.report import build_document, gather
 from pipeline.report.document import Document, Image, Table, to_html, to_markdown
 from pipeline.report.inputs import top_features
 from pipeline.report.plots import curves_png, frontier_png
-from pipeline.report.sections import definition, fmt
+from pipeline.report.sections import DEFINITIONS, definition, fmt
 from pipeline.tracking import RunPoint
 from stages.report import command as report_command
 
@@ -125,5 +125,13 @@ def test_frontier_and_curves_plots() -> None:
 
 def test_definitions_and_formatting() -> None:
     assert "variance" in definition("fvu@2") and definition("l0@1").startswith("Mean number of active")
-    assert definition("fvu_v3") == definition("fvu@2") and definition("unknown@1") == ""
+    assert definition("fvu_v9") == DEFINITIONS["fvu"] and definition("unknown@1") == ""
+    assert "not BOS/EOS/PAD" in definition("fvu@3") and "BOS/EOS/PAD included" in definition("fvu_v2")
+
+
+def test_both_special_token_variants_are_defined() -> None:
+    from pipeline import metrics
+
+    for old, new in metrics.EXCLUDING_SPECIAL.items():
+        assert old in DEFINITIONS and new in DEFINITIONS and DEFINITIONS[old] != DEFINITIONS[new], (old, new)
     assert fmt(12800.0) == "12800" and fmt(0.123456) == "0.1235" and fmt(None) == "—" and fmt(float("nan")) == "nan"

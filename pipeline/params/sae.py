@@ -73,8 +73,13 @@ class TrainParams:
 class EvaluateParams:
     """SAE evaluation (``sae evaluate``) on the validation split."""
 
-    n_tokens: int | None = knob(None, help="Validation tokens used for reconstruction metrics (null: all).", ge=1)
+    n_tokens: int | None = knob(None, help="Validation tokens (activation rows, special ones included) read for reconstruction metrics (null: all).", ge=1)
     batch_size: int = knob(4096, help="Tokens per batch for the reconstruction metrics.", ge=1)
     n_splice_contexts: int = knob(32, help="Validation contexts run through the model with the SAE spliced in (0: skip CE/KL metrics).", ge=0)
     splice_batch_size: int = knob(8, help="Contexts per forward pass when splicing.", ge=1)
     device: str = knob("auto", help="'auto' (cuda if present, else cpu), 'cpu', 'cuda', ...")
+    exclude_special_tokens: bool = knob(
+        True, help="Leave the tokenizer's BOS/EOS/PAD positions out (as SAEBench does): not counted in reconstruction/"
+        "sparsity metrics, not spliced (original activation kept) nor counted in CE/KL. Names bump (fvu@3, l0@2, "
+        "ce_loss_recovered@2, ...); l0@1, fvu@2, ce_loss_recovered@1, kl_div@1 over all tokens come alongside. "
+        "false: the all-token metrics only, as before.")

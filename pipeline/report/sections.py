@@ -42,7 +42,29 @@ DEFINITIONS = {
     "tokens_per_s": "Throughput in tokens per second.",
     "median_topic_auroc": "Median over features of the best topic AUROC.",
     "mean_explanation_score": "Mean detection score of the explanations on held-out examples.",
+    "n_special_tokens": "Validation tokens left out of the metrics as BOS/EOS/PAD (evaluate.exclude_special_tokens).",
 }
+# evaluate.exclude_special_tokens (pipeline.metrics.EXCLUDING_SPECIAL): the same quantity over a
+# different token set is a different version; both variants are spelled out.
+_ALL_TOKENS = " Over all tokens, BOS/EOS/PAD included."
+_NO_SPECIAL = " Over the tokens that are not BOS/EOS/PAD (evaluate.exclude_special_tokens)."
+_SPLICE_ALL = " Every position spliced/zeroed and counted, BOS/EOS/PAD included."
+_SPLICE_NO_SPECIAL = (" BOS/EOS/PAD positions keep their original activation in the spliced and zero-ablated "
+                      "forwards, and predictions made there are not averaged.")
+_VARIANTS = {  # all-token name, special-excluded name, base, note pair
+    **{old: (new, base, _ALL_TOKENS, _NO_SPECIAL) for base, old, new in (
+        ("mse", "mse@1", "mse@2"), ("nmse", "nmse@1", "nmse@2"), ("fvu", "fvu@2", "fvu@3"),
+        ("shrinkage", "shrinkage@1", "shrinkage@2"), ("l0", "l0@1", "l0@2"), ("l1", "l1@1", "l1@2"),
+        ("dead_fraction", "dead_fraction@1", "dead_fraction@2"),
+        ("dense_fraction", "dense_fraction@1", "dense_fraction@2"))},
+    **{old: (new, base, _SPLICE_ALL, _SPLICE_NO_SPECIAL) for base, old, new in (
+        ("ce_loss_recovered", "ce_loss_recovered@1", "ce_loss_recovered@2"), ("kl_div", "kl_div@1", "kl_div@2"),
+        ("delta_lm_loss", "delta_lm_loss@1", "delta_lm_loss@2"), ("ce_clean", "ce_clean@1", "ce_clean@2"),
+        ("ce_sae", "ce_sae@1", "ce_sae@2"), ("ce_zero_ablation", "ce_zero_ablation@1", "ce_zero_ablation@2"))},
+}
+for _old, (_new, _base, _all, _excl) in _VARIANTS.items():
+    DEFINITIONS[_old] = DEFINITIONS[_base] + _all
+    DEFINITIONS[_new] = DEFINITIONS[_base] + _excl
 
 
 def fmt(v: Any) -> str:
