@@ -45,9 +45,9 @@ def test_detection_perfect_high_wrong_chance():
     good = simulate_scores(sim, 'fires on "cat"', pos, neg, acts, seed=0)
     bad = simulate_scores(sim, 'fires on "zebra"', pos, neg, acts, seed=0)
     assert good["detection_balanced_accuracy@1"] == 1.0 and good["detection_auc@1"] == 1.0
-    assert good["fuzzing_balanced_accuracy@1"] == 1.0
+    assert good["fuzzing_balanced_accuracy@2"] == 1.0
     assert bad["detection_balanced_accuracy@1"] == 0.5 and bad["detection_auc@1"] == 0.5
-    assert bad["fuzzing_balanced_accuracy@1"] == 0.5
+    assert bad["fuzzing_balanced_accuracy@2"] == 0.5
     # A bigram term only matches where both tokens appear in order.
     assert sim.predict('"big cat"', np.array([[6, 1, 1, 0]])).tolist() == [[False, True, False, False]]
 
@@ -128,3 +128,71 @@ def test_local_backend_tiny_model(tiny_llama, tmp_path):
     assert isinstance(text, str) and 0.0 < p < 1.0
     chat.flush()
     assert len((tmp_path / "local.jsonl").read_text().splitlines()) == 2
+
+
+class RecordingBackend:
+    """A fake cached backend that records every scoring prompt and answers 0.5."""
+
+    name = "fake:m"
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        return 'fires on "cat"'
+
+    def yes_probs(self, batch: list[list[dict[str, str]]]) -> list[float]:
+        self.prompts += [m[-1]["content"] for m in batch]
+        return [0.5] * len(batch)
+
+
+def long_contexts(seed: int, n: int = 16, T: int = 128):
+    """128-token contexts where ' cat' (the feature) fires at 1-3 random positions, some near either end."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.choice([0, 2, 3, 4, 5, 6, 7], size=(n, T))
+    for i in range(n):
+        tokens[i, rng.choice(T, size=1 + i % 3, replace=False)] = 1
+    acts = np.where(tokens == 1, rng.uniform(1.0, 3.0, size=(n, T)), 0.0).astype(np.float32)
+    return tokens, acts
+
+
+def test_every_fuzzing_prompt_shows_a_highlight():
+    # Before: wrong highlights were drawn anywhere in the 128 tokens but only ~33 are rendered, so
+    # most "wrong" prompts had no highlight at all and an LM could answer No from that alone.
+    from pipeline.autointerp.explain import MARK_L
+
+    for feature in range(3):
+        tokens, acts = long_contexts(feature)
+        ev = Evidence(feature, tokens[:4], acts[:4], tokens[4:], acts[4:], np.zeros((2, 128), np.int64))
+        fake = RecordingBackend()
+        lm_explain_and_score(ev, fake, VOCAB, 16, seed=7)  # type: ignore[arg-type]
+        fuzz = [p for p in fake.prompts if "Are the marked tokens" in p]
+        assert len(fuzz) == 2 * min(10, len(ev.pos_tokens))  # a correct and a wrong prompt per scored context
+        assert all(MARK_L in p.split("Text: ", 1)[1] for p in fuzz), [p for p in fuzz if MARK_L not in p.split("Text: ")[1]]
+
+
+def test_fuzz_highlights_wrong_ones_are_silent_tokens_inside_the_shown_window():
+    from pipeline.autointerp.explain import window
+    from pipeline.autointerp.simulate import fuzz_highlights
+
+    tokens, acts = long_contexts(3, n=40)
+    correct, wrong, shown = fuzz_highlights(acts, tokens, seed=5)
+    for i in range(len(tokens)):
+        sl = window(tokens[i], acts[i], int(acts[i].argmax()))  # exactly what the LM prompt renders
+        assert np.flatnonzero(shown[i]).tolist() == list(range(sl.start, sl.stop))
+    assert not (correct & ~shown).any() and not (wrong & ~shown).any()
+    assert (acts[wrong] == 0).all() and (acts[correct] > 0).all() and not (correct & wrong).any()
+    assert (correct.sum(1) == wrong.sum(1)).all() and (wrong.sum(1) >= 1).all()
+    again = fuzz_highlights(acts, tokens, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip((correct, wrong, shown), again, strict=True))
+
+    # Hand-made: fires at 2 (outside the window [6, 39) around the argmax 30), 30 and 31.
+    t = np.zeros((1, 40), np.int64)
+    a = np.zeros((1, 40), np.float32)
+    a[0, [2, 30, 31]] = [0.5, 5.0, 1.0]
+    c, w, s = fuzz_highlights(a, t, seed=0)
+    assert np.flatnonzero(c[0]).tolist() == [30, 31] and w.sum() == 2 and s[0, 6:39].all() and s.sum() == 33
+    # Fewer silent tokens than active ones in the window: both sides mark that many (here 1).
+    t5, a5 = np.zeros((1, 5), np.int64), np.array([[1.0, 2.0, 3.0, 0.0, 4.0]], np.float32)
+    c5, w5, _ = fuzz_highlights(a5, t5, seed=0, max_marked=8)
+    assert np.flatnonzero(c5[0]).tolist() == [4] and np.flatnonzero(w5[0]).tolist() == [3]

@@ -49,7 +49,7 @@ def test_planted_token_feature_found(planted):
         assert len(r["tokens"]) == len(r["activations"]) == 32 and r["text"]
     assert (top["max_activation"].diff().drop_nulls() <= 0).all()
     assert row["detection_balanced_accuracy@1"] == 1.0  # the stats explanation names the token
-    assert row["fuzzing_balanced_accuracy@1"] == 1.0
+    assert row["fuzzing_balanced_accuracy@2"] == 1.0
     assert set(ex["kind"].unique()) == {"top", "quantile", "random"}
     neg = ex.filter((pl.col("feature") == TOKEN_FEATURE) & (pl.col("kind") == "random"))
     assert neg.height > 0 and all(world.token_id not in t for t in neg["tokens"].to_list())

@@ -20,7 +20,13 @@ from pipeline.autointerp.explain import (
     stats_explanation,
     window,
 )
-from pipeline.autointerp.simulate import LexicalSimulator, binary_metrics, fuzz_highlights, simulate_scores
+from pipeline.autointerp.simulate import (
+    FUZZING_VERSION,
+    LexicalSimulator,
+    binary_metrics,
+    fuzz_highlights,
+    simulate_scores,
+)
 
 
 def make_backend(spec: str, cache_dir: Path, *, base_url: str, api_key_env: str, max_retries: int,
@@ -81,15 +87,14 @@ def lm_explain_and_score(ev: Evidence, backend: Cached, text: dict[int, str], ma
         labels.append(False)
     det = np.array(backend.yes_probs([detection_messages(expl, e) for e in excerpts]))
     out.update(binary_metrics(det, np.array(labels), 0.5, "detection"))
-    correct, wrong = fuzz_highlights(pos_acts, pos_tokens, seed + ev.feature)
+    correct, wrong, shown = fuzz_highlights(pos_acts, pos_tokens, seed + ev.feature)
     prompts, fl = [], []
-    for t, a, c, w in zip(pos_tokens, pos_acts, correct, wrong, strict=True):
+    for t, c, w, s in zip(pos_tokens, correct, wrong, shown, strict=True):
         if not c.any():
             continue
-        sl = window(t, a, int(a.argmax()))
         for marks, label in ((c, True), (w, False)):
-            prompts.append(fuzzing_messages(expl, render(t[sl], marks[sl], text)))
+            prompts.append(fuzzing_messages(expl, render(t[s], marks[s], text)))  # t[s]: the window, in order
             fl.append(label)
     fz = backend.yes_probs(prompts)
-    out.update(binary_metrics(np.array(fz), np.array(fl), 0.5, "fuzzing"))
+    out.update(binary_metrics(np.array(fz), np.array(fl), 0.5, "fuzzing", FUZZING_VERSION))
     return out

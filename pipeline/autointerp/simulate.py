@@ -9,16 +9,20 @@ Bills et al. (2023)'s LM simulator, but deterministic and free, so the ``stats``
 scored at all, and a planted perfect explanation scores near 1 while a wrong one scores near chance.
 
 Scorers (EleutherAI delphi's detection and fuzzing, Paulo et al. 2024, "Automatically interpreting
-millions of features in LLMs"), definitions version 1:
+millions of features in LLMs"):
 
 - ``detection_*@1``: activating (held-out) vs non-activating contexts; each context gets a score
   (simulator: number of predicted-active tokens; LM: P(yes)); prediction = score > threshold
   (0 for the simulator, 0.5 for an LM). Balanced accuracy = (TPR + TNR) / 2; F1 of the activating
   class; AUC = P(score_pos > score_neg) + 0.5 P(tie).
-- ``fuzzing_*@1``: each held-out activating context shown twice, with its activating tokens
-  highlighted (correct) and with as many random non-activating tokens highlighted (wrong); the
-  score is the fraction of highlighted tokens the simulator predicts active (LM: P(yes) that the
-  highlighting fits); prediction = score > 0.5; balanced accuracy and AUC as above.
+- ``fuzzing_*@2``: each held-out activating context is shown (the window the LM prompt renders:
+  24 tokens before its most active token, 8 after) twice: with its k most active tokens
+  highlighted (correct) and with k random non-activating tokens of the same window highlighted
+  (wrong), k = min(active tokens, silent tokens in the window, 8); a context with k = 0 is skipped.
+  The score is the fraction of highlighted tokens the simulator predicts active from the window's
+  tokens alone (LM: P(yes) that the highlighting fits); prediction = score > 0.5; balanced accuracy,
+  F1 and AUC as above. ``fuzzing_*@1`` drew both from the whole 128-token context: ~60% of wrong
+  excerpts then showed no highlight at all, so an LM could answer No from that alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+
+from pipeline.autointerp.explain import window
+
+DETECTION_VERSION = 1
+FUZZING_VERSION = 2  # @1: highlights drawn outside the rendered window (see the module docstring)
 
 _STOP = set("""a an the of and or in on at to for from by with as is are was were be been being it its this that
 these those which who whom what when where why how not no yes than then so such into onto about over under
@@ -97,8 +106,10 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, prefix: str) -> dict[str, float]:
-    """Balanced accuracy, F1 (positive class) and AUC of ``scores > threshold`` against boolean ``labels``."""
+def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, prefix: str,
+                   version: int = DETECTION_VERSION) -> dict[str, float]:
+    """Balanced accuracy, F1 (positive class) and AUC of ``scores > threshold`` against boolean ``labels``,
+    named ``<prefix>_<metric>@<version>``."""
     labels = labels.astype(bool)
     pred = scores > threshold
     tp, fn = int((pred & labels).sum()), int((~pred & labels).sum())
@@ -106,28 +117,35 @@ def binary_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, pre
     tpr = tp / (tp + fn) if tp + fn else float("nan")
     tnr = tn / (tn + fp) if tn + fp else float("nan")
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    return {f"{prefix}_balanced_accuracy@1": (tpr + tnr) / 2, f"{prefix}_f1@1": f1, f"{prefix}_auc@1": auc(scores, labels)}
+    return {f"{prefix}_balanced_accuracy@{version}": (tpr + tnr) / 2, f"{prefix}_f1@{version}": f1,
+            f"{prefix}_auc@{version}": auc(scores, labels)}
 
 
 def fuzz_highlights(acts: np.ndarray, tokens: np.ndarray, seed: int, max_marked: int = 8
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """For activating examples ``acts[n, T]``: (correct, wrong) highlight masks ``[n, T]``.
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For activating examples ``acts[n, T]``, ``tokens[n, T]`` (-1 padding): masks ``[n, T]``
+    (correct, wrong, shown), all highlights inside ``shown``.
 
-    Correct: the (up to ``max_marked``) most active tokens; wrong: as many random tokens where the
-    feature is silent (delphi's fuzzing: the same text, wrongly highlighted)."""
+    shown: the window each fuzzing prompt renders (:func:`window` around the most active token);
+    correct: its k most active tokens; wrong: k random silent real tokens of the same window
+    (delphi's fuzzing: the same text, wrongly highlighted), k = min(active, silent, ``max_marked``)
+    per row, so both sides of a pair mark as many tokens and a row with k = 0 marks none."""
     rng = np.random.default_rng(seed)
     n, T = acts.shape
-    n_on = np.minimum((acts > 0).sum(1), max_marked)  # [n]
+    shown = np.zeros((n, T), dtype=bool)
+    for i in range(n):
+        shown[i, window(tokens[i], acts[i], int(acts[i].argmax()))] = True
+    real = shown & (tokens >= 0)
+    on, off = real & (acts > 0), real & ~(acts > 0)
+    k = np.minimum(np.minimum(on.sum(1), off.sum(1)), max_marked)[:, None]  # [n, 1]
     col = np.arange(T)[None, :]
-    order = np.argsort(-acts, axis=1, kind="stable")  # most active first
     correct = np.zeros((n, T), dtype=bool)
-    np.put_along_axis(correct, order, col < n_on[:, None], axis=1)
-    keys = rng.random((n, T))  # random silent real tokens: the smallest keys among them
-    keys[(acts > 0) | (tokens < 0)] = np.inf
-    korder = np.argsort(keys, axis=1, kind="stable")
+    np.put_along_axis(correct, np.argsort(np.where(on, -acts, np.inf), axis=1, kind="stable"), col < k, axis=1)
+    keys = rng.random((n, T))  # random silent tokens of the window: the smallest keys among them
+    keys[~off] = np.inf
     wrong = np.zeros((n, T), dtype=bool)
-    np.put_along_axis(wrong, korder, (col < n_on[:, None]) & np.isfinite(np.take_along_axis(keys, korder, 1)), axis=1)
-    return correct, wrong
+    np.put_along_axis(wrong, np.argsort(keys, axis=1, kind="stable"), col < k, axis=1)
+    return correct, wrong, shown
 
 
 def simulate_scores(sim: LexicalSimulator, explanation: str, pos_tokens: np.ndarray, neg_tokens: np.ndarray,
@@ -137,11 +155,11 @@ def simulate_scores(sim: LexicalSimulator, explanation: str, pos_tokens: np.ndar
     det = sim.predict(explanation, det_tokens).sum(1).astype(np.float64)
     labels = np.arange(len(det_tokens)) < len(pos_tokens)
     out = binary_metrics(det, labels, 0.0, "detection")
-    correct, wrong = fuzz_highlights(pos_acts, pos_tokens, seed)
-    pred = sim.predict(explanation, pos_tokens)
-    ok = correct.sum(1) > 0
+    correct, wrong, shown = fuzz_highlights(pos_acts, pos_tokens, seed)
+    pred = sim.predict(explanation, np.where(shown, pos_tokens, -1))  # the window only, as an LM sees it
+    ok = correct.any(1)
     frac = lambda m: (pred & m).sum(1) / np.maximum(m.sum(1), 1)  # noqa: E731
     fz = np.concatenate([frac(correct)[ok], frac(wrong)[ok]])
     fl = np.arange(len(fz)) < int(ok.sum())
-    out.update(binary_metrics(fz, fl, 0.5, "fuzzing"))
+    out.update(binary_metrics(fz, fl, 0.5, "fuzzing", FUZZING_VERSION))
     return out

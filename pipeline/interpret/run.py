@@ -19,7 +19,7 @@ from pipeline.autointerp import (
     stats_explain_and_score,
 )
 from pipeline.autointerp.backends import Cached
-from pipeline.autointerp.simulate import normalise
+from pipeline.autointerp.simulate import FUZZING_VERSION, normalise
 from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN, best_topic, topic_auroc
 from pipeline.interpret.contexts import ContextTable
 from pipeline.interpret.dashboard import DashboardShards, write_index
@@ -30,8 +30,8 @@ from pipeline.interpret.tables import ExamplesWriter, features_table, summary_me
 from pipeline.io import atomic_write_parquet
 
 log = logging.getLogger(__name__)
-SCORES = ("detection_balanced_accuracy@1", "detection_f1@1", "detection_auc@1",
-          "fuzzing_balanced_accuracy@1", "fuzzing_auc@1")
+FUZZING = f"fuzzing_balanced_accuracy@{FUZZING_VERSION}"
+SCORES = ("detection_balanced_accuracy@1", "detection_f1@1", "detection_auc@1", FUZZING, f"fuzzing_auc@{FUZZING_VERSION}")
 FEATURE_BLOCK = 512
 DASHBOARD_TOP = 8
 
@@ -213,7 +213,7 @@ def _payload(j: int, block: Any, lo: int, hi: int, tokens: np.ndarray, acts: np.
     return {
         "hist": stats.hist[j].tolist(), "explanation": res.get("explanation"), "explainer": res.get("explainer"),
         "detection": num(res.get("detection_balanced_accuracy@1", np.nan)),
-        "fuzzing": num(res.get("fuzzing_balanced_accuracy@1", np.nan)),
+        "fuzzing": num(res.get(FUZZING, np.nan)),
         "promoted": [list(x) for x in zip([text.get(t, "") for t in ti[j].tolist()], r4(tv[j]), strict=True)],
         "suppressed": [list(x) for x in zip([text.get(t, "") for t in bi[j].tolist()], r4(bv[j]), strict=True)],
         "neighbours": [list(x) for x in zip(nb[0][j].tolist(), r4(nb[1][j]), strict=True)],
@@ -260,7 +260,7 @@ def _write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: d
                {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "explanation", "label": "explanation"}]
     f = lambda x: None if x is None or not np.isfinite(x) else round(float(x), 6)  # noqa: E731
     rows = [[int(j), f(cols["frequency"][j]), f(cols["max_activation"][j]), f(cols["detection_balanced_accuracy@1"][j]),
-             f(cols["fuzzing_balanced_accuracy@1"][j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
+             f(cols[FUZZING][j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
              cols["explanation"][j]] for j in range(len(cols["feature"]))]
     med = m["median_topic_auroc@1"]
     summary = (f"{m['alive_features@1']} alive of {len(rows)} features over {m['interpret_tokens']} tokens; "

@@ -42,6 +42,11 @@ DEFINITIONS = {
     "tokens_per_s": "Throughput in tokens per second.",
     "median_topic_auroc": "Median over features of the best topic AUROC.",
     "mean_explanation_score": "Mean detection score of the explanations on held-out examples.",
+    "mean_fuzzing_balanced_accuracy": "Mean over explained features of fuzzing balanced accuracy: does the scorer tell "
+                                      "a context's most active tokens highlighted from as many silent tokens of the same "
+                                      "shown window highlighted (Paulo et al. 2024)?",
+    "mean_fuzzing_balanced_accuracy@1": "Retired: wrong highlights drawn from the whole context, mostly outside the "
+                                        "shown window (not comparable with @2).",
     "n_special_tokens": "Validation tokens left out of the metrics as BOS/EOS/PAD (evaluate.exclude_special_tokens).",
 }
 # evaluate.exclude_special_tokens (pipeline.metrics.EXCLUDING_SPECIAL): the same quantity over a
