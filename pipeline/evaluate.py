@@ -94,7 +94,7 @@ def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | No
 
 def reconstruction_metrics(sae: SAE, dataset: ActivationDataset, n_tokens: int | None = None, batch_size: int = 4096,
                            device: str | torch.device = "cpu", special_ids: Collection[int] = ()) -> dict[str, float]:
-    """``mse@1, nmse@1, fvu@2, shrinkage@1, l0@1, l1@1, dead_fraction@1, dense_fraction@1`` + ``n_tokens``
+    """``mse@1, uncentered_nmse@1, fvu@2, shrinkage@1, l0@1, l1@1, dead_fraction@1, dense_fraction@1`` + ``n_tokens``
     (with ``special_ids``: their special-excluded versions, ``n_special_tokens`` and the all-token reference)."""
     return reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids).result()
 

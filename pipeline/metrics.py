@@ -9,7 +9,10 @@ and sync to host only in ``result()``, so evaluation never holds all tokens in m
 Definitions:
 
 - ``mse@1``: mean over tokens *and* dimensions of (x - x_hat)^2.
-- ``nmse@1``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n||^2 (normalised by the raw second moment).
+- ``uncentered_nmse@1``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n||^2 (normalised by the raw second moment,
+  not by the variance). Formerly ``nmse@1`` (same definition), renamed so it is not read as the
+  "normalised MSE" of Gao et al. 2024, which divides by the variance around the mean: that is ``fvu@2``.
+  On activations with a large mean it is much smaller than the FVU.
 - ``fvu@2``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2, i.e. residual variance summed over
   dimensions over total variance summed over dimensions around the per-dimension mean. Version 1
   (a mean of per-dimension ratios) is retired: it lets a few near-constant dimensions dominate the
@@ -37,7 +40,7 @@ dominate the total variance and flatter or ruin FVU depending on whether the SAE
 them. A different token set is a different definition, so each name bumps its version
 (:data:`EXCLUDING_SPECIAL`); with the option off, the names above are produced unchanged.
 
-- ``mse@2, nmse@2, fvu@3, shrinkage@2, l0@2, l1@2, dead_fraction@2, dense_fraction@2``: the
+- ``mse@2, uncentered_nmse@2, fvu@3, shrinkage@2, l0@2, l1@2, dead_fraction@2, dense_fraction@2``: the
   definitions of ``mse@1 ... dense_fraction@1`` over the activation rows whose token is not special.
 - ``ce_loss_recovered@2, kl_div@2, delta_lm_loss@2, ce_clean@2, ce_sae@2, ce_zero_ablation@2``: the
   SAE replaces the hook's output only at non-special positions (special positions keep the original
@@ -56,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MSE = "mse@1"
-NMSE = "nmse@1"
+UNCENTERED_NMSE = "uncentered_nmse@1"
 FVU = "fvu@2"
 L0 = "l0@1"
 L1 = "l1@1"
@@ -75,7 +78,7 @@ DENSE_THRESHOLD = 0.1  # dense_fraction@1: fires on more than 10% of tokens
 
 # All-token name -> the same definition over non-special tokens (see the module docstring).
 EXCLUDING_SPECIAL = {
-    MSE: "mse@2", NMSE: "nmse@2", FVU: "fvu@3", SHRINKAGE: "shrinkage@2",
+    MSE: "mse@2", UNCENTERED_NMSE: "uncentered_nmse@2", FVU: "fvu@3", SHRINKAGE: "shrinkage@2",
     L0: "l0@2", L1: "l1@2", DEAD_FRACTION: "dead_fraction@2", DENSE_FRACTION: "dense_fraction@2",
     CE_LOSS_RECOVERED: "ce_loss_recovered@2", KL_DIV: "kl_div@2", DELTA_LM_LOSS: "delta_lm_loss@2",
     CE_CLEAN: "ce_clean@2", CE_SAE: "ce_sae@2", CE_ZERO_ABLATION: "ce_zero_ablation@2",
@@ -105,8 +108,8 @@ def mse(x: Tensor, x_hat: Tensor) -> float:
     return (_flat(x) - _flat(x_hat)).pow(2).mean().item()
 
 
-def nmse(x: Tensor, x_hat: Tensor) -> float:
-    """``nmse@1``: sum ||x - x_hat||^2 / sum ||x||^2."""
+def uncentered_nmse(x: Tensor, x_hat: Tensor) -> float:
+    """``uncentered_nmse@1``: sum ||x - x_hat||^2 / sum ||x||^2 (not the FVU: no mean subtracted)."""
     x, x_hat = _flat(x), _flat(x_hat)
     return ((x - x_hat).pow(2).sum() / x.pow(2).sum()).item()
 
@@ -182,7 +185,7 @@ def mmcs(A: Tensor, B: Tensor) -> float:
 
 
 class ReconstructionAccumulator:
-    """Streams ``mse@1``, ``nmse@1``, ``fvu@2``, ``shrinkage@1`` over batches, exactly (float64 sums).
+    """Streams ``mse@1``, ``uncentered_nmse@1``, ``fvu@2``, ``shrinkage@1`` over batches, exactly (float64 sums).
 
     FVU needs the mean over *all* tokens: sum ||x - mean||^2 = sum ||y||^2 - N ||mean(y)||^2 with
     y = x - c for any constant c. Taking c = the first batch's mean (the shifted-data algorithm for
@@ -225,7 +228,7 @@ class ReconstructionAccumulator:
         err = self.sum_err.item()
         return {
             MSE: err / (n * d) if n else math.nan,
-            NMSE: err / self.sum_sq.item() if self.sum_sq.item() > 0 else math.nan,
+            UNCENTERED_NMSE: err / self.sum_sq.item() if self.sum_sq.item() > 0 else math.nan,
             FVU: err / total_var if total_var > 0 else math.nan,
             SHRINKAGE: (self.sum_ratio / self.n_nonzero).item() if self.n_nonzero.item() > 0 else math.nan,
         }

@@ -53,7 +53,7 @@ def test_reconstruction_metrics_match_hand_computed(tmp_path: Path) -> None:
     # x_hat = [[3,0],[0,2],[2,0],[1,0]]: the only error is 1 on the first token.
     # sum ||x||^2 = 19; mean = [1.5, 0.75]; total variance = 19 - 4 * (2.25 + 0.5625) = 7.75.
     assert m[metrics.MSE] == pytest.approx(1 / 8)
-    assert m[metrics.NMSE] == pytest.approx(1 / 19)
+    assert m[metrics.UNCENTERED_NMSE] == pytest.approx(1 / 19)
     assert m[metrics.FVU] == pytest.approx(1 / 7.75)
     assert m[metrics.L0] == pytest.approx(1.0)
     assert m[metrics.L1] == pytest.approx((3 + 2 + 2 + 1) / 4)
@@ -77,7 +77,7 @@ def test_special_token_rows_are_excluded_from_reconstruction_metrics(tmp_path: P
     m = reconstruction_metrics(sae, ds, batch_size=2, special_ids={0, 1})  # batches [BOS, text], [text, text], [text]
     # Over the 4 text rows only: the hand values of the test above, under the bumped names.
     assert m["mse@2"] == pytest.approx(1 / 12)  # one unit of error over 4 tokens x 3 dimensions
-    assert m["nmse@2"] == pytest.approx(1 / 19)
+    assert m["uncentered_nmse@2"] == pytest.approx(1 / 19)
     assert m["fvu@3"] == pytest.approx(1 / 7.75)
     assert m["l0@2"] == 1.0 and m["l1@2"] == pytest.approx(2.0)
     assert m["shrinkage@2"] == pytest.approx((3 / math.sqrt(10) + 3) / 4)
@@ -261,7 +261,7 @@ def test_evaluate_stage_writes_metrics_and_density(tiny_llama: Path, tmp_path: P
     res = CliRunner().invoke(command, [])
     assert res.exit_code == 0, res.output
     out = json.loads(Path("metrics/evaluate.json").read_text())[HOOK]
-    assert set(out) == {metrics.MSE, metrics.NMSE, metrics.FVU, metrics.SHRINKAGE, metrics.L0, metrics.L1,
+    assert set(out) == {metrics.MSE, metrics.UNCENTERED_NMSE, metrics.FVU, metrics.SHRINKAGE, metrics.L0, metrics.L1,
                         metrics.DEAD_FRACTION, metrics.DENSE_FRACTION, "n_tokens", metrics.CE_LOSS_RECOVERED,
                         metrics.DELTA_LM_LOSS, metrics.KL_DIV, metrics.CE_CLEAN, metrics.CE_SAE,
                         metrics.CE_ZERO_ABLATION, "n_splice_contexts"}

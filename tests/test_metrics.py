@@ -19,10 +19,13 @@ X_HAT = torch.tensor([[1.0, 3.0], [2.0, 10.0]])
 
 
 def test_names_are_versioned() -> None:
-    names = [M.MSE, M.NMSE, M.FVU, M.L0, M.L1, M.DEAD_FRACTION, M.DENSE_FRACTION, M.SHRINKAGE,
+    names = [M.MSE, M.UNCENTERED_NMSE, M.FVU, M.L0, M.L1, M.DEAD_FRACTION, M.DENSE_FRACTION, M.SHRINKAGE,
              M.CE_LOSS_RECOVERED, M.KL_DIV, M.DELTA_LM_LOSS, M.MMCS]
     assert all("@" in n and n.split("@")[1].isdigit() for n in names)
     assert M.FVU == "fvu@2"
+    # ||x - x_hat||^2 / ||x||^2 is not Gao et al.'s normalised MSE (that is the FVU): no name may read as it.
+    assert M.UNCENTERED_NMSE == "uncentered_nmse@1" and M.EXCLUDING_SPECIAL[M.UNCENTERED_NMSE] == "uncentered_nmse@2"
+    assert not any(n.split("@")[0] == "nmse" for n in [*names, *M.EXCLUDING_SPECIAL.values()])
     # Excluding special tokens changes the token set, so each name keeps its base and bumps its version.
     for old, new in M.EXCLUDING_SPECIAL.items():
         (b0, v0), (b1, v1) = old.split("@"), new.split("@")
@@ -39,7 +42,7 @@ def test_special_mask() -> None:
 
 def test_reconstruction_metrics_by_hand() -> None:
     assert M.mse(X, X_HAT) == pytest.approx(2 / 4)  # 4 elements
-    assert M.nmse(X, X_HAT) == pytest.approx(2 / 114)
+    assert M.uncentered_nmse(X, X_HAT) == pytest.approx(2 / 114)
     assert M.fvu(X, X_HAT) == pytest.approx(2 / 34)  # = 0.0588235
     # The retired mean of per-dimension ratios would give (1/2 + 1/32) / 2 = 0.265625: the
     # near-constant dimension 0 dominates. fvu@2 must not be that.
@@ -87,7 +90,7 @@ def test_reconstruction_accumulator_streams_exactly() -> None:
     acc.update(X[1:], X_HAT[1:])
     r = acc.result()
     assert r[M.FVU] == pytest.approx(2 / 34) and r[M.MSE] == pytest.approx(0.5)
-    assert r[M.NMSE] == pytest.approx(2 / 114) and r[M.SHRINKAGE] == pytest.approx(1.19550427, abs=1e-7)
+    assert r[M.UNCENTERED_NMSE] == pytest.approx(2 / 114) and r[M.SHRINKAGE] == pytest.approx(1.19550427, abs=1e-7)
 
     # Many batches of float32 activations with a large offset (residual norms ~1e4): the float64
     # sums still give the one-shot FVU.

@@ -127,6 +127,8 @@ def test_definitions_and_formatting() -> None:
     assert "variance" in definition("fvu@2") and definition("l0@1").startswith("Mean number of active")
     assert definition("fvu_v9") == DEFINITIONS["fvu"] and definition("unknown@1") == ""
     assert "not BOS/EOS/PAD" in definition("fvu@3") and "BOS/EOS/PAD included" in definition("fvu_v2")
+    assert "not the FVU" in definition("uncentered_nmse@1")  # renamed from nmse@1; older runs still explained:
+    assert definition("nmse@1").startswith("Former name of uncentered_nmse")
 
 
 def test_both_special_token_variants_are_defined() -> None:

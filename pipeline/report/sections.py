@@ -23,7 +23,10 @@ DEFINITIONS = {
     "l0": "Mean number of active latents per token.",
     "l1": "Mean L1 norm of the latent activations per token.",
     "mse": "Mean over tokens and dimensions of (x - x_hat)^2.",
-    "nmse": "Sum of ||x - x_hat||^2 over tokens / sum of ||x||^2 (normalised by the raw second moment).",
+    "uncentered_nmse": "Sum of ||x - x_hat||^2 over tokens / sum of ||x||^2 (normalised by the raw second moment, "
+                       "not the variance: not the FVU).",
+    "nmse": "Former name of uncentered_nmse, same definition: sum of ||x - x_hat||^2 over tokens / sum of "
+            "||x||^2 (renamed so it is not read as Gao et al.'s normalised MSE, which is the FVU).",
     "dead_fraction": "Fraction of latents that never fired on the evaluation tokens.",
     "dense_fraction": "Fraction of latents firing on more than 10% of tokens.",
     "shrinkage": "Mean ||x_hat|| / ||x|| (1 = no shrinkage).",
@@ -58,7 +61,8 @@ _SPLICE_NO_SPECIAL = (" BOS/EOS/PAD positions keep their original activation in 
                       "forwards, and predictions made there are not averaged.")
 _VARIANTS = {  # all-token name, special-excluded name, base, note pair
     **{old: (new, base, _ALL_TOKENS, _NO_SPECIAL) for base, old, new in (
-        ("mse", "mse@1", "mse@2"), ("nmse", "nmse@1", "nmse@2"), ("fvu", "fvu@2", "fvu@3"),
+        ("mse", "mse@1", "mse@2"), ("uncentered_nmse", "uncentered_nmse@1", "uncentered_nmse@2"),
+        ("nmse", "nmse@1", "nmse@2"), ("fvu", "fvu@2", "fvu@3"),  # nmse: the former name, for older runs
         ("shrinkage", "shrinkage@1", "shrinkage@2"), ("l0", "l0@1", "l0@2"), ("l1", "l1@1", "l1@2"),
         ("dead_fraction", "dead_fraction@1", "dead_fraction@2"),
         ("dense_fraction", "dense_fraction@1", "dense_fraction@2"))},
