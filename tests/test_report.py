@@ -137,3 +137,29 @@ def test_both_special_token_variants_are_defined() -> None:
     for old, new in metrics.EXCLUDING_SPECIAL.items():
         assert old in DEFINITIONS and new in DEFINITIONS and DEFINITIONS[old] != DEFINITIONS[new], (old, new)
     assert fmt(12800.0) == "12800" and fmt(0.123456) == "0.1235" and fmt(None) == "—" and fmt(float("nan")) == "nan"
+
+
+def test_steer_verdict_with_intervals_is_rendered(tmp_path: Path) -> None:
+    import json
+
+    ws = fabricate_workspace(tmp_path / "ws")
+    diff = {"mean": -0.0298, "ci95_low": -0.2381, "ci95_high": 0.1786, "verdict": "is indistinguishable from", "wins": "1/3"}
+    overall = {"sae_method": "add", "sae_hm@2": 0.11,
+               "test_hm@1": {"add": {"mean": 0.11, "ci95_low": 0.08, "ci95_high": 0.15},
+                             "clamp": {"mean": 0.2, "ci95_low": 0.1, "ci95_high": 0.3},
+                             "dim": {"mean": 0.222, "ci95_low": None, "ci95_high": None}},
+               "sae_minus_dim_hm@2": diff,
+               "bootstrap": {"scheme": "two-way percentile bootstrap", "resamples": 10000, "seed": 0,
+                             "test_prompts": 10, "features": 3},
+               "summary": "SAE 'add' steering (chosen on validation hm@1): test hm@1 0.110; is indistinguishable "
+                          "from 'dim' (95% CI of the difference includes 0: difference -0.030, 95% CI [-0.238, +0.179])"}
+    (ws / "metrics" / "steer.json").write_text(json.dumps({"features": {"3": {"topic": "music"}}, "overall": overall}))
+    md = to_markdown(build_document(gather(ws, {}, [HOOK], top_n=2), top_n=2), "figures")
+    section = md[md.index("# Steering against baselines"):]
+    assert overall["summary"] in section and section.count("95% CI of the difference includes 0") == 1  # once
+    assert "| hm@1 | add | SAE (chosen on validation) | 0.110 | [0.080, 0.150] |" in section
+    assert "| hm@1 | clamp | SAE | 0.200 | [0.100, 0.300] |" in section
+    assert "| hm@1 | dim | baseline | 0.222 | — (fewer than 2 test prompts) |" in section
+    assert "| hm@1 | add − dim | -0.030 | [-0.238, 0.179] | is indistinguishable from | 1/3 |" in section
+    assert "10000 resamples, seed 0, 10 test prompts x 3 features" in section
+    assert "Test hm@1 of the SAE method (add or clamp) chosen on validation" in definition("sae_hm@2")

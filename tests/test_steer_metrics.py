@@ -67,9 +67,9 @@ def test_kl_concept_other_fluency_hm_by_hand() -> None:
 
 
 def _rows() -> pl.DataFrame:
-    """One feature, 2 prompts (val, test); 'add' is best at coefficient 2 on validation."""
+    """One feature, 3 prompts (1 validation, 2 identical test); 'add' is best at coefficient 2 on validation."""
     rows = []
-    for pid, split in ((0, "validation"), (1, "test")):
+    for pid, split in ((0, "validation"), (1, "test"), (2, "test")):
         rows.append(dict(prompt_id=pid, split=split, feature=3, topic="music", method="none", coefficient=0.0,
                          **{"topic_score@1": 0.1, "perplexity@1": 10.0, "concept_act@1": 0.0}))
         for m, c, topic, ppl in (("add", 1.0, 0.3, 10.0), ("add", 2.0, 0.8, 12.5), ("add", 4.0, 1.0, 40.0),
@@ -97,10 +97,12 @@ def test_coefficient_chosen_on_validation_reported_on_test() -> None:
     # random, validation hm: c=1: 2*.1*1/1.1=.182, c=2: 2*.12*.5/.62=.194, c=4: 2*.15*.2/.35=.171
     assert rep["features"]["3"]["methods"]["random"]["coefficient"] == 2.0
     ov = rep["overall"]
-    assert ov["best_sae_method"] == "add" and ov["sae_beats_random"] is True
-    assert ov["sae_minus_random_hm@1"] == pytest.approx(2 * 0.85 * 0.8 / 1.65 - 2 * 0.17 * 0.5 / 0.67)
-    assert ov["unsteered_concept@1"] == pytest.approx(0.1) and ov["sae_concept_gain@1"] == pytest.approx(0.75)
-    assert ov["sae_wins_vs_random"] == "1/1" and "beats 'random'" in ov["summary"]
+    assert ov["sae_method"] == "add" and ov["sae_method_choice"] == "the only SAE method with a validation hm@1"
+    d = ov["sae_minus_random_hm@2"]  # the two test prompts agree: a zero-width interval above 0
+    assert d["mean"] == pytest.approx(2 * 0.85 * 0.8 / 1.65 - 2 * 0.17 * 0.5 / 0.67)
+    assert d["ci95_low"] == pytest.approx(d["mean"]) and d["ci95_high"] == pytest.approx(d["mean"])
+    assert ov["unsteered_concept@1"] == pytest.approx(0.1) and ov["sae_concept_gain@2"] == pytest.approx(0.75)
+    assert d["verdict"] == "beats" and d["wins"] == "1/1" and "beats 'random'" in ov["summary"]
 
 
 class _DiagSAE:

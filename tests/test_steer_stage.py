@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.steering.verdict import VERDICTS
 from stages.cli import main
 
 HOOK = "layers.1.resid_post"
@@ -77,7 +78,14 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
         assert entry["methods"]["add"]["coefficient"] in (0.0, 2.0, 6.0)
         assert "ablation_effect@1" in entry and entry["ablation_dloss_nofire@1"] in (0.0, None)
     assert set(m["methods"]) == {"add", "clamp", "dim", "random"}
-    assert "sae_beats_dim" in m["overall"] and "dim" in m["overall"]["summary"]
+    ov = m["overall"]
+    assert ov["sae_method"] in ("add", "clamp") and "dim" in ov["summary"]
+    assert ov["bootstrap"]["test_prompts"] == 2 and ov["bootstrap"]["features"] == 2
+    assert set(ov["test_hm@1"]) == {"add", "clamp", "dim", "random"}
+    for b in ("dim", "random"):  # every verdict comes with its interval
+        d = ov[f"sae_minus_{b}_hm@2"]
+        assert d["ci95_low"] <= d["mean"] <= d["ci95_high"]
+        assert d["verdict"] in VERDICTS and d["verdict"] in ov["summary"]
     assert "runtime" not in m  # wall-clock numbers would break exact reproduction of metrics
     rt = json.loads(Path("reports/steer/runtime.json").read_text())
     assert rt["generations"] == gen.height and rt["generated_tokens"] == gen.height * 6
@@ -93,6 +101,7 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     _invoke("steer", *_sets(FAST))
     again = pl.read_parquet("data/steer/generations.parquet")
     assert again.equals(gen)
+    assert json.loads(Path("metrics/steer.json").read_text()) == m  # bootstrap intervals included
 
 
 def test_steer_stage_listed_features_generated_positions_and_errors(workspace: Path) -> None:

@@ -54,6 +54,17 @@ class InterpretParams:
         check_backend(self.explainer, f"{prefix}.explainer", "stats")
 
 
+# Neutral openings, none about a corpus topic, varied in form (opinion, story, list, report), so a
+# concept has to come from the steering.
+STEER_PROMPTS = (
+    "I think that", "The best thing about", "Here is a short story:", "Let me tell you about",
+    "Yesterday I", "In my opinion,", "The most important thing is", "Once upon a time,",
+    "My favourite", "It is often said that", "The main reason is", "We talked about",
+    "This is a story about", "Today I learned that", "The first thing you notice is", "Many people believe that",
+    "One thing I remember is", "Here are some facts:", "She told me that", "The article explains",
+)
+
+
 @dataclass
 class SteerParams:
     """Causal steering evaluation (the ``steer`` stage). Coefficients are in units of each feature's
@@ -80,13 +91,17 @@ class SteerParams:
     positions: Literal["all", "generated"] = knob(
         "all", help="Steer every position, or only the last prompt token and the generated tokens.")
     prompts: list[str] = knob(
-        factory=lambda: ["I think that", "The best thing about", "Here is a short story:", "Let me tell you about"],
-        help="Neutral prompts (shuffled by seed, then split into validation and test).")
-    validation_fraction: float = knob(0.5, help="Fraction of prompts used to choose each coefficient.", gt=0.0, lt=1.0)
+        factory=lambda: list(STEER_PROMPTS),
+        help="Neutral prompts (shuffled by seed, then split into validation and test). The default 20 give "
+        "10 test prompts: with 2 (the old default) one prompt could flip the verdict.")
+    validation_fraction: float = knob(0.5, help="Fraction of prompts used to choose each coefficient and the SAE method.", gt=0.0, lt=1.0)
     max_new_tokens: int = knob(24, help="Tokens generated per continuation.", ge=1)
     do_sample: bool = knob(False, help="Seeded sampling instead of greedy decoding.")
     temperature: float = knob(1.0, help="Sampling temperature (do_sample only).", gt=0.0)
     batch_size: int = knob(72, help="Rows per generation batch (all methods and coefficients of a prompt share one).", ge=1)
+    bootstrap_resamples: int = knob(
+        10000, help="Two-way bootstrap resamples (test prompts x features, seeded by seed) behind the 95% intervals "
+        "of the test means and of the SAE-minus-baseline differences that decide the verdict.", ge=100)
     stats_split: Literal["train", "validation"] = knob("validation", help="Activation split used for m_f, topic statistics and ablation contexts.")
     stats_max_tokens: int = knob(65536, help="Activation rows read for feature statistics.", ge=1)
     ablation_contexts: int = knob(4, help="Contexts where the feature fires (and as many where it does not) for the ablation effect.", ge=1)

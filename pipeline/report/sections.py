@@ -8,6 +8,7 @@ from typing import Any
 from pipeline.report.document import Bullets, Document, Heading, Image, Links, Para, Table
 from pipeline.report.inputs import FEATURE_COLUMNS, FEATURE_RANK, ReportInputs
 from pipeline.report.plots import curves_png, frontier_png
+from pipeline.report.steer import STEER_DEFINITIONS, verdict_blocks
 from pipeline.tracking.names import metric_base
 
 STAGES = ("prepare", "extract", "train", "evaluate", "interpret", "steer")
@@ -74,6 +75,7 @@ _VARIANTS = {  # all-token name, special-excluded name, base, note pair
 for _old, (_new, _base, _all, _excl) in _VARIANTS.items():
     DEFINITIONS[_old] = DEFINITIONS[_base] + _all
     DEFINITIONS[_new] = DEFINITIONS[_base] + _excl
+DEFINITIONS.update(STEER_DEFINITIONS)
 
 
 def fmt(v: Any) -> str:
@@ -217,8 +219,12 @@ def steer_section(doc: Document, inp: ReportInputs) -> None:
     if inp.steer is None:
         doc.add(Para("Not run (metrics/steer.json missing).", note=True))
         return
-    # The stage's verdict lines ("overall/summary") first: they answer the section's question.
-    texts = sorted((f"{'/'.join(path)}: {v}" for path, v in _iter_text(inp.steer)),
+    # The verdict first, with its intervals: it answers the section's question.
+    overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
+    blocks = verdict_blocks(overall) if isinstance(overall, dict) else []
+    doc.add(*blocks)
+    shown = {("overall", "summary")} if blocks else set()
+    texts = sorted((f"{'/'.join(path)}: {v}" for path, v in _iter_text(inp.steer) if path not in shown),
                    key=lambda t: not t.startswith("overall"))[:10]
     if texts:
         doc.add(Bullets(texts))

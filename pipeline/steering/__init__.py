@@ -4,7 +4,8 @@ Modules: ``interventions`` (addition, clamping, ablation as forward hooks), ``ge
 KV-cache generation, teacher-forced scoring), ``stats`` (feature statistics from activations),
 ``baselines`` (feature choice, difference-in-means and random directions), ``metrics`` (versioned
 definitions), ``protocol`` (the sweep), ``judge`` (optional LLM judge, AxBench), ``summary``
-(coefficient choice and verdict), ``plots``, ``evaluate`` (everything in one call).
+(coefficient choice), ``verdict`` (SAE method chosen on validation, verdict against baselines),
+``bootstrap`` (two-way bootstrap intervals), ``plots``, ``evaluate`` (everything in one call).
 """
 
 from pipeline.steering.evaluate import SteeringResult, evaluate_steering

@@ -1,8 +1,8 @@
 """The whole steering evaluation as one library call (the ``steer`` stage only loads inputs and writes outputs).
 
 statistics pass → feature choice and scales → baseline directions → topic model → sweep (generate,
-re-encode, score; optionally the LLM judge) → ablation effect → coefficient choice on validation
-prompts, report on test.
+re-encode, score; optionally the LLM judge) → ablation effect → coefficient and SAE-method choice on
+validation prompts, report on test with bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     if judge is not None:  # fixed dtypes even when every answer of a column was unparseable (all None)
         df = df.with_columns(*(pl.col(c).cast(pl.Int64) for c in JUDGE_COLUMNS[:3]), pl.col("judge_hm").cast(pl.Float64))
     df = add_scores(df)
-    report = choose_and_report(df)
+    report = choose_and_report(df, seed, p.bootstrap_resamples)
     for key, extra in per_feature_extra.items():
         report["features"][key].update(extra)
     gen_s, toks = cfg.timing["generate_s"], cfg.timing["tokens"]

@@ -2,8 +2,11 @@
 
 Protocol (AxBench-like, Wu et al. 2025): for each feature and method the coefficient with the highest
 mean ``hm@1`` over *validation* prompts is chosen; the numbers reported are the means over *test*
-prompts at that coefficient, so the choice never sees the prompts it is judged on. With the optional
-LLM judge (``judge``) its ratings are reported at the same coefficients, next to the automatic scores.
+prompts at that coefficient, so the choice never sees the prompts it is judged on. The SAE method
+(add or clamp) that the verdict speaks for is chosen on validation prompts too, and the verdict
+against each baseline rests on a bootstrap interval of the paired test difference
+(:mod:`pipeline.steering.verdict`). With the optional LLM judge (``judge``) its ratings are reported
+at the same coefficients, next to the automatic scores, with a verdict of their own.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.steering.bootstrap import LEVEL, Resamples
 from pipeline.steering.metrics import fluency, harmonic_mean
+from pipeline.steering.verdict import BASELINES, SAE_METHODS, metric_verdict
 
 __all__ = ["add_scores", "choose_and_report", "REPORTED", "JUDGED", "SAE_METHODS", "BASELINES"]
 
-SAE_METHODS = ("add", "clamp")
-BASELINES = ("dim", "random")
 REPORTED = ("hm@1", "concept@1", "fluency@1", "concept_act@1", "concept_frac@1", "topic_score@1",
             "perplexity@1", "distinct2@1", "kl@1", "other_features@1")
 JUDGED = ("judge_hm", "judge_concept", "judge_instruction", "judge_fluency")  # only when steer.judge is on
@@ -49,10 +52,14 @@ def _means(df: pl.DataFrame, keys: tuple[str, ...] = REPORTED) -> dict[str, floa
     return out
 
 
-def choose_and_report(df: pl.DataFrame) -> dict[str, Any]:
-    """Per feature x method: chosen coefficient, validation and test means; per method; overall verdict."""
+def choose_and_report(df: pl.DataFrame, seed: int = 0, n_resamples: int = 10_000) -> dict[str, Any]:
+    """Per feature x method: chosen coefficient, validation and test means; per method; overall verdict.
+
+    :param seed: seeds the bootstrap resamples; :param n_resamples: their number (``steer.bootstrap_resamples``)
+    """
     per_feature: dict[str, Any] = {}
     per_method_rows: dict[str, list[dict[str, float]]] = {}
+    chosen: list[pl.DataFrame] = []  # every split's rows at each (feature, method)'s chosen coefficient
     # Judge columns exist only when the judge ran: without it the report is exactly as before.
     keys = REPORTED + (JUDGED if "judge_hm" in df.columns else ())
     for f in sorted(df["feature"].unique().to_list()):
@@ -67,81 +74,54 @@ def choose_and_report(df: pl.DataFrame) -> dict[str, Any]:
             by_c = val.group_by("coefficient").agg(pl.col("hm@1").mean()).sort("coefficient")
             # Highest validation hm@1; ties go to the smaller coefficient (the gentler intervention).
             best = max(zip(by_c["hm@1"].to_list(), by_c["coefficient"].to_list(), strict=True), key=lambda t: (t[0], -t[1]))[1]
-            test = _means(md.filter((pl.col("split") == "test") & (pl.col("coefficient") == best)), keys)
+            at_best = md.filter(pl.col("coefficient") == best)
+            chosen.append(at_best)
+            test = _means(at_best.filter(pl.col("split") == "test"), keys)
             entry["methods"][m] = {"coefficient": best,
                                    "validation": _means(val.filter(pl.col("coefficient") == best), keys), "test": test}
             per_method_rows.setdefault(m, []).append(test)
         per_feature[str(f)] = entry
     per_method = {m: {k: float(np.nanmean([r[k] for r in rs])) if any(not math.isnan(r[k]) for r in rs) else math.nan
                       for k in keys} for m, rs in per_method_rows.items()}
-    overall = _verdict(per_feature, per_method)
-    if "judge_hm" in df.columns:
-        _judge_verdict(overall, per_feature, per_method)
+    at = pl.concat(chosen) if chosen else df.clear()
+    overall = _overall(df, at, per_feature, per_method, seed, n_resamples)
     return {"features": per_feature, "methods": per_method, "overall": overall}
 
 
-def _verdict(per_feature: dict[str, Any], per_method: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Does SAE steering beat each baseline on test hm@1 (and on concept@1)? With numbers."""
-    sae = [m for m in SAE_METHODS if m in per_method]
-    out: dict[str, Any] = {}
-    if not sae:
-        out["summary"] = "no SAE steering method was run"
-        return out
-    best = max(sae, key=lambda m: per_method[m]["hm@1"])
-    out["best_sae_method"] = best
-    out["sae_hm@1"] = per_method[best]["hm@1"]
+def _overall(df: pl.DataFrame, chosen: pl.DataFrame, per_feature: dict[str, Any], per_method: dict[str, dict[str, float]],
+             seed: int, n_resamples: int) -> dict[str, Any]:
+    """Does the SAE method chosen on validation beat each baseline on test hm@1 (and under the judge)?"""
+    if not any(m in per_method for m in SAE_METHODS):
+        return {"summary": "no SAE steering method was run"}
+    features = sorted(df["feature"].unique().to_list())
+    prompts = {s: sorted(df.filter(pl.col("split") == s)["prompt_id"].unique().to_list()) for s in ("validation", "test")}
+    rs = Resamples.draw(len(prompts["test"]), len(features), n_resamples, seed)
+    out, lines = metric_verdict(chosen, "hm@1", "", per_feature, rs, prompts, features)
+    if not lines:
+        return {"summary": "no SAE steering method has a validation hm@1"}
+    sae = out["sae_method"]
     unsteered = float(np.nanmean([e["unsteered"]["test"]["concept@1"] for e in per_feature.values()]))
     out["unsteered_concept@1"] = unsteered
-    out["sae_concept_gain@1"] = per_method[best]["concept@1"] - unsteered
-    lines = [f"SAE '{best}' steering: test hm@1 {per_method[best]['hm@1']:.3f} "
-             f"(concept@1 {per_method[best]['concept@1']:.3f} vs {unsteered:.3f} unsteered, "
-             f"fluency@1 {per_method[best]['fluency@1']:.3f})"]
+    out["sae_concept_gain@2"] = per_method[sae]["concept@1"] - unsteered
     for b in BASELINES:
-        if b not in per_method:
-            continue
-        wins = sum(1 for e in per_feature.values() if b in e["methods"] and best in e["methods"]
-                   and e["methods"][best]["test"]["hm@1"] > e["methods"][b]["test"]["hm@1"])
-        n = sum(1 for e in per_feature.values() if b in e["methods"] and best in e["methods"])
-        delta = per_method[best]["hm@1"] - per_method[b]["hm@1"]
-        out[f"sae_minus_{b}_hm@1"] = delta
-        out[f"sae_minus_{b}_concept@1"] = per_method[best]["concept@1"] - per_method[b]["concept@1"]
-        out[f"sae_beats_{b}"] = bool(delta > 0)
-        out[f"sae_wins_vs_{b}"] = f"{wins}/{n}"
-        verb = "beats" if delta > 0 else "does not beat"
-        lines.append(f"{verb} '{b}' (hm@1 {per_method[b]['hm@1']:.3f}, difference {delta:+.3f}, "
-                     f"better on {wins}/{n} features)")
-    out["summary"] = "; ".join(lines)
+        if b in per_method:
+            out[f"sae_minus_{b}_concept@2"] = per_method[sae]["concept@1"] - per_method[b]["concept@1"]
+    lines[0] += (f" (concept@1 {per_method[sae]['concept@1']:.3f} vs {unsteered:.3f} unsteered, "
+                 f"fluency@1 {per_method[sae]['fluency@1']:.3f})")
+    out["bootstrap"] = {"scheme": "two-way percentile bootstrap over (test prompt, feature) units (Owen 2007); "
+                                  "differences paired on the same units",
+                        "level": LEVEL, "resamples": n_resamples, "seed": seed,
+                        "test_prompts": len(prompts["test"]), "features": len(features)}
+    summary = "; ".join(lines)
+    if "judge_hm" in chosen.columns:
+        judged, jlines = metric_verdict(chosen, "judge_hm", "judge_", per_feature, rs, prompts, features)
+        if jlines:
+            out.update(judged)
+            j = per_method[judged["judge_sae_method"]]
+            unsteered_j = [e["unsteered"]["test"]["judge_hm"] for e in per_feature.values()]
+            out["judge_unsteered_hm"] = float(np.nanmean(unsteered_j)) if any(not math.isnan(u) for u in unsteered_j) else math.nan
+            jlines[0] = (f"LLM judge: {jlines[0]} (0-2 scale; concept {j['judge_concept']:.2f}, "
+                         f"instruction {j['judge_instruction']:.2f}, fluency {j['judge_fluency']:.2f})")
+            summary += ". " + "; ".join(jlines)
+    out["summary"] = summary
     return out
-
-
-def _judge_verdict(out: dict[str, Any], per_feature: dict[str, Any], per_method: dict[str, dict[str, float]]) -> None:
-    """The same question under the LLM judge: does the best SAE method beat each baseline on test judge_hm?
-
-    Adds ``judge_*`` keys to ``out`` and a clause to its summary. Coefficients stay the ones chosen by
-    validation hm@1, so both verdicts judge the same generations.
-    """
-    sae = [m for m in SAE_METHODS if m in per_method and not math.isnan(per_method[m]["judge_hm"])]
-    if not sae:
-        return
-    best = max(sae, key=lambda m: per_method[m]["judge_hm"])
-    out["judge_best_sae_method"] = best
-    out["judge_sae_hm"] = per_method[best]["judge_hm"]
-    unsteered = [e["unsteered"]["test"]["judge_hm"] for e in per_feature.values()]
-    out["judge_unsteered_hm"] = float(np.nanmean(unsteered)) if any(not math.isnan(u) for u in unsteered) else math.nan
-    lines = [f"LLM judge: SAE '{best}' test judge_hm {per_method[best]['judge_hm']:.3f} (0-2 scale; "
-             f"concept {per_method[best]['judge_concept']:.2f}, instruction {per_method[best]['judge_instruction']:.2f}, "
-             f"fluency {per_method[best]['judge_fluency']:.2f})"]
-    for b in BASELINES:
-        if b not in per_method or math.isnan(per_method[b]["judge_hm"]):
-            continue
-        pairs = [(e["methods"][best]["test"]["judge_hm"], e["methods"][b]["test"]["judge_hm"])
-                 for e in per_feature.values() if b in e["methods"] and best in e["methods"]]
-        wins = sum(1 for s, o in pairs if s > o)  # NaN (nothing rated) compares False: not a win
-        delta = per_method[best]["judge_hm"] - per_method[b]["judge_hm"]
-        out[f"judge_sae_minus_{b}_hm"] = delta
-        out[f"judge_sae_beats_{b}"] = bool(delta > 0)
-        out[f"judge_sae_wins_vs_{b}"] = f"{wins}/{len(pairs)}"
-        verb = "beats" if delta > 0 else "does not beat"
-        lines.append(f"{verb} '{b}' (judge_hm {per_method[b]['judge_hm']:.3f}, difference {delta:+.3f}, "
-                     f"better on {wins}/{len(pairs)} features)")
-    out["summary"] = out.get("summary", "") + ". " + "; ".join(lines)

@@ -1,0 +1,70 @@
+"""The steering verdict in the report: per-method test means and SAE-minus-baseline differences with their
+95% bootstrap intervals, as written to ``overall`` of ``metrics/steer.json`` (``pipeline.steering.verdict``)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from pipeline.report.document import Para, Table
+
+__all__ = ["STEER_DEFINITIONS", "verdict_blocks"]
+
+# Definitions of the steering summaries, by name (see pipeline/steering/{metrics,verdict}.py).
+STEER_DEFINITIONS = {
+    "hm": "Harmonic mean of concept@1 and fluency@1 of one generation (AxBench, Wu et al. 2025); per method: "
+          "mean over test prompts and features at each feature's validation-chosen coefficient.",
+    "concept": "Topic probability of the continuation under a naive-Bayes token model (labelled corpora), else "
+               "min(1, re-encoded feature activation / m_f).",
+    "fluency": "min(1, unsteered perplexity / steered perplexity) on the same prompt.",
+    "sae_hm@1": "Retired: test hm@1 of the SAE method with the best *test* hm@1 (chosen on the data it reports).",
+    "sae_hm@2": "Test hm@1 of the SAE method (add or clamp) chosen on validation hm@1.",
+    "sae_concept_gain@2": "Test concept@1 of the validation-chosen SAE method minus the unsteered continuation's.",
+    "test_hm": "Per method: mean test hm@1 over (test prompt, feature) units with a 95% two-way bootstrap interval.",
+    "validation_hm": "Per SAE method: mean validation hm@1 at each feature's chosen coefficient (chooses the SAE method).",
+}
+_DIFF = re.compile(r"^(judge_)?sae_minus_(\w+)_hm@\d+$")
+
+
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "—"
+
+
+def _ci(d: dict[str, Any]) -> str:
+    lo, hi = d.get("ci95_low"), d.get("ci95_high")
+    return f"[{_num(lo)}, {_num(hi)}]" if lo is not None and hi is not None else "— (fewer than 2 test prompts)"
+
+
+def verdict_blocks(overall: dict[str, Any]) -> list[Para | Table]:
+    """The verdict sentence, a table of test means and one of paired differences (empty for an old file)."""
+    out: list[Para | Table] = []
+    if isinstance(overall.get("summary"), str):
+        out.append(Para(overall["summary"]))
+    means = []
+    for metric, pre in (("hm@1", ""), ("judge_hm", "judge_")):
+        test = overall.get(f"test_{metric}")
+        if not isinstance(test, dict):
+            continue
+        sae = overall.get(f"{pre}sae_method")
+        for m, d in test.items():
+            if isinstance(d, dict):
+                role = "SAE (chosen on validation)" if m == sae else "SAE" if m in ("add", "clamp") else "baseline"
+                means.append([metric, str(m), role, _num(d.get("mean")), _ci(d)])
+    if means:
+        out.append(Table(["metric", "method", "role", "test mean", "95% CI"], means))
+    diffs = []
+    for key, d in overall.items():
+        hit = _DIFF.match(key)
+        if hit and isinstance(d, dict):
+            sae = overall.get(f"{hit.group(1) or ''}sae_method", "SAE")
+            diffs.append(["judge_hm" if hit.group(1) else "hm@1", f"{sae} − {hit.group(2)}", _num(d.get("mean")),
+                          _ci(d), str(d.get("verdict", "")), str(d.get("wins", ""))])
+    if diffs:
+        out.append(Table(["metric", "paired difference", "test mean", "95% CI", "verdict", "better on features"], diffs))
+    bs = overall.get("bootstrap")
+    if isinstance(bs, dict):
+        out.append(Para(f"Intervals: {bs.get('scheme')}; {bs.get('resamples')} resamples, seed {bs.get('seed')}, "
+                        f"{bs.get('test_prompts')} test prompts x {bs.get('features')} features. A verdict says "
+                        "beats / loses to only when the difference's interval excludes 0.", note=True))
+    return out
