@@ -1,9 +1,9 @@
 """Token contexts -> activation datasets: one forward pass per batch records every hook.
 
 Work is cut into shards of whole batches (``contexts_per_shard``). A shard is the unit of
-resume: a rerun after a kill skips shards already on disk (they only ever appear complete) and,
-because batches are aligned to shards and the forward is deterministic, rewrites the rest with
-the same bytes. Writing (Parquet encoding, fsync, sha256) runs on background threads so the
+resume: a rerun after a kill skips shards already on disk whose bytes still match the sha256
+recorded when they were written (their sidecar) and, because batches are aligned to shards and
+the forward is deterministic, rewrites the rest (missing, damaged) with the same bytes. Writing (Parquet encoding, fsync, sha256) runs on background threads so the
 forward pass never waits for the disk unless more than ``max_pending`` shards are queued.
 """
 
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.activations import ActivationWriter, Manifest
 from pipeline.hooks import run_to_hooks
-from pipeline.io import atomic_write_json
+from pipeline.io import DiskFullError, atomic_write_json
 
 log = logging.getLogger(__name__)
 STATE = "_extract_state.json"
@@ -116,6 +116,11 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
                 pending = _collect_done(pending)
         for f in pending:
             f.result()
+    except DiskFullError as e:
+        # Shards are all about the same size: say what the rest of this split needs, not just this file.
+        left = -(-n // spec.contexts_per_shard) * len(writers) - sum(w.n_shards for w in writers.values())
+        raise DiskFullError(e.path, e.needed * max(left, 1), e.reason, e.free,
+                            what=f"the {max(left, 1)} shard files of {split!r} still to write need about") from None
     finally:
         pool.shutdown(wait=True)
     out = {}

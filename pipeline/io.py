@@ -1,16 +1,63 @@
 """Atomic file writes: temp name in the same directory -> flush + fsync -> ``os.replace``.
 
-A reader (or a killed writer's rerun) never sees a half-written file under its final name.
+A reader (or a killed writer's rerun) never sees a half-written file under its final name. A full
+disk (or quota) during a write is one :class:`DiskFullError` line naming the file and the space it
+needs, and the partial temp file is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 TMP_SUFFIX = ".tmp"
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return 0
+
+
+class DiskFullError(UserError):
+    """A write failed for lack of space (ENOSPC) or quota (EDQUOT). ``needed``: bytes of the write."""
+
+    def __init__(self, path: Path, needed: int, reason: str, free: int | None = None, what: str = "writing it needs"):
+        self.path, self.needed, self.reason = path, needed, reason
+        self.free = free_bytes(path) if free is None else free
+        super().__init__(f"{path}: {reason}: {what} {human_bytes(needed)}, {human_bytes(self.free)} free; "
+                         f"free up space and rerun (completed files are kept)")
+
+
+@contextmanager
+def disk_full_as_user_error(path: Path, needed: int) -> Iterator[None]:
+    """Around a write of ``path`` (via ``path.tmp``, ~``needed`` bytes): ENOSPC/EDQUOT -> :class:`DiskFullError`."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # the partial file; frees its space too
+        raise DiskFullError(path, needed, DISK_FULL[e.errno]) from None
 
 
 def fsync_replace(tmp: Path, final: Path) -> None:
@@ -30,11 +77,12 @@ def fsync_replace(tmp: Path, final: Path) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    fsync_replace(tmp, path)
+    with disk_full_as_user_error(path, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        fsync_replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -54,5 +102,6 @@ def atomic_write_parquet(path: str | Path, table: Any, **kwargs: Any) -> None:
     if hasattr(table, "to_arrow"):
         table = table.to_arrow()
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(table, tmp, **kwargs)
-    fsync_replace(tmp, path)
+    with disk_full_as_user_error(path, table.nbytes):
+        pq.write_table(table, tmp, **kwargs)
+        fsync_replace(tmp, path)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.activations import ActivationDataset
+from pipeline.activations import ActivationBatch, ActivationDataset
 from pipeline.checkpoint import capture_rng, fingerprint, load_checkpoint, restore_rng, save_checkpoint
 from pipeline.devices import resolve_device
 from pipeline.errors import UserError
@@ -117,6 +117,20 @@ def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: 
     return fingerprint(sae=sae_cfg.to_dict(), train=train, seed=seed, data=data)
 
 
+def init_from_first_batch(sae: SAE, first: ActivationBatch, dataset: ActivationDataset, device: torch.device) -> None:
+    """``sae.init_from_data`` on the step-0 batch (``first.acts [B, d_model]``); bad data names the dataset and step."""
+    x = first.acts.to(device)
+    bad = ~torch.isfinite(x).all(dim=1)  # [B]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise UserError(f"{dataset.root}: non-finite activations (NaN/inf) in the batch at step 0 (init_from_data), "
+                        f"first at context_id {int(first.context_id[i])}, position {int(first.position[i])}")
+    try:
+        sae.init_from_data(x)
+    except UserError as e:
+        raise UserError(f"{dataset.root}: the batch at step 0: {e}") from None
+
+
 def write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore", lineterminator="\n")
@@ -186,7 +200,7 @@ def train_sae(
     else:
         # Data-dependent initialisation (b_dec, input scaling) from the first training batch.
         first = next(dataset.iter_batches(B, shuffle=True, seed=epoch_seed(seed, 0), drop_last=True))
-        sae.init_from_data(first.acts.to(device))
+        init_from_first_batch(sae, first, dataset, device)
 
     def checkpoint(complete: bool = False) -> None:
         check_finite()

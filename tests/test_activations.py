@@ -74,7 +74,7 @@ def test_truncated_and_missing_shards_are_named(dataset) -> None:
     with pytest.raises(UserError, match="shard-00002.parquet: not a readable Parquet shard"):
         open_activations(root).verify()
     (root / "shard-00000.parquet").unlink()
-    with pytest.raises(UserError, match="shard-00000.parquet: shard listed in the manifest is missing"):
+    with pytest.raises(UserError, match="shard-00000.parquet: shard listed in manifest.json is missing; re-run"):
         open_activations(root).verify(checksums=False)
 
 
@@ -115,8 +115,8 @@ def test_only_the_shards_being_read_stay_open(tmp_path: Path, monkeypatch: pytes
     opened = []
     real = ActivationDataset._open
 
-    def tracking(self, path):
-        f = real(self, path)
+    def tracking(self, index):
+        f = real(self, index)
         opened.append(f)
         return f
 

@@ -58,3 +58,15 @@ def test_tiny_cpu_run_writes_json_with_positive_numbers(bench: ModuleType, tmp_p
     loader = row["loader"]
     assert _positive(loader["iter_batches_tok_s"]) and _positive(loader["train_batches_tok_s"])
     assert _positive(loader["ratio_to_kernels_step"])
+
+
+def test_verify_benchmark_tiny_run(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_verify", REPO_ROOT / "benchmarks" / "verify.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = mod.main(["--tiny", "--out", str(tmp_path / "verify.json")])
+    assert json.loads((tmp_path / "verify.json").read_text()) == report
+    assert _positive(report["sha256_gb_s"]) and report["shards"] == 4
+    for mode in ("sequential", "shuffled", "train_batches"):
+        assert _positive(report[mode]["verified_gb_s"]) and _positive(report[mode]["plain_gb_s"]), mode

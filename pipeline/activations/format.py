@@ -12,6 +12,11 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# ``shard-00003.parquet.sha256``: the shard's sha256 as it was written (``sha256sum`` format), written
+# atomically right after the shard. A resumed extraction keeps a shard only if its bytes still match it.
+SIDECAR_SUFFIX = ".sha256"
+# What to do about a missing or damaged shard: the resume of `sae extract` rewrites exactly those shards.
+REGENERATE = "re-run `sae extract` (or rewrite this dataset if you wrote it yourself) to regenerate it"
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 ROW_GROUP_ROWS = 8192  # streaming granularity: ~9 MB of fp16 at d_model 576
 
@@ -60,6 +65,10 @@ def sha256_file(path: Path) -> str:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
+
+
+def sidecar_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + SIDECAR_SUFFIX)
 
 
 def _schema(d_model: int, dtype: str) -> pa.Schema:
