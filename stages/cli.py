@@ -6,6 +6,11 @@ import importlib
 
 import click
 
+from pipeline.numerics import request_reproducible_blas
+
+# Before any stage module imports torch: MKL reads its reproducibility mode once, at its first call.
+request_reproducible_blas()
+
 # name -> (module:attribute, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("stages.prepare:command", "Corpus -> fixed-length token contexts (Parquet)."),
