@@ -1,14 +1,17 @@
-"""Atomic file writes: temp name in the same directory -> flush + fsync -> ``os.replace``.
+"""Files: atomic writes, the sha256 of a file, JSON-safe numbers.
 
-A reader (or a killed writer's rerun) never sees a half-written file under its final name. A full
-disk (or quota) during a write is one :class:`DiskFullError` line naming the file and the space it
-needs, and the partial temp file is removed.
+Every write goes temp name in the same directory -> flush + fsync -> ``os.replace``: a reader (or a
+killed writer's rerun) never sees a half-written file under its final name. A full disk (or quota)
+during a write is one :class:`DiskFullError` line naming the file and the space it needs, and the
+partial temp file is removed.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -73,6 +76,34 @@ def fsync_replace(tmp: Path, final: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_number(x: float | None, digits: int | None = None) -> float | None:
+    """``x`` for a JSON file: NaN/inf (and None) -> None, since JSON has no NaN (DVC and strict readers
+    reject the literal); else ``x``, rounded to ``digits`` when given."""
+    if x is None or not math.isfinite(x):
+        return None
+    return x if digits is None else round(float(x), digits)
+
+
+def nan_to_null(obj: Any) -> Any:
+    """:func:`json_number` on every float inside dicts, lists and tuples; everything else unchanged."""
+    if isinstance(obj, float):
+        return json_number(obj)
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

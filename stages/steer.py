@@ -9,11 +9,9 @@ the LLM judge's calls are cached under ``data/steer_cache/`` (DVC ``persist: tru
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -28,17 +26,6 @@ METRICS = Path("metrics/steer.json")
 PLOTS = Path("plots/steer")
 REPORTS = Path("reports/steer")
 CACHE = Path("data/steer_cache")
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> null: DVC and strict JSON readers reject NaN literals."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 @stage_command(help="Causal steering evaluation: steer SAE features (addition, clamping), ablate them, "
@@ -80,7 +67,8 @@ def command(params: Params) -> None:
                          version=PROMPT_VERSION, key="steer.judge")
     try:
         result = evaluate_steering(lm.model, lm.tokenizer, sae, hook, contexts, documents, acts, interp, p,
-                                   params.seed, bos=params.corpus.bos != "none", judge=judge)
+                                   params.seed, bos=params.corpus.bos != "none", judge=judge,
+                                   model_info={"id": lm.model_id, "dtype": params.model.dtype, "device": str(device)})
     finally:
         if judge is not None:
             judge.flush()  # answers so far survive a failure: a rerun resumes from them
@@ -94,12 +82,8 @@ def command(params: Params) -> None:
         shutil.rmtree(d, ignore_errors=True)
     write_plot_csvs(curves, PLOTS)
     write_pngs(curves, REPORTS)
-    metrics = result.metrics
-    # Wall-clock numbers stay out of the DVC metrics so a checked-out commit reproduces them byte for byte.
-    rt = metrics.pop("runtime")
-    rt["stage_s"] = round(time.perf_counter() - t0, 2)
-    metrics["model"] = {"id": lm.model_id, "dtype": params.model.dtype, "device": str(device)}
-    atomic_write_json(METRICS, _finite(metrics))
-    atomic_write_json(REPORTS / "runtime.json", _finite(rt))
+    atomic_write_json(METRICS, result.metrics)
+    rt = {**result.runtime, "stage_s": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(REPORTS / "runtime.json", rt)
     log.info("steer: %d generations, %d tokens at %.0f tok/s; stage %.1fs", rt["generations"],
              rt["generated_tokens"], rt["generate_tokens_per_s"], rt["stage_s"])

@@ -12,7 +12,14 @@ from pipeline.hooks import final_norm_and_unembed, intervene
 from pipeline.sae import SAEConfig, make_sae
 from pipeline.steering.generate import continuation_nll, generate, left_pad
 from pipeline.steering.interventions import RowSteering, clamp_feature, feature_write, steer
-from pipeline.steering.protocol import ablation_effect
+from pipeline.steering.protocol import (
+    FeaturePlan,
+    Prompt,
+    SweepConfig,
+    SweepTiming,
+    ablation_effect,
+    run_sweep,
+)
 
 HOOK = "layers.1.resid_post"
 LAST = "layers.2.resid_post"
@@ -172,6 +179,25 @@ def test_continuation_nll_matches_manual_cross_entropy(lm) -> None:
     ref = torch.nn.functional.cross_entropy(logits[2:5], torch.tensor(seq[3:6]), reduction="none")
     torch.testing.assert_close(nll[0], ref, atol=1e-5, rtol=0)
     assert nll.shape == (2, 3)
+
+
+def test_run_sweep_returns_rows_and_timing_leaving_its_config_alone(lm) -> None:
+    """Timings are a return value, not written into the config (which may be shared across features)."""
+    import dataclasses
+
+    model, tok = lm
+    sae = _sae()
+    write = feature_write(sae, 3, 2.0)
+    plan = FeaturePlan(3, None, 2.0, {"add": write, "random": -write})
+    prompts = [Prompt(0, "a", "validation", [5, 17, 33]), Prompt(1, "b", "test", [8, 9])]
+    cfg = SweepConfig(HOOK, ["add", "clamp", "random"], [1.0, 4.0], max_new_tokens=3, batch_size=7)
+    before = dataclasses.asdict(cfg)
+    rows, timing = run_sweep(model, tok, sae, plan, prompts, cfg, None)
+    assert dataclasses.asdict(cfg) == before
+    per_prompt = 1 + 3 * 2  # the unsteered reference + methods x coefficients
+    assert len(rows) == 2 * per_prompt and isinstance(timing, SweepTiming)
+    assert (timing.rows, timing.tokens) == (2 * per_prompt, 2 * per_prompt * 3) and timing.generate_s > 0
+    assert [r["method"] for r in rows[:per_prompt]] == ["none"] + ["add"] * 2 + ["clamp"] * 2 + ["random"] * 2
 
 
 def test_generate_left_padding_gpt2_absolute_positions(tiny_gpt2: Path) -> None:

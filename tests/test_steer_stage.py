@@ -104,6 +104,19 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     assert json.loads(Path("metrics/steer.json").read_text()) == m  # bootstrap intervals included
 
 
+def test_dvc_steer_plots_name_every_steering_method() -> None:
+    """dvc.yaml is static YAML: its per-method plot series must follow the one list of methods."""
+    import yaml
+
+    from pipeline.params.analysis import BASELINES, SAE_METHODS, STEER_METHODS
+
+    dvc = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    plots = {k: v for entry in dvc["plots"] for k, v in entry.items()}
+    for csv in ("plots/steer/concept.csv", "plots/steer/fluency.csv"):
+        assert plots[csv]["y"] == list(STEER_METHODS), csv
+    assert set(SAE_METHODS) | set(BASELINES) == set(STEER_METHODS) and not set(SAE_METHODS) & set(BASELINES)
+
+
 def test_steer_stage_listed_features_generated_positions_and_errors(workspace: Path) -> None:
     _invoke("steer", *_sets(FAST + ["steer.features=[1, 5]", "steer.methods=[add, clamp]",
                                     "steer.positions=generated", "steer.do_sample=true"]))

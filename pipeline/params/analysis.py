@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from pipeline.params.core import ParamsError, knob
 
@@ -54,6 +54,14 @@ class InterpretParams:
         check_backend(self.explainer, f"{prefix}.explainer", "stats")
 
 
+# The steering methods, the one list: the SAE's own interventions, then the baselines. The sweep,
+# the verdict, the plot CSVs and the report follow it (dvc.yaml's steer plots are checked against it).
+SteerMethod = Literal["add", "clamp", "dim", "random"]
+STEER_METHODS: tuple[str, ...] = get_args(SteerMethod)
+SAE_METHODS = ("add", "clamp")  # steer the SAE's feature; the verdict speaks for one of them
+BASELINES = tuple(m for m in STEER_METHODS if m not in SAE_METHODS)  # difference-in-means, random direction
+
+
 # Neutral openings, none about a corpus topic, varied in form (opinion, story, list, report), so a
 # concept has to come from the steering.
 STEER_PROMPTS = (
@@ -77,8 +85,8 @@ class SteerParams:
     select_by: Literal["topic", "score", "auroc"] = knob(
         "topic", help="Automatic choice: 'topic' = best feature per corpus topic, 'score' = top explanation "
         "score, 'auroc' = top topic AUROC (from data/interpret; else from this stage's own topic statistics).")
-    methods: list[Literal["add", "clamp", "dim", "random"]] = knob(
-        factory=lambda: ["add", "clamp", "dim", "random"],
+    methods: list[SteerMethod] = knob(
+        factory=lambda: list(STEER_METHODS),
         help="'add': + a*m_f*W_dec[f]; 'clamp': feature set to c*m_f, SAE error kept; baselines 'dim' "
         "(difference-in-means of the feature's topic) and 'random' (random direction), same norm as 'add'.")
     coefficients: list[float] = knob(
@@ -116,7 +124,7 @@ class SteerParams:
         if not self.coefficients:
             raise ParamsError(f"{prefix}.coefficients: [] is empty (give at least one coefficient)")
         if not self.methods:
-            raise ParamsError(f"{prefix}.methods: [] is empty (allowed: add, clamp, dim, random)")
+            raise ParamsError(f"{prefix}.methods: [] is empty (allowed: {', '.join(STEER_METHODS)})")
         if len(self.prompts) < 2:
             raise ParamsError(f"{prefix}.prompts: need at least 2 prompts (one validation, one test)")
         if any(f < 0 for f in self.features):

@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any
 
+from pipeline.params.analysis import SAE_METHODS
 from pipeline.report.document import Para, Table
 
 __all__ = ["STEER_DEFINITIONS", "verdict_blocks"]
@@ -49,7 +50,7 @@ def verdict_blocks(overall: dict[str, Any]) -> list[Para | Table]:
         sae = overall.get(f"{pre}sae_method")
         for m, d in test.items():
             if isinstance(d, dict):
-                role = "SAE (chosen on validation)" if m == sae else "SAE" if m in ("add", "clamp") else "baseline"
+                role = "SAE (chosen on validation)" if m == sae else "SAE" if m in SAE_METHODS else "baseline"
                 means.append([metric, str(m), role, _num(d.get("mean")), _ci(d)])
     if means:
         out.append(Table(["metric", "method", "role", "test mean", "95% CI"], means))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +22,20 @@ from torch import nn
 from pipeline.activations import ActivationDataset
 from pipeline.errors import UserError
 from pipeline.hooks import final_norm_and_unembed
+from pipeline.io import nan_to_null
 from pipeline.params.analysis import SteerParams
 from pipeline.steering.baselines import dim_direction, feature_topics, random_direction, select_features
 from pipeline.steering.interventions import SAELike, feature_write
 from pipeline.steering.judge import JUDGE_COLUMNS, PROMPT_VERSION, TextBackend, judge_rows
 from pipeline.steering.metrics import TopicModel, label_windows
-from pipeline.steering.protocol import FeaturePlan, SweepConfig, ablation_effect, run_sweep, seeded_prompts
+from pipeline.steering.protocol import (
+    FeaturePlan,
+    SweepConfig,
+    SweepTiming,
+    ablation_effect,
+    run_sweep,
+    seeded_prompts,
+)
 from pipeline.steering.stats import collect_stats, label_grid
 from pipeline.steering.summary import add_scores, choose_and_report
 
@@ -38,7 +47,8 @@ __all__ = ["SteeringResult", "evaluate_steering"]
 @dataclass
 class SteeringResult:
     generations: pl.DataFrame  # one row per (feature, method, coefficient, prompt)
-    metrics: dict[str, Any]  # the metrics JSON
+    metrics: dict[str, Any]  # metrics/steer.json, complete (NaN already null)
+    runtime: dict[str, Any]  # wall-clock numbers: kept out of the metrics so a rerun reproduces them byte for byte
 
 
 def _topic_model(contexts: pl.DataFrame, rows: dict[int, int], grid: np.ndarray, topics: list[str],
@@ -76,9 +86,10 @@ def judge_concepts(features: list[int], feat_topic: dict[int, str | None], inter
 
 def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str, contexts: pl.DataFrame,
                       documents: pl.DataFrame, acts: ActivationDataset, interp: pl.DataFrame | None,
-                      p: SteerParams, seed: int, bos: bool = True, judge: TextBackend | None = None) -> SteeringResult:
+                      p: SteerParams, seed: int, bos: bool = True, judge: TextBackend | None = None,
+                      model_info: Mapping[str, str] | None = None) -> SteeringResult:
     """Run the protocol of ``p`` (see ``SteerParams``) for the SAE at ``hook``; ``judge``: the LLM judge's
-    backend (``steer.judge``), or None to leave it out."""
+    backend (``steer.judge``), or None to leave it out; ``model_info``: recorded as ``model`` in the metrics."""
     t_start = time.perf_counter()
     topics, rows, grid = label_grid(contexts, documents)
     stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens)
@@ -98,6 +109,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     per_feature_extra: dict[str, dict[str, Any]] = {}
     ctx_tokens = dict(zip(contexts["context_id"].to_list(), contexts["token_ids"].to_list(), strict=True))
     t_ablate = t_judge = 0.0
+    timing = SweepTiming()
     unparsed = 0
     for f in features:
         scale = stats.scale(f, p.scale, p.scale_quantile)
@@ -114,7 +126,8 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
             dirs["random"] = torch.from_numpy(random_direction(write.shape[0], seed * 7919 + f)).float() * norm
         plan = FeaturePlan(f, feat_topic[f], scale, dirs)
         log.info("steering feature %d (topic %s, m_f %.3g, |write| %.3g)", f, feat_topic[f], scale, norm)
-        sweep = run_sweep(model, tokenizer, sae, plan, prompts, cfg, topic_model)
+        sweep, t = run_sweep(model, tokenizer, sae, plan, prompts, cfg, topic_model)
+        timing += t
         if judge is not None:
             t0 = time.perf_counter()
             unparsed += judge_rows(judge, sweep, concepts[f])
@@ -142,7 +155,6 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     report = choose_and_report(df, seed, p.bootstrap_resamples)
     for key, extra in per_feature_extra.items():
         report["features"][key].update(extra)
-    gen_s, toks = cfg.timing["generate_s"], cfg.timing["tokens"]
     report["settings"] = {"hook": hook, "features": features, "methods": list(p.methods),
                           "coefficients": list(p.coefficients), "positions": p.positions, "scale": p.scale,
                           "n_prompts": {"validation": sum(q.split == "validation" for q in prompts),
@@ -155,9 +167,11 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
                            "ratings": 3 * len(df), "unparsed": unparsed}
         if unparsed:
             log.warning("steer.judge: %d of %d answers had no 0-2 rating (recorded as null)", unparsed, 3 * len(df))
-    report["runtime"] = {"generations": int(cfg.timing["rows"]), "generated_tokens": int(toks),
-                         "generate_s": round(gen_s, 2), "generate_tokens_per_s": round(toks / max(gen_s, 1e-9), 1),
-                         "ablation_s": round(t_ablate, 2), **({"judge_s": round(t_judge, 2)} if judge is not None else {}),
-                         "total_s": round(time.perf_counter() - t_start, 2)}
+    if model_info is not None:
+        report["model"] = dict(model_info)
+    runtime = {"generations": timing.rows, "generated_tokens": timing.tokens, "generate_s": round(timing.generate_s, 2),
+               "generate_tokens_per_s": round(timing.tokens / max(timing.generate_s, 1e-9), 1),
+               "ablation_s": round(t_ablate, 2), **({"judge_s": round(t_judge, 2)} if judge is not None else {}),
+               "total_s": round(time.perf_counter() - t_start, 2)}
     log.info("steer: %s", report["overall"].get("summary", ""))
-    return SteeringResult(df, report)
+    return SteeringResult(df, nan_to_null(report), nan_to_null(runtime))

@@ -1,7 +1,7 @@
 """Steering plots: DVC plot CSVs and PNGs.
 
-- ``concept.csv``            coefficient + one column per method (add, clamp, dim, random; empty when
-                             not run): mean concept@1 over features and all prompts — one DVC plot,
+- ``concept.csv``            coefficient + one column per method of ``STEER_METHODS`` (empty when not
+                             run): mean concept@1 over features and all prompts — one DVC plot,
                              one series per method
 - ``fluency.csv``            the same for fluency@1
 - ``frontier/<method>.csv``  concept@1, fluency@1, coefficient: the concept–fluency trade-off curve
@@ -16,10 +16,9 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.params.analysis import STEER_METHODS
 
-__all__ = ["sweep_curves", "write_plot_csvs", "write_pngs", "PLOT_METHODS"]
-
-PLOT_METHODS = ("add", "clamp", "dim", "random")
+__all__ = ["sweep_curves", "write_plot_csvs", "write_pngs"]
 
 
 def sweep_curves(df: pl.DataFrame) -> pl.DataFrame:
@@ -34,7 +33,7 @@ def write_plot_csvs(curves: pl.DataFrame, root: Path) -> list[Path]:
     written = []
     for name, col in (("concept", "concept@1"), ("fluency", "fluency@1")):
         wide = pl.DataFrame({"coefficient": sorted(curves["coefficient"].unique().to_list())})
-        for m in PLOT_METHODS:  # fixed columns, so the dvc.yaml plot definition never names a missing one
+        for m in STEER_METHODS:  # fixed columns, so the dvc.yaml plot definition never names a missing one
             g = curves.filter(pl.col("method") == m).select("coefficient", pl.col(col).alias(m))
             wide = wide.join(g, on="coefficient", how="left")
         written.append(_write_csv(wide, root / f"{name}.csv"))

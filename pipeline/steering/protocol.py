@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,7 @@ from pipeline.steering.metrics import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeaturePlan", "SweepConfig", "Prompt", "run_sweep", "ablation_effect"]
-
-ADDITIVE = ("add", "dim", "random")
+__all__ = ["FeaturePlan", "SweepConfig", "SweepTiming", "Prompt", "run_sweep", "ablation_effect"]
 
 
 @dataclass
@@ -64,7 +62,18 @@ class SweepConfig:
     temperature: float = 1.0
     batch_size: int = 64
     seed: int = 0
-    timing: dict[str, float] = field(default_factory=lambda: {"generate_s": 0.0, "tokens": 0.0, "rows": 0.0})
+
+
+@dataclass
+class SweepTiming:
+    """Wall-clock cost of generation (kept out of the metrics: a rerun must reproduce those byte for byte)."""
+
+    generate_s: float = 0.0
+    tokens: int = 0  # generated tokens
+    rows: int = 0  # generations
+
+    def __add__(self, other: SweepTiming) -> SweepTiming:
+        return SweepTiming(self.generate_s + other.generate_s, self.tokens + other.tokens, self.rows + other.rows)
 
 
 def _row_specs(cfg: SweepConfig) -> list[tuple[str, float]]:
@@ -82,13 +91,15 @@ def _chunks(prompts: list[Prompt], per_prompt: int, batch_size: int) -> list[lis
 
 @torch.no_grad()
 def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan, prompts: list[Prompt],
-              cfg: SweepConfig, topic_model: TopicModel | None) -> list[dict[str, Any]]:
-    """All rows for one feature: generations with their raw metrics (fluency/hm are added later)."""
+              cfg: SweepConfig, topic_model: TopicModel | None) -> tuple[list[dict[str, Any]], SweepTiming]:
+    """All rows for one feature: generations with their raw metrics (fluency/hm are added later), and the
+    time their generation took."""
     specs = _row_specs(cfg)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + plan.feature)
     rows: list[dict[str, Any]] = []
+    timing = SweepTiming()
     t_idx = topic_model.topics.index(plan.topic) if topic_model is not None and plan.topic in topic_model.topics else None
     seen: dict[str, Tensor] = {}
 
@@ -103,18 +114,16 @@ def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan,
         add = torch.zeros(B, sae.W_dec.shape[1])
         clamp = torch.full((B,), float("nan"))
         for i, (m, c) in enumerate(specs * len(chunk)):
-            if m in ADDITIVE:
-                add[i] = c * plan.directions[m]
-            elif m == "clamp":
+            if m == "clamp":
                 clamp[i] = c * plan.scale
+            elif m != "none":  # every other method adds its direction
+                add[i] = c * plan.directions[m]
         start = 0 if cfg.positions == "all" else T - 1  # 'generated': last prompt token onwards
         steering = RowSteering(sae, plan.feature, add.to(device), clamp.to(device), start)
         t0 = time.perf_counter()
         with steer(model, cfg.hook, steering):
             new, prompt_logits = generate(model, batch, cfg.max_new_tokens, cfg.do_sample, cfg.temperature, gen)
-        cfg.timing["generate_s"] += time.perf_counter() - t0
-        cfg.timing["tokens"] += new.numel()
-        cfg.timing["rows"] += B
+        timing += SweepTiming(time.perf_counter() - t0, new.numel(), B)
         # Side effects on the prompt: clean = the reference ('none') row of the same prompt.
         ref = torch.arange(B, device=device) // len(specs) * len(specs)  # [B]
         edited = batch.attention_mask.bool() & (torch.arange(T, device=device) >= start)[None]  # [B, T]
@@ -144,7 +153,7 @@ def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan,
                 "topic_score@1": float(topic_p[i]) if topic_p is not None else math.nan,
                 "perplexity@1": float(ppl[i]), "distinct2@1": float(distinct[i]), "kl@1": float(kl[i]), "other_features@1": float(other[i]),
             })
-    return rows
+    return rows, timing
 
 
 @torch.no_grad()

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.params.analysis import BASELINES, SAE_METHODS
 from pipeline.steering.bootstrap import LEVEL, Resamples
 from pipeline.steering.metrics import fluency, harmonic_mean
-from pipeline.steering.verdict import BASELINES, SAE_METHODS, metric_verdict
+from pipeline.steering.verdict import metric_verdict
 
-__all__ = ["add_scores", "choose_and_report", "REPORTED", "JUDGED", "SAE_METHODS", "BASELINES"]
+__all__ = ["add_scores", "choose_and_report", "REPORTED", "JUDGED"]
 
 REPORTED = ("hm@1", "concept@1", "fluency@1", "concept_act@1", "concept_frac@1", "topic_score@1",
             "perplexity@1", "distinct2@1", "kl@1", "other_features@1")

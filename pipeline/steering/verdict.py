@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from pipeline.params.analysis import BASELINES, SAE_METHODS
 from pipeline.steering.bootstrap import Interval, Resamples, interval
 
-__all__ = ["SAE_METHODS", "BASELINES", "grid", "choose_sae_method", "metric_verdict", "VERDICTS"]
+__all__ = ["grid", "choose_sae_method", "metric_verdict", "VERDICTS"]
 
-SAE_METHODS = ("add", "clamp")
-BASELINES = ("dim", "random")
 VERDICTS = ("beats", "loses to", "is indistinguishable from")
 
 
