@@ -70,3 +70,20 @@ def test_verify_benchmark_tiny_run(tmp_path: Path) -> None:
     assert _positive(report["sha256_gb_s"]) and report["shards"] == 4
     for mode in ("sequential", "shuffled", "train_batches"):
         assert _positive(report[mode]["verified_gb_s"]) and _positive(report[mode]["plain_gb_s"]), mode
+
+
+def test_numerics_benchmark_compares_both_mkl_modes(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_numerics", REPO_ROOT / "benchmarks" / "numerics.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from pipeline.numerics import mkl_cbwr_mode
+
+    if mkl_cbwr_mode() is None:
+        pytest.skip("no MKL in this torch build")
+    report = mod.main(["--tiny", "--repeats", "1", "--out", str(tmp_path / "r.json")])
+    assert report["modes"] == {"default": "OFF", "strict": "AUTO,STRICT"}  # each process really ran its mode
+    for w in ("gemm_s", "forward_s"):
+        assert _positive(report[w]["default"]) and _positive(report[w]["strict"])
+        assert report[w]["strict_over_default"] == pytest.approx(report[w]["strict"] / report[w]["default"])
+    assert json.loads((tmp_path / "r.json").read_text()) == report
