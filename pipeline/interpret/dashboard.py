@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.interpret.dashboard_assets import CSS, HOOKS_PAGE, JS, PAGE
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, json_number
 
 SHARD_SIZE = 64
 WINDOW_BEFORE, WINDOW_AFTER = 20, 8
@@ -23,10 +23,6 @@ WINDOW_BEFORE, WINDOW_AFTER = 20, 8
 def _json(obj: Any) -> str:
     # Inline JSON inside <script>: escape "</" so a token string cannot close the tag.
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
-
-
-def _num(x: float) -> float | None:
-    return None if x is None or not np.isfinite(x) else round(float(x), 5)
 
 
 class DashboardShards:
@@ -40,7 +36,7 @@ class DashboardShards:
         n = int((tokens >= 0).sum())
         c = int(acts.argmax())
         lo, hi = max(0, c - WINDOW_BEFORE), min(n, c + WINDOW_AFTER + 1)
-        return {**meta, "max": _num(acts.max(initial=0)), "tok_ids": tokens[lo:hi].tolist(),
+        return {**meta, "max": json_number(acts.max(initial=0), 5), "tok_ids": tokens[lo:hi].tolist(),
                 "acts": np.round(acts[lo:hi].astype(np.float64), 3).tolist()}
 
     def add(self, feature: int, payload: dict[str, Any]) -> None:
