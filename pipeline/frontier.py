@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import metrics
+from stages.paths import METRICS
 
 log = logging.getLogger(__name__)
 
-EVALUATE_METRICS = "metrics/evaluate.json"
+EVALUATE_METRICS = (METRICS / "evaluate.json").as_posix()  # its key in `dvc exp show --json`
 
 
 @dataclass

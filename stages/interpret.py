@@ -19,13 +19,12 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.params import Params
 from stages.common import stage_command
-from stages.paths import ACTIVATIONS, INTERPRET, MODELS, TOKENS
+from stages.paths import ACTIVATIONS, DASHBOARD, INTERPRET, MODELS, TOKENS
 
 log = logging.getLogger("sae.interpret")
 
 OUT = INTERPRET
 CACHE = Path("data/interpret_cache")
-REPORT = Path("reports/features")
 METRICS = Path("metrics/interpret.json")
 
 
@@ -71,12 +70,12 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             llm = params.llm
             backend = make_backend(p.explainer, root / CACHE, base_url=llm.base_url, api_key_env=llm.api_key_env,
                                    max_retries=llm.max_retries, timeout=llm.request_timeout, device=device)
-        m = interpret_hook(dataset, sae, table, lm.tokenizer, norm, W_U, cfg, root / OUT / hook, root / REPORT / hook,
+        m = interpret_hook(dataset, sae, table, lm.tokenizer, norm, W_U, cfg, root / OUT / hook, root / DASHBOARD / hook,
                            backend=backend, device=device)
         metrics[hook] = m
         entries.append((hook, f"{hook}/index.html", f"{m['alive_features@1']} alive features, "
                                                     f"median topic AUROC {m['median_topic_auroc@1']}"))
-    write_hooks_page(root / REPORT, entries)
+    write_hooks_page(root / DASHBOARD, entries)
     # A declared DVC output must exist even when no LM ran ('stats' explainer).
     atomic_write_text(root / CACHE / "README.txt", "LM call cache of `sae interpret` (one JSONL per backend); "
                       "delete it to recompute explanations and scores.\n")

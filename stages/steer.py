@@ -19,12 +19,11 @@ from pipeline.activations import open_activations
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from stages.common import Params, log, stage_command
-from stages.paths import ACTIVATIONS, INTERPRET, MODELS, TOKENS
+from stages.paths import ACTIVATIONS, INTERPRET, MODELS, STEER_FIGURES, TOKENS
 
 OUT = Path("data/steer")
 METRICS = Path("metrics/steer.json")
 PLOTS = Path("plots/steer")
-REPORTS = Path("reports/steer")
 CACHE = Path("data/steer_cache")
 
 
@@ -78,12 +77,12 @@ def command(params: Params) -> None:
 
     atomic_write_parquet(OUT / "generations.parquet", result.generations)
     curves = sweep_curves(result.generations)
-    for d in (PLOTS, REPORTS):  # the method set may have changed: no stale series
+    for d in (PLOTS, STEER_FIGURES):  # the method set may have changed: no stale series
         shutil.rmtree(d, ignore_errors=True)
     write_plot_csvs(curves, PLOTS)
-    write_pngs(curves, REPORTS)
+    write_pngs(curves, STEER_FIGURES)
     atomic_write_json(METRICS, result.metrics)
     rt = {**result.runtime, "stage_s": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(REPORTS / "runtime.json", rt)
+    atomic_write_json(STEER_FIGURES / "runtime.json", rt)
     log.info("steer: %d generations, %d tokens at %.0f tok/s; stage %.1fs", rt["generations"],
              rt["generated_tokens"], rt["generate_tokens_per_s"], rt["stage_s"])

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from stages.paths import ACTIVATIONS, MODELS, TOKENS
+
 TOKEN_FEATURE, TOPIC_FEATURE = 0, 1
 CODE_DIMS = 16
 
@@ -58,7 +60,7 @@ def write_planted_world(root: Path, model_dir: Path, hook: str = "layers.1.resid
     token_ids = np.array(stream[: n_ctx * T]).reshape(n_ctx, T)
     document_ids = np.array(doc_of[: n_ctx * T]).reshape(n_ctx, T)
     split = np.where(np.arange(n_ctx) % 10 == 9, "validation", "train")
-    tdir = Path(root) / "data" / "tokens"
+    tdir = Path(root) / TOKENS
     tdir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
         "context_id": pa.array(np.arange(n_ctx), pa.int32()), "split": pa.array(split),
@@ -81,7 +83,7 @@ def write_planted_world(root: Path, model_dir: Path, hook: str = "layers.1.resid
         x = 0.01 * torch.randn(len(ti), d, generator=g)
         x[:, :CODE_DIMS] += 4 * E[ti]
         x[torch.arange(len(ti)), CODE_DIMS + label_of_doc[di]] += 2.0
-        w = ActivationWriter(Path(root) / "data" / "activations" / s / hook, hook=hook, d_model=d, dtype="float32")
+        w = ActivationWriter(Path(root) / ACTIVATIONS / s / hook, hook=hook, d_model=d, dtype="float32")
         w.write_shard(0, np.repeat(rows, T), np.tile(np.arange(T), len(rows)), ti.numpy(), x)
         w.finalize()
 
@@ -101,5 +103,5 @@ def write_planted_world(root: Path, model_dir: Path, hook: str = "layers.1.resid
         sae.b_enc.copy_(b_enc)
         sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
         sae.b_dec.zero_()
-    save_sae(sae, Path(root) / "models" / "sae" / hook)
+    save_sae(sae, Path(root) / MODELS / hook)
     return PlantedWorld(Path(root), hook, int(target), TOPICS[0], d_sae)

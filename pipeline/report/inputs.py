@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.tracking.record import headline_metrics, read_curve, read_manifest, read_stage_metrics
 from pipeline.tracking.store import RunPoint
+from stages.paths import ACTIVATIONS, DASHBOARD, INTERPRET, METRICS, MODELS, STEER_FIGURES, TRAIN_CURVES
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +97,25 @@ def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> 
     """Read the workspace at ``root``; ``params`` are the flattened dotted params."""
     root = Path(root)
     inp = ReportInputs(params=dict(params), hooks=list(hooks))
-    inp.stage_metrics = read_stage_metrics(root / "metrics")
+    inp.stage_metrics = read_stage_metrics(root / METRICS)
     inp.headline = headline_metrics(inp.stage_metrics, hooks[0] if hooks else None)
     for stage in ("prepare", "extract", "train", "evaluate", "interpret", "steer"):
         if stage not in inp.stage_metrics:
-            inp.missing.append(f"metrics/{stage}.json")
+            inp.missing.append(str(METRICS / f"{stage}.json"))
     for hook in hooks:
         if not inp.manifest:
             inp.manifest = read_manifest(root, hook)
-        cfg = _json(root / "models" / "sae" / hook / "cfg.json")
+        cfg = _json(root / MODELS / hook / "cfg.json")
         if cfg is not None:
             inp.sae_cfgs[hook] = cfg
         else:
-            inp.missing.append(f"models/sae/{hook}/cfg.json")
-        curve = root / "plots" / "train" / f"{hook}.csv"
+            inp.missing.append(str(MODELS / hook / "cfg.json"))
+        curve = root / TRAIN_CURVES / f"{hook}.csv"
         if curve.is_file():
             inp.curves[hook] = read_curve(curve)
         else:
             inp.missing.append(str(curve.relative_to(root)))
-        feats = root / "data" / "interpret" / hook / "features.parquet"
+        feats = root / INTERPRET / hook / "features.parquet"
         if feats.is_file():
             try:
                 inp.features[hook], inp.feature_counts[hook] = top_features(feats, top_n)
@@ -124,10 +125,10 @@ def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> 
         else:
             inp.missing.append(str(feats.relative_to(root)))
     if not inp.manifest:
-        inp.missing.append("data/activations/train/<hook>/manifest.json")
-    inp.steer = _json(root / "metrics" / "steer.json")
-    steer_dir = root / "reports" / "steer"
+        inp.missing.append(str(ACTIVATIONS / "train" / "<hook>" / "manifest.json"))
+    inp.steer = _json(root / METRICS / "steer.json")
+    steer_dir = root / STEER_FIGURES
     inp.steer_pngs = sorted(steer_dir.glob("*.png")) if steer_dir.is_dir() else []
-    dash = root / "reports" / "features" / "index.html"
+    dash = root / DASHBOARD / "index.html"
     inp.dashboard = dash if dash.is_file() else None
     return inp

@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.tracking.names import MAX_TAG_VALUE, iter_numeric, metric_base, metric_key, param_value
 from pipeline.tracking.workspace import git_info, package_versions
+from stages.paths import ACTIVATIONS, METRICS, MODELS, PLOTS, TRAIN_CURVES
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def headline_metrics(stage_metrics: Mapping[str, Mapping[tuple[str, ...], float]
 
 def read_manifest(root: Path, hook: str) -> dict[str, Any]:
     for split in ("train", "validation"):
-        p = root / "data" / "activations" / split / hook / "manifest.json"
+        p = root / ACTIVATIONS / split / hook / "manifest.json"
         if p.is_file():
             try:
                 return json.loads(p.read_text())
@@ -126,13 +127,13 @@ def read_manifest(root: Path, hook: str) -> dict[str, Any]:
 
 def _artifacts(root: Path) -> list[list[str]]:
     arts: list[list[str]] = []
-    for p in sorted((root / "models" / "sae").glob("*/cfg.json")):
+    for p in sorted((root / MODELS).glob("*/cfg.json")):
         arts.append([str(p), f"sae/{p.parent.name}"])
-    for p in sorted((root / "metrics").glob("*.json")):
+    for p in sorted((root / METRICS).glob("*.json")):
         arts.append([str(p), "metrics"])
-    plots = root / "plots"
+    plots = root / PLOTS
     for p in sorted(plots.rglob("*.csv")) if plots.is_dir() else []:
-        arts.append([str(p), str(Path("plots") / p.parent.relative_to(plots))])
+        arts.append([str(p), str(PLOTS / p.parent.relative_to(plots))])
     for name in ("params.yaml", "dvc.lock"):
         if (root / name).is_file():
             arts.append([str(root / name), ""])
@@ -152,7 +153,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
     commit = git.get("commit", "")
     run_name = exp_name or (f"workspace-{commit[:7]}" if commit else "workspace")
 
-    stage_metrics = read_stage_metrics(root / "metrics")
+    stage_metrics = read_stage_metrics(root / METRICS)
     metrics: dict[str, float] = {}
     for stage, values in stage_metrics.items():
         for path, value in values.items():
@@ -169,7 +170,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
         tags[f"headline.{name}"] = source
 
     curves: dict[str, list[list[float]]] = {}
-    for csv_path in sorted((root / "plots" / "train").glob("*.csv")):
+    for csv_path in sorted((root / TRAIN_CURVES).glob("*.csv")):
         for col, points in read_curve(csv_path).items():
             curves[metric_key("curve", csv_path.stem, col)] = points
 
