@@ -1,36 +1,22 @@
 """Versioned metric definitions: pure functions plus streaming accumulators.
 
-Every metric has a name ``<metric>@<version>``; the version changes whenever the definition
-changes, so numbers in old DVC metrics files and MLflow runs stay comparable (or visibly not).
+Every metric has a name ``<metric>@<version>`` (:mod:`pipeline.metric_names`, whose :data:`DEFINITIONS`
+table says what each name means); the version changes whenever the definition changes.
 Conventions: ``x[N, d]`` activations, ``x_hat[N, d]`` reconstructions, ``f[N, d_sae]`` latents;
 N counts tokens (leading dims are flattened). Accumulators sum in float64 on the tensor's device
 and sync to host only in ``result()``, so evaluation never holds all tokens in memory.
 
-Definitions:
+Why these definitions:
 
-- ``mse@1``: mean over tokens *and* dimensions of (x - x_hat)^2.
-- ``uncentered_nmse@1``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n||^2 (normalised by the raw second moment,
-  not by the variance). Formerly ``nmse@1`` (same definition), renamed so it is not read as the
-  "normalised MSE" of Gao et al. 2024, which divides by the variance around the mean: that is ``fvu@2``.
-  On activations with a large mean it is much smaller than the FVU.
-- ``fvu@2``: sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2, i.e. residual variance summed over
-  dimensions over total variance summed over dimensions around the per-dimension mean. Version 1
+- ``fvu@2`` sums the residual over dimensions before dividing by the summed variance. Version 1
   (a mean of per-dimension ratios) is retired: it lets a few near-constant dimensions dominate the
   average (their tiny variance inflates their ratio), and it changes under a rotation of the
   basis, while the residual stream has no privileged basis. The summed ratio is 1 - R^2 of the
   vector regression, invariant to rotations, and is what SAE papers report.
-- ``l0@1``: mean over tokens of the number of nonzero latents.
-- ``l1@1``: mean over tokens of sum_i |f_i|.
-- ``dead_fraction@1``: fraction of latents that never fired (f != 0) over the evaluation window.
-- ``dense_fraction@1``: fraction of latents firing on more than 10% of the window's tokens.
-- ``shrinkage@1``: mean over tokens (with ||x|| > 0) of ||x_hat|| / ||x|| (< 1: the L1 shrinks codes).
-- ``ce_loss_recovered@1``: (CE_zero_abl - CE_sae) / (CE_zero_abl - CE_clean), next-token cross
-  entropies (nats/token) of the model clean, with the SAE's reconstruction spliced in, and with the
-  hook's output zeroed. 1 = as good as clean, 0 = no better than zero ablation.
-- ``kl_div@1``: mean over tokens of KL(p_clean || p_sae) of next-token distributions (nats).
-- ``delta_lm_loss@1``: CE_sae - CE_clean (nats/token).
-- ``mmcs@1``: mean over rows of A of the max cosine similarity with any row of B (mean max cosine
-  similarity; Sharkey et al. 2022, "Taking features out of superposition with sparse autoencoders").
+- ``uncentered_nmse@1`` (formerly ``nmse@1``, same definition) divides by the raw second moment, not
+  the variance, so it is not the "normalised MSE" of Gao et al. 2024 (that is ``fvu@2``); on
+  activations with a large mean it is much smaller than the FVU.
+- ``mmcs@1``: Sharkey et al. 2022, "Taking features out of superposition with sparse autoencoders".
 
 Special tokens excluded (``evaluate.exclude_special_tokens: true``, the default; SAEBench's core
 evaluation does the same with ``exclude_special_tokens_from_reconstruction``). BOS/EOS/PAD positions
@@ -38,15 +24,11 @@ carry activations unlike any text token (BOS is an attention sink with massive a
 al. 2023, Sun et al. 2024; at position 0 it is the same vector in every context), so they can
 dominate the total variance and flatter or ruin FVU depending on whether the SAE spends latents on
 them. A different token set is a different definition, so each name bumps its version
-(:data:`EXCLUDING_SPECIAL`); with the option off, the names above are produced unchanged.
-
-- ``mse@2, uncentered_nmse@2, fvu@3, shrinkage@2, l0@2, l1@2, dead_fraction@2, dense_fraction@2``: the
-  definitions of ``mse@1 ... dense_fraction@1`` over the activation rows whose token is not special.
-- ``ce_loss_recovered@2, kl_div@2, delta_lm_loss@2, ce_clean@2, ce_sae@2, ce_zero_ablation@2``: the
-  SAE replaces the hook's output only at non-special positions (special positions keep the original
-  activation), the zero-ablation baseline zeroes only those same positions, and only predictions
-  made at non-special positions are averaged. (SAEBench zeroes every position in the baseline, BOS
-  included; here both edited forwards lose the same positions, so the ratio compares like with like.)
+(:data:`EXCLUDING_SPECIAL`); with the option off, the all-token names are produced unchanged. For the
+downstream-loss metrics the SAE replaces the hook's output only at non-special positions, the
+zero-ablation baseline zeroes only those same positions, and only predictions made at non-special
+positions are averaged. (SAEBench zeroes every position in the baseline, BOS included; here both
+edited forwards lose the same positions, so the ratio compares like with like.)
 """
 
 from __future__ import annotations
@@ -58,34 +40,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MSE = "mse@1"
-UNCENTERED_NMSE = "uncentered_nmse@1"
-FVU = "fvu@2"
-L0 = "l0@1"
-L1 = "l1@1"
-DEAD_FRACTION = "dead_fraction@1"
-DENSE_FRACTION = "dense_fraction@1"
-SHRINKAGE = "shrinkage@1"
-CE_LOSS_RECOVERED = "ce_loss_recovered@1"
-KL_DIV = "kl_div@1"
-DELTA_LM_LOSS = "delta_lm_loss@1"
-MMCS = "mmcs@1"
-CE_CLEAN = "ce_clean@1"  # mean next-token CE of the clean model (nats/token)
-CE_SAE = "ce_sae@1"  # ... with the SAE reconstruction spliced in at the hook
-CE_ZERO_ABLATION = "ce_zero_ablation@1"  # ... with the hook output zeroed
-
-DENSE_THRESHOLD = 0.1  # dense_fraction@1: fires on more than 10% of tokens
-
-# All-token name -> the same definition over non-special tokens (see the module docstring).
-EXCLUDING_SPECIAL = {
-    MSE: "mse@2", UNCENTERED_NMSE: "uncentered_nmse@2", FVU: "fvu@3", SHRINKAGE: "shrinkage@2",
-    L0: "l0@2", L1: "l1@2", DEAD_FRACTION: "dead_fraction@2", DENSE_FRACTION: "dense_fraction@2",
-    CE_LOSS_RECOVERED: "ce_loss_recovered@2", KL_DIV: "kl_div@2", DELTA_LM_LOSS: "delta_lm_loss@2",
-    CE_CLEAN: "ce_clean@2", CE_SAE: "ce_sae@2", CE_ZERO_ABLATION: "ce_zero_ablation@2",
-}
-# All-token values still reported when special tokens are excluded: the headline triple and KL,
-# so every run shows what the exclusion changes and stays comparable with runs made without it.
-ALL_TOKEN_REFERENCE = (L0, FVU, CE_LOSS_RECOVERED, KL_DIV)
+from pipeline.metric_names import (
+    ALL_TOKEN_REFERENCE,  # noqa: F401  re-exported: metrics.ALL_TOKEN_REFERENCE
+    CE_CLEAN,
+    CE_LOSS_RECOVERED,
+    CE_SAE,
+    CE_ZERO_ABLATION,
+    DEAD_FRACTION,
+    DELTA_LM_LOSS,
+    DENSE_FRACTION,
+    DENSE_THRESHOLD,
+    EXCLUDING_SPECIAL,
+    FVU,
+    KL_DIV,
+    L0,
+    L1,
+    MMCS,  # noqa: F401  re-exported: metrics.MMCS
+    MSE,
+    SHRINKAGE,
+    UNCENTERED_NMSE,
+)
 
 
 def excluding_special(values: dict[str, float]) -> dict[str, float]:

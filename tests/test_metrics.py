@@ -34,6 +34,24 @@ def test_names_are_versioned() -> None:
     assert M.excluding_special({M.FVU: 0.5, "n_tokens": 3}) == {"fvu@3": 0.5, "n_tokens": 3}
 
 
+def test_one_definitions_table_for_every_name() -> None:
+    """pipeline.metric_names is the one table: metrics re-exports its names, the report prints its text,
+    and it loads without torch (the report stage does not need it)."""
+    import subprocess
+    import sys
+
+    import pipeline.metric_names as N
+    from pipeline.report import DEFINITIONS
+    from pipeline.report.sections import definition
+
+    assert DEFINITIONS is N.DEFINITIONS and M.FVU is N.FVU and M.EXCLUDING_SPECIAL is N.EXCLUDING_SPECIAL
+    names = [v for k, v in vars(N).items() if k.isupper() and not k.startswith("_") and isinstance(v, str)]
+    assert len(names) == 15 and all(definition(n) for n in [*names, *N.EXCLUDING_SPECIAL.values()])
+    assert "more than 10% of tokens" in definition(M.DENSE_FRACTION) and M.DENSE_THRESHOLD == 0.1
+    code = "import sys, pipeline.metric_names; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
 def test_special_mask() -> None:
     ids = torch.tensor([[0, 5, 1], [7, 0, 2]])
     assert M.special_mask(ids, {0, 2}).tolist() == [[True, False, False], [False, True, True]]

@@ -5,77 +5,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pipeline.metric_names import DEFINITIONS
 from pipeline.report.document import Bullets, Document, Heading, Image, Links, Para, Table
 from pipeline.report.inputs import FEATURE_COLUMNS, FEATURE_RANK, ReportInputs
 from pipeline.report.plots import curves_png, frontier_png
-from pipeline.report.steer import STEER_DEFINITIONS, verdict_blocks
+from pipeline.report.steer import verdict_blocks
 from pipeline.tracking.names import metric_base
 
 STAGES = ("prepare", "extract", "train", "evaluate", "interpret", "steer")
 MAX_ROWS_PER_STAGE = 40
 MAX_FRONTIER_ROWS = 30
-# Definitions by base name (the part before "@version"). The version in the metric's name says
-# which definition produced the number; these lines state the current meaning.
-DEFINITIONS = {
-    "fvu": "Fraction of variance unexplained: squared residual summed over dimensions / total variance "
-           "summed over dimensions (not a mean of per-dimension ratios). Lower is better.",
-    "fvu@1": "Retired definition: mean over dimensions of per-dimension residual/variance ratios "
-             "(not comparable with fvu@2).",
-    "l0": "Mean number of active latents per token.",
-    "l1": "Mean L1 norm of the latent activations per token.",
-    "mse": "Mean over tokens and dimensions of (x - x_hat)^2.",
-    "uncentered_nmse": "Sum of ||x - x_hat||^2 over tokens / sum of ||x||^2 (normalised by the raw second moment, "
-                       "not the variance: not the FVU).",
-    "nmse": "Former name of uncentered_nmse, same definition: sum of ||x - x_hat||^2 over tokens / sum of "
-            "||x||^2 (renamed so it is not read as Gao et al.'s normalised MSE, which is the FVU).",
-    "dead_fraction": "Fraction of latents that never fired on the evaluation tokens.",
-    "dense_fraction": "Fraction of latents firing on more than 10% of tokens.",
-    "shrinkage": "Mean ||x_hat|| / ||x|| (1 = no shrinkage).",
-    "ce_loss_recovered": "(CE with zero-ablation - CE with the SAE spliced in) / (CE zero-ablation - CE clean): "
-                         "1 = the SAE loses nothing downstream.",
-    "kl": "KL divergence of the spliced model's next-token distribution from the clean one (nats/token).",
-    "kl_div": "KL divergence of the spliced model's next-token distribution from the clean one (nats/token).",
-    "delta_lm_loss": "CE loss with the SAE spliced in minus the clean CE loss (nats/token).",
-    "loss": "Training objective at the end of training.",
-    "mmcs": "Mean max cosine similarity between learned and reference directions (Sharkey et al. 2022).",
-    "ce_clean": "Next-token cross-entropy of the clean model (nats/token).",
-    "ce_sae": "Next-token cross-entropy with the SAE reconstruction spliced in at the hook (nats/token).",
-    "ce_zero_ablation": "Next-token cross-entropy with the hook's output zeroed (nats/token).",
-    "alive_features": "Latents that fired at least once on the interpretation tokens.",
-    "explained_variance": "1 - FVU.",
-    "tokens_per_s": "Throughput in tokens per second.",
-    "median_topic_auroc": "Median over features of the best topic AUROC.",
-    "mean_explanation_score": "Mean detection score of the explanations on held-out examples.",
-    "mean_fuzzing_balanced_accuracy": "Mean over explained features of fuzzing balanced accuracy: does the scorer tell "
-                                      "a context's most active tokens highlighted from as many silent tokens of the same "
-                                      "shown window highlighted (Paulo et al. 2024)?",
-    "mean_fuzzing_balanced_accuracy@1": "Retired: wrong highlights drawn from the whole context, mostly outside the "
-                                        "shown window (not comparable with @2).",
-    "n_special_tokens": "Validation tokens left out of the metrics as BOS/EOS/PAD (evaluate.exclude_special_tokens).",
-}
-# evaluate.exclude_special_tokens (pipeline.metrics.EXCLUDING_SPECIAL): the same quantity over a
-# different token set is a different version; both variants are spelled out.
-_ALL_TOKENS = " Over all tokens, BOS/EOS/PAD included."
-_NO_SPECIAL = " Over the tokens that are not BOS/EOS/PAD (evaluate.exclude_special_tokens)."
-_SPLICE_ALL = " Every position spliced/zeroed and counted, BOS/EOS/PAD included."
-_SPLICE_NO_SPECIAL = (" BOS/EOS/PAD positions keep their original activation in the spliced and zero-ablated "
-                      "forwards, and predictions made there are not averaged.")
-_VARIANTS = {  # all-token name, special-excluded name, base, note pair
-    **{old: (new, base, _ALL_TOKENS, _NO_SPECIAL) for base, old, new in (
-        ("mse", "mse@1", "mse@2"), ("uncentered_nmse", "uncentered_nmse@1", "uncentered_nmse@2"),
-        ("nmse", "nmse@1", "nmse@2"), ("fvu", "fvu@2", "fvu@3"),  # nmse: the former name, for older runs
-        ("shrinkage", "shrinkage@1", "shrinkage@2"), ("l0", "l0@1", "l0@2"), ("l1", "l1@1", "l1@2"),
-        ("dead_fraction", "dead_fraction@1", "dead_fraction@2"),
-        ("dense_fraction", "dense_fraction@1", "dense_fraction@2"))},
-    **{old: (new, base, _SPLICE_ALL, _SPLICE_NO_SPECIAL) for base, old, new in (
-        ("ce_loss_recovered", "ce_loss_recovered@1", "ce_loss_recovered@2"), ("kl_div", "kl_div@1", "kl_div@2"),
-        ("delta_lm_loss", "delta_lm_loss@1", "delta_lm_loss@2"), ("ce_clean", "ce_clean@1", "ce_clean@2"),
-        ("ce_sae", "ce_sae@1", "ce_sae@2"), ("ce_zero_ablation", "ce_zero_ablation@1", "ce_zero_ablation@2"))},
-}
-for _old, (_new, _base, _all, _excl) in _VARIANTS.items():
-    DEFINITIONS[_old] = DEFINITIONS[_base] + _all
-    DEFINITIONS[_new] = DEFINITIONS[_base] + _excl
-DEFINITIONS.update(STEER_DEFINITIONS)
 
 
 def fmt(v: Any) -> str:

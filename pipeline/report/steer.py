@@ -10,21 +10,8 @@ from typing import Any
 from pipeline.params.analysis import SAE_METHODS
 from pipeline.report.document import Para, Table
 
-__all__ = ["STEER_DEFINITIONS", "verdict_blocks"]
+__all__ = ["verdict_blocks"]
 
-# Definitions of the steering summaries, by name (see pipeline/steering/{metrics,verdict}.py).
-STEER_DEFINITIONS = {
-    "hm": "Harmonic mean of concept@1 and fluency@1 of one generation (AxBench, Wu et al. 2025); per method: "
-          "mean over test prompts and features at each feature's validation-chosen coefficient.",
-    "concept": "Topic probability of the continuation under a naive-Bayes token model (labelled corpora), else "
-               "min(1, re-encoded feature activation / m_f).",
-    "fluency": "min(1, unsteered perplexity / steered perplexity) on the same prompt.",
-    "sae_hm@1": "Retired: test hm@1 of the SAE method with the best *test* hm@1 (chosen on the data it reports).",
-    "sae_hm@2": "Test hm@1 of the SAE method (add or clamp) chosen on validation hm@1.",
-    "sae_concept_gain@2": "Test concept@1 of the validation-chosen SAE method minus the unsteered continuation's.",
-    "test_hm": "Per method: mean test hm@1 over (test prompt, feature) units with a 95% two-way bootstrap interval.",
-    "validation_hm": "Per SAE method: mean validation hm@1 at each feature's chosen coefficient (chooses the SAE method).",
-}
 _DIFF = re.compile(r"^(judge_)?sae_minus_(\w+)_hm@\d+$")
 
 

@@ -1,0 +1,102 @@
+"""Metric names and what each means: the one table of definitions (the report prints it beside every value).
+
+Every metric has a name ``<metric>@<version>``; the version changes whenever the definition changes,
+so numbers in old DVC metrics files and MLflow runs stay comparable (or visibly not).
+:data:`DEFINITIONS` is keyed by exact name (``fvu@1``, a retired version) or by base name (``fvu``,
+the current meaning). The numbers are computed in :mod:`pipeline.metrics` (reconstruction, sparsity,
+downstream loss; why these definitions is explained there), :mod:`pipeline.interpret.tables` and
+:mod:`pipeline.steering`. No torch here, so the report reads the table without loading it.
+"""
+
+from __future__ import annotations
+
+MSE = "mse@1"
+UNCENTERED_NMSE = "uncentered_nmse@1"
+FVU = "fvu@2"
+L0 = "l0@1"
+L1 = "l1@1"
+DEAD_FRACTION = "dead_fraction@1"
+DENSE_FRACTION = "dense_fraction@1"
+SHRINKAGE = "shrinkage@1"
+CE_LOSS_RECOVERED = "ce_loss_recovered@1"
+KL_DIV = "kl_div@1"
+DELTA_LM_LOSS = "delta_lm_loss@1"
+MMCS = "mmcs@1"
+CE_CLEAN = "ce_clean@1"
+CE_SAE = "ce_sae@1"
+CE_ZERO_ABLATION = "ce_zero_ablation@1"
+
+DENSE_THRESHOLD = 0.1  # dense_fraction@1: fires on more than 10% of tokens
+
+# All-token name -> the same definition over non-special tokens (evaluate.exclude_special_tokens; see
+# pipeline.metrics): a different token set is a different definition, so the version goes up.
+EXCLUDING_SPECIAL = {
+    MSE: "mse@2", UNCENTERED_NMSE: "uncentered_nmse@2", FVU: "fvu@3", SHRINKAGE: "shrinkage@2",
+    L0: "l0@2", L1: "l1@2", DEAD_FRACTION: "dead_fraction@2", DENSE_FRACTION: "dense_fraction@2",
+    CE_LOSS_RECOVERED: "ce_loss_recovered@2", KL_DIV: "kl_div@2", DELTA_LM_LOSS: "delta_lm_loss@2",
+    CE_CLEAN: "ce_clean@2", CE_SAE: "ce_sae@2", CE_ZERO_ABLATION: "ce_zero_ablation@2",
+}
+# All-token values still reported when special tokens are excluded: the headline triple and KL,
+# so every run shows what the exclusion changes and stays comparable with runs made without it.
+ALL_TOKEN_REFERENCE = (L0, FVU, CE_LOSS_RECOVERED, KL_DIV)
+_SPLICED = (CE_LOSS_RECOVERED, KL_DIV, DELTA_LM_LOSS, CE_CLEAN, CE_SAE, CE_ZERO_ABLATION)  # need a model forward
+
+DEFINITIONS = {
+    "fvu": "Fraction of variance unexplained: squared residual summed over dimensions / total variance "
+           "summed over dimensions (not a mean of per-dimension ratios). Lower is better.",
+    "fvu@1": "Retired definition: mean over dimensions of per-dimension residual/variance ratios "
+             "(not comparable with fvu@2).",
+    "l0": "Mean number of active latents per token.",
+    "l1": "Mean L1 norm of the latent activations per token.",
+    "mse": "Mean over tokens and dimensions of (x - x_hat)^2.",
+    "uncentered_nmse": "Sum of ||x - x_hat||^2 over tokens / sum of ||x||^2 (normalised by the raw second moment, "
+                       "not the variance: not the FVU).",
+    "nmse": "Former name of uncentered_nmse, same definition: sum of ||x - x_hat||^2 over tokens / sum of "
+            "||x||^2 (renamed so it is not read as Gao et al.'s normalised MSE, which is the FVU).",
+    "dead_fraction": "Fraction of latents that never fired on the evaluation tokens.",
+    "dense_fraction": f"Fraction of latents firing on more than {DENSE_THRESHOLD:.0%} of tokens.",
+    "shrinkage": "Mean ||x_hat|| / ||x|| (1 = no shrinkage).",
+    "ce_loss_recovered": "(CE with zero-ablation - CE with the SAE spliced in) / (CE zero-ablation - CE clean): "
+                         "1 = the SAE loses nothing downstream.",
+    "kl": "KL divergence of the spliced model's next-token distribution from the clean one (nats/token).",
+    "kl_div": "KL divergence of the spliced model's next-token distribution from the clean one (nats/token).",
+    "delta_lm_loss": "CE loss with the SAE spliced in minus the clean CE loss (nats/token).",
+    "loss": "Training objective at the end of training.",
+    "mmcs": "Mean max cosine similarity between learned and reference directions (Sharkey et al. 2022).",
+    "ce_clean": "Next-token cross-entropy of the clean model (nats/token).",
+    "ce_sae": "Next-token cross-entropy with the SAE reconstruction spliced in at the hook (nats/token).",
+    "ce_zero_ablation": "Next-token cross-entropy with the hook's output zeroed (nats/token).",
+    "alive_features": "Latents that fired at least once on the interpretation tokens.",
+    "explained_variance": "1 - FVU.",
+    "tokens_per_s": "Throughput in tokens per second.",
+    "median_topic_auroc": "Median over features of the best topic AUROC.",
+    "mean_explanation_score": "Mean detection score of the explanations on held-out examples.",
+    "mean_fuzzing_balanced_accuracy": "Mean over explained features of fuzzing balanced accuracy: does the scorer tell "
+                                      "a context's most active tokens highlighted from as many silent tokens of the same "
+                                      "shown window highlighted (Paulo et al. 2024)?",
+    "mean_fuzzing_balanced_accuracy@1": "Retired: wrong highlights drawn from the whole context, mostly outside the "
+                                        "shown window (not comparable with @2).",
+    "n_special_tokens": "Validation tokens left out of the metrics as BOS/EOS/PAD (evaluate.exclude_special_tokens).",
+    # Steering (pipeline/steering/{metrics,verdict}.py).
+    "hm": "Harmonic mean of concept@1 and fluency@1 of one generation (AxBench, Wu et al. 2025); per method: "
+          "mean over test prompts and features at each feature's validation-chosen coefficient.",
+    "concept": "Topic probability of the continuation under a naive-Bayes token model (labelled corpora), else "
+               "min(1, re-encoded feature activation / m_f).",
+    "fluency": "min(1, unsteered perplexity / steered perplexity) on the same prompt.",
+    "sae_hm@1": "Retired: test hm@1 of the SAE method with the best *test* hm@1 (chosen on the data it reports).",
+    "sae_hm@2": "Test hm@1 of the SAE method (add or clamp) chosen on validation hm@1.",
+    "sae_concept_gain@2": "Test concept@1 of the validation-chosen SAE method minus the unsteered continuation's.",
+    "test_hm": "Per method: mean test hm@1 over (test prompt, feature) units with a 95% two-way bootstrap interval.",
+    "validation_hm": "Per SAE method: mean validation hm@1 at each feature's chosen coefficient (chooses the SAE method).",
+}
+# Both token sets of each metric, spelled out: the all-token name and the special-tokens-excluded one.
+_ALL_TOKENS = " Over all tokens, BOS/EOS/PAD included."
+_NO_SPECIAL = " Over the tokens that are not BOS/EOS/PAD (evaluate.exclude_special_tokens)."
+_SPLICE_ALL = " Every position spliced/zeroed and counted, BOS/EOS/PAD included."
+_SPLICE_NO_SPECIAL = (" BOS/EOS/PAD positions keep their original activation in the spliced and zero-ablated "
+                      "forwards, and predictions made there are not averaged.")
+for _old, _new in [*EXCLUDING_SPECIAL.items(), ("nmse@1", "nmse@2")]:  # nmse: the former name, for older runs
+    _base = _old.split("@")[0]
+    _all, _excl = (_SPLICE_ALL, _SPLICE_NO_SPECIAL) if _old in _SPLICED else (_ALL_TOKENS, _NO_SPECIAL)
+    DEFINITIONS[_old] = DEFINITIONS[_base] + _all
+    DEFINITIONS[_new] = DEFINITIONS[_base] + _excl
