@@ -1,9 +1,10 @@
 """Feature interpretation: streaming statistics, examples, logit lens, topic alignment, dashboard.
 
 Entry point: :func:`interpret_hook` (one SAE on one activation dataset). Modules: ``contexts``
-(token-context lookups), ``stream`` (the single statistics pass), ``bins`` (log bins, topic AUROC),
-``examples`` (which contexts each feature is shown on), ``lens`` (logit lens, neighbours),
-``tables`` (Parquet outputs, metrics), ``dashboard`` (static HTML).
+(token-context lookups), ``stream`` (the single statistics pass) folding into ``aggregates``
+(per-feature running state), ``bins`` (log bins, topic AUROC), ``examples`` (which contexts each
+feature is shown on), ``lens`` (logit lens, neighbours), ``tables`` (Parquet outputs, metrics),
+``dashboard`` (static HTML).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.interpret.stream import FeatureStats, SparseCodes, hash_keys
+from pipeline.interpret.aggregates import FeatureStats, SparseCodes, hash_keys
 
 KINDS = ("top", "quantile", "random")
 TOP, QUANTILE, RANDOM = 0, 1, 2
