@@ -37,7 +37,7 @@ def write_synthetic_activations(root: str | Path, n_tokens: int, d_model: int, n
 
     ``seed`` fixes the feature directions; ``sample_seed`` the tokens drawn from them, so a
     held-out split is the same ``seed`` with another ``sample_seed``. ``scale`` multiplies every
-    vector (real residual streams have norms ~100, see DESIGN.md).
+    vector (real residual streams have norms ~100).
     """
     n_features = n_features or 4 * d_model
     dir_rng = np.random.default_rng([seed, 0])

@@ -1,7 +1,8 @@
 """``sae report``: the summary report, and the one MLflow run of this pipeline execution.
 
-The only process that writes to MLflow (DESIGN.md, "DVC + MLflow"): it reads every stage's metrics
-file, so stages DVC skipped are in the run too, and queued experiments never write concurrently.
+The only process that writes to MLflow (README, "Experiment tracking and reports"): it reads every
+stage's metrics file, so stages DVC skipped are in the run too, and queued experiments never write
+concurrently.
 If the tracker is unreachable the report is still written, one warning is logged and the run is
 saved under ``.sae-cache/pending-runs/`` for ``sae sync``.
 """

@@ -7,8 +7,8 @@ Layout of one dataset (one hook, one split)::
     shard-00000.parquet.sha256   sha256 of the shard's bytes as written (extract's resume keeps a shard only if it matches)
     shard-00001.parquet    ...
 
-The activation vector is stored as ``fixed_size_binary(d_model * itemsize)``: measured on this
-machine kind (DESIGN.md), it streams ~10x faster than ``list<float16>`` because decoding is a
+The activation vector is stored as ``fixed_size_binary(d_model * itemsize)``: measured on the
+development CPU, it streams ~10x faster than ``list<float16>`` because decoding is a
 zero-copy ``np.frombuffer`` of the column's data buffer. Shards appear only complete
 (temp name -> fsync -> ``os.replace``); readers ignore temp names and check each shard's sha256
 against the manifest before using any of its rows.

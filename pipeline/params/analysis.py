@@ -101,7 +101,7 @@ class SteerParams:
     prompts: list[str] = knob(
         factory=lambda: list(STEER_PROMPTS),
         help="Neutral prompts (shuffled by seed, then split into validation and test). The default 20 give "
-        "10 test prompts: with 2 (the old default) one prompt could flip the verdict.")
+        "10 test prompts: with only 2, one prompt could flip the verdict.")
     validation_fraction: float = knob(0.5, help="Fraction of prompts used to choose each coefficient and the SAE method.", gt=0.0, lt=1.0)
     max_new_tokens: int = knob(24, help="Tokens generated per continuation.", ge=1)
     do_sample: bool = knob(False, help="Seeded sampling instead of greedy decoding.")

@@ -1,6 +1,6 @@
 """Metric and param names as MLflow accepts them.
 
-Our metric files name every value with its definition version, ``fvu@2`` (DESIGN.md), but MLflow
+Our metric files name every value with its definition version, ``fvu@2`` (:mod:`pipeline.metric_names`), but MLflow
 only allows alphanumerics, ``_ - . / :`` and spaces in metric/param names (``:`` not on Windows;
 ``mlflow.utils.validation.validate_param_and_metric_name``). The mapping, applied to every path
 component, is:

@@ -1,10 +1,10 @@
 """Everything one MLflow run holds, gathered from the files the stages wrote.
 
-The report stage is the only process that writes a run (DESIGN.md, "DVC + MLflow"): it reads every
-``metrics/<stage>.json`` — including those of stages DVC skipped, since their files are still there —
-the training curves ``plots/train/<hook>.csv``, the activation manifests and the SAE configs, and
-builds a :class:`RunRecord`. The record is plain JSON so a run that could not be logged is saved as
-a pending bundle and uploaded later, unchanged (:mod:`pipeline.tracking.pending`).
+The report stage is the only process that writes a run (README, "Experiment tracking and reports"):
+it reads every ``metrics/<stage>.json`` — including those of stages DVC skipped, since their files are
+still there — the training curves ``plots/train/<hook>.csv``, the activation manifests and the SAE
+configs, and builds a :class:`RunRecord`. The record is plain JSON so a run that could not be logged is
+saved as a pending bundle and uploaded later, unchanged (:mod:`pipeline.tracking.pending`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ("loss", "l0", "fvu", "dead_fraction")
 # Headline metrics, one value per run, looked up in this stage order: the frontier across
-# experiments plots them (issue 3: L0–FVU and L0–CE-loss-recovered, one point per experiment).
+# experiments plots them (L0–FVU and L0–CE-loss-recovered, one point per experiment).
 HEADLINE = ("l0", "fvu", "ce_loss_recovered")
 HEADLINE_STAGES = ("evaluate", "train")
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 # MLflow's REST client retries with exponential backoff for minutes by default; a tracker that is
-# down must not stall the pipeline (issue 6, "Failure of the tracker").
+# down must not stall the pipeline.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
             "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
             # We log the run id ourselves; MLflow's own "View run at" print would bypass log levels.

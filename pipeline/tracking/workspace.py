@@ -17,7 +17,7 @@ def repo_root(cwd: str | Path | None = None) -> Path:
     """The real repository root.
 
     ``dvc exp run --queue`` runs stages in a temporary copy under ``.dvc/tmp/exps/`` that is deleted
-    afterwards; DVC puts the real root in ``DVC_ROOT`` (DESIGN.md, "DVC + MLflow"). Outside DVC the
+    afterwards; DVC puts the real root in ``DVC_ROOT``. Outside DVC the
     stage runs from the root, so the working directory is it.
     """
     env = os.environ.get("DVC_ROOT")
