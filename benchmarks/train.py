@@ -1,6 +1,6 @@
 """Throughput of one SAE training step (forward, loss, backward, Adam) in tokens/s, with the card's roofline.
 
-Measured in one process on one device, on random inputs (like the anchors in DESIGN.md):
+Measured in one process on one device, on random inputs (like the anchors in benchmarks/README.md):
 
 * ``reference`` — a plain PyTorch TopK SAE: dense encoder, ``topk``, scatter into a dense ``[N, d_sae]`` code,
   dense decoder matmul (``pipeline.kernels`` ``backend="torch"``), MSE, Adam;
@@ -38,7 +38,7 @@ from pipeline.io import atomic_write_json
 from pipeline.kernels import make_adam, maybe_compile, resolve_backend, topk_sae_forward
 from pipeline.kernels.dispatch import Backend
 
-GPU_SIZES = [(768, 24576, 32), (2304, 65536, 64)]  # (d, n_latents, k) of DESIGN.md's anchors
+GPU_SIZES = [(768, 24576, 32), (2304, 65536, 64)]  # (d, n_latents, k) of the anchors in benchmarks/README.md
 GPU_BATCHES = [4096, 16384]
 TINY_SIZES = [(32, 256, 8)]
 TINY_BATCHES = [128]
