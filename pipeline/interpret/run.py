@@ -19,21 +19,19 @@ from pipeline.autointerp import (
     stats_explain_and_score,
 )
 from pipeline.autointerp.backends import Cached
-from pipeline.autointerp.simulate import FUZZING_VERSION, normalise
-from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN, best_topic, topic_auroc
+from pipeline.autointerp.simulate import normalise
+from pipeline.interpret.bins import best_topic, topic_auroc
 from pipeline.interpret.contexts import ContextTable
-from pipeline.interpret.dashboard import DashboardShards, write_index
-from pipeline.interpret.examples import QUANTILE, TOP, CodeIndex, select_examples
+from pipeline.interpret.dashboard import DashboardShards
+from pipeline.interpret.examples import CodeIndex, select_examples
 from pipeline.interpret.lens import cooccurrence_neighbours, decoder_neighbours, logit_lens
+from pipeline.interpret.outputs import SCORES, dashboard_payload, feature_columns, write_dashboard_index
 from pipeline.interpret.stream import FeatureStream, stream_stats
 from pipeline.interpret.tables import ExamplesWriter, features_table, summary_metrics
 from pipeline.io import atomic_write_parquet
 
 log = logging.getLogger(__name__)
-FUZZING = f"fuzzing_balanced_accuracy@{FUZZING_VERSION}"
-SCORES = ("detection_balanced_accuracy@1", "detection_f1@1", "detection_auc@1", FUZZING, f"fuzzing_auc@{FUZZING_VERSION}")
 FEATURE_BLOCK = 512
-DASHBOARD_TOP = 8
 
 
 @dataclass
@@ -145,7 +143,7 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
                 results[j] = stats_explain_and_score(ev, norm_text, sim, cfg.seed)
                 if j in lm_set:  # explained here, so the dashboard shard shows the LM's explanation
                     lm.run(j, ev, results)
-            shards.add(j, _payload(j, block, lo, hi, tokens, acts, table, stats, results.get(j, {}), labels, auroc,
+            shards.add(j, dashboard_payload(j, block, lo, hi, tokens, acts, table, stats, results.get(j, {}), labels, auroc,
                                    (top_ids, top_logits, bot_ids, bot_logits), (nb_ids, nb_cos), (co_ids, co_j), text, shards, cfg.per_bin))
         shards.flush(upto_feature=min(d, (b + 1) * FEATURE_BLOCK))
     writer.close()
@@ -153,14 +151,14 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
     lm.close()
     t_stats = time.perf_counter() - t0 - lm.seconds
 
-    cols = _feature_columns(d, stats, results, labels, auroc, best_idx, best_au, top_ids, top_logits, bot_ids,
+    cols = feature_columns(d, stats, results, labels, auroc, best_idx, best_au, top_ids, top_logits, bot_ids,
                             bot_logits, nb_ids, nb_cos, co_ids, co_j, text)
     atomic_write_parquet(out_dir / "features.parquet", features_table(cols), compression="zstd")
     primary = backend.name if backend is not None else "stats"
     explained = [j for j, r in results.items() if r.get("explainer") == primary]
     scores = {s: np.array([results[j].get(s, np.nan) for j in explained], dtype=np.float64) for s in SCORES}
     metrics = summary_metrics(stats.fire_count, stats.n_tokens, best_au, scores, primary, len(explained))
-    _write_dashboard_index(dash_dir, dataset.hook, cols, metrics)
+    write_dashboard_index(dash_dir, dataset.hook, cols, metrics)
     log.info("interpret %s: non-LM parts in %.1fs", dataset.hook, t_stats)
     return metrics
 
@@ -190,80 +188,3 @@ class _LMRunner:
         if self.done and self.backend is not None:
             log.info("interpret %s: %d LM explanations (%d not cached) in %.1fs: %.2f explanations/min (%s)", self.hook,
                      self.done, self.fresh, self.seconds, 60 * self.done / max(self.seconds, 1e-9), self.backend.name)
-
-
-def _payload(j: int, block: Any, lo: int, hi: int, tokens: np.ndarray, acts: np.ndarray, table: ContextTable,
-             stats: Any, res: dict[str, Any], labels: list[str], auroc: np.ndarray, lens: tuple, nb: tuple, co: tuple,
-             text: dict[int, str], shards: DashboardShards, per_bin: int) -> dict[str, Any]:
-    exs = []
-    for i in range(lo, hi):
-        k, r = int(block.kind[i]), int(block.rank[i])
-        if (k == TOP and r < DASHBOARD_TOP) or (k == QUANTILE and r % max(1, per_bin) == 0):
-            c = int(block.ctx[i])
-            mp = int(acts[i].argmax())
-            doc = int(table.documents[c, mp])
-            lab = int(table.labels[c, mp])
-            exs.append(shards.example(tokens[i], acts[i], {
-                "kind": "top" if k == TOP else "quantile", "rank": r, "context": int(table.context_ids[c]),
-                "title": table.titles.get(doc), "label": labels[lab] if lab >= 0 else None}))
-    ti, tv, bi, bv = lens
-    num = lambda x: None if not np.isfinite(x) else round(float(x), 4)  # noqa: E731
-    r4 = lambda a: np.round(np.nan_to_num(a.astype(np.float64)), 4).tolist()  # noqa: E731
-    keep = co[0][j] >= 0
-    return {
-        "hist": stats.hist[j].tolist(), "explanation": res.get("explanation"), "explainer": res.get("explainer"),
-        "detection": num(res.get("detection_balanced_accuracy@1", np.nan)),
-        "fuzzing": num(res.get(FUZZING, np.nan)),
-        "promoted": [list(x) for x in zip([text.get(t, "") for t in ti[j].tolist()], r4(tv[j]), strict=True)],
-        "suppressed": [list(x) for x in zip([text.get(t, "") for t in bi[j].tolist()], r4(bv[j]), strict=True)],
-        "neighbours": [list(x) for x in zip(nb[0][j].tolist(), r4(nb[1][j]), strict=True)],
-        "cooc": [list(x) for x in zip(co[0][j][keep].tolist(), r4(co[1][j][keep]), strict=True)],
-        "topics": sorted(([lab, num(auroc[j, i])] for i, lab in enumerate(labels)), key=lambda x: -(x[1] or 0)),
-        "examples": exs,
-    }
-
-
-def _feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labels: list[str], auroc: np.ndarray,
-                     best_idx: np.ndarray, best_au: np.ndarray, top_ids: np.ndarray, top_logits: np.ndarray,
-                     bot_ids: np.ndarray, bot_logits: np.ndarray, nb_ids: np.ndarray, nb_cos: np.ndarray,
-                     co_ids: np.ndarray, co_j: np.ndarray, text: dict[int, str]) -> dict[str, Any]:
-    fire = stats.fire_count
-    get = lambda key: [results.get(j, {}).get(key) for j in range(d)]  # noqa: E731
-    cols: dict[str, Any] = {
-        "feature": np.arange(d, dtype=np.int32),
-        "fire_count": fire.astype(np.int64),
-        "frequency": fire / max(stats.n_tokens, 1),
-        "mean_activation": np.where(fire > 0, stats.act_sum / np.maximum(fire, 1), 0.0),
-        "max_activation": stats.act_max.astype(np.float32),
-        "hist_counts": stats.hist.astype(np.int64),
-        "top_token_ids": top_ids.astype(np.int32), "top_tokens": [[text.get(int(t), "") for t in r] for r in top_ids],
-        "top_logits": top_logits.astype(np.float32),
-        "bottom_token_ids": bot_ids.astype(np.int32), "bottom_tokens": [[text.get(int(t), "") for t in r] for r in bot_ids],
-        "bottom_logits": bot_logits.astype(np.float32),
-        "neighbours": nb_ids.astype(np.int32), "neighbour_cosine": nb_cos.astype(np.float32),
-        "cooccurring": co_ids.astype(np.int32), "cooccurrence_jaccard": co_j.astype(np.float32),
-        "topic": [labels[i] if i >= 0 else None for i in best_idx.tolist()],
-        "topic_auroc@1": best_au.astype(np.float64),
-        "explanation": get("explanation"), "explainer": get("explainer"), "scorer": get("scorer"),
-    }
-    if labels:
-        cols["topic_aurocs@1"] = auroc.astype(np.float32)
-    for s in SCORES:
-        cols[s] = np.array([np.nan if v is None else v for v in get(s)], dtype=np.float64)
-    return cols
-
-
-def _write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: dict[str, Any]) -> None:
-    columns: list[dict[str, Any]] = [{"key": "feature", "label": "feature"}, {"key": "frequency", "label": "frequency", "digits": 5},
-               {"key": "max", "label": "max act", "digits": 2}, {"key": "score", "label": "detection", "digits": 3},
-               {"key": "fuzz", "label": "fuzzing", "digits": 3}, {"key": "topic", "label": "topic"},
-               {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "explanation", "label": "explanation"}]
-    f = lambda x: None if x is None or not np.isfinite(x) else round(float(x), 6)  # noqa: E731
-    rows = [[int(j), f(cols["frequency"][j]), f(cols["max_activation"][j]), f(cols["detection_balanced_accuracy@1"][j]),
-             f(cols[FUZZING][j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
-             cols["explanation"][j]] for j in range(len(cols["feature"]))]
-    med = m["median_topic_auroc@1"]
-    summary = (f"{m['alive_features@1']} alive of {len(rows)} features over {m['interpret_tokens']} tokens; "
-               f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}; explainer {m['explainer']}")
-    hist_label = f"log10 activation, {LOG_MIN} .. (bins of 1/{BINS_PER_DECADE} decade), sqrt counts"
-    write_index(dash_dir, hook, summary, columns, rows, hist_label)

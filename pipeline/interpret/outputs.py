@@ -1,0 +1,103 @@
+"""What the interpret stage writes per feature besides the examples: the dashboard's per-feature payload,
+the ``features.parquet`` columns and the dashboard's index table."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.autointerp.simulate import FUZZING_VERSION
+from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN
+from pipeline.interpret.contexts import ContextTable
+from pipeline.interpret.dashboard import DashboardShards, write_index
+from pipeline.interpret.examples import QUANTILE, TOP
+from pipeline.io import json_number
+
+__all__ = ["FUZZING", "SCORES", "dashboard_payload", "feature_columns", "write_dashboard_index"]
+
+FUZZING = f"fuzzing_balanced_accuracy@{FUZZING_VERSION}"
+SCORES = ("detection_balanced_accuracy@1", "detection_f1@1", "detection_auc@1", FUZZING, f"fuzzing_auc@{FUZZING_VERSION}")
+DASHBOARD_TOP = 8  # top-activating examples shown per feature
+
+
+def dashboard_payload(j: int, block: Any, lo: int, hi: int, tokens: np.ndarray, acts: np.ndarray, table: ContextTable,
+                      stats: Any, res: dict[str, Any], labels: list[str], auroc: np.ndarray, lens: tuple, nb: tuple,
+                      co: tuple, text: dict[int, str], shards: DashboardShards, per_bin: int) -> dict[str, Any]:
+    """Feature ``j``'s dashboard entry: histogram, scores, lens, neighbours, topics and its shown examples
+    (rows ``lo:hi`` of ``block``; ``tokens``/``acts`` ``[E, T]``)."""
+    exs = []
+    for i in range(lo, hi):
+        k, r = int(block.kind[i]), int(block.rank[i])
+        if (k == TOP and r < DASHBOARD_TOP) or (k == QUANTILE and r % max(1, per_bin) == 0):
+            c = int(block.ctx[i])
+            mp = int(acts[i].argmax())
+            doc = int(table.documents[c, mp])
+            lab = int(table.labels[c, mp])
+            exs.append(shards.example(tokens[i], acts[i], {
+                "kind": "top" if k == TOP else "quantile", "rank": r, "context": int(table.context_ids[c]),
+                "title": table.titles.get(doc), "label": labels[lab] if lab >= 0 else None}))
+    ti, tv, bi, bv = lens
+    r4 = lambda a: np.round(np.nan_to_num(a.astype(np.float64)), 4).tolist()  # noqa: E731
+    keep = co[0][j] >= 0
+    return {
+        "hist": stats.hist[j].tolist(), "explanation": res.get("explanation"), "explainer": res.get("explainer"),
+        "detection": json_number(res.get("detection_balanced_accuracy@1", np.nan), 4),
+        "fuzzing": json_number(res.get(FUZZING, np.nan), 4),
+        "promoted": [list(x) for x in zip([text.get(t, "") for t in ti[j].tolist()], r4(tv[j]), strict=True)],
+        "suppressed": [list(x) for x in zip([text.get(t, "") for t in bi[j].tolist()], r4(bv[j]), strict=True)],
+        "neighbours": [list(x) for x in zip(nb[0][j].tolist(), r4(nb[1][j]), strict=True)],
+        "cooc": [list(x) for x in zip(co[0][j][keep].tolist(), r4(co[1][j][keep]), strict=True)],
+        "topics": sorted(([lab, json_number(auroc[j, i], 4)] for i, lab in enumerate(labels)), key=lambda x: -(x[1] or 0)),
+        "examples": exs,
+    }
+
+
+def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labels: list[str], auroc: np.ndarray,
+                     best_idx: np.ndarray, best_au: np.ndarray, top_ids: np.ndarray, top_logits: np.ndarray,
+                     bot_ids: np.ndarray, bot_logits: np.ndarray, nb_ids: np.ndarray, nb_cos: np.ndarray,
+                     co_ids: np.ndarray, co_j: np.ndarray, text: dict[int, str]) -> dict[str, Any]:
+    """The columns of ``features.parquet``, one row per feature (``d`` of them)."""
+    fire = stats.fire_count
+    get = lambda key: [results.get(j, {}).get(key) for j in range(d)]  # noqa: E731
+    cols: dict[str, Any] = {
+        "feature": np.arange(d, dtype=np.int32),
+        "fire_count": fire.astype(np.int64),
+        "frequency": fire / max(stats.n_tokens, 1),
+        "mean_activation": np.where(fire > 0, stats.act_sum / np.maximum(fire, 1), 0.0),
+        "max_activation": stats.act_max.astype(np.float32),
+        "hist_counts": stats.hist.astype(np.int64),
+        "top_token_ids": top_ids.astype(np.int32), "top_tokens": [[text.get(int(t), "") for t in r] for r in top_ids],
+        "top_logits": top_logits.astype(np.float32),
+        "bottom_token_ids": bot_ids.astype(np.int32), "bottom_tokens": [[text.get(int(t), "") for t in r] for r in bot_ids],
+        "bottom_logits": bot_logits.astype(np.float32),
+        "neighbours": nb_ids.astype(np.int32), "neighbour_cosine": nb_cos.astype(np.float32),
+        "cooccurring": co_ids.astype(np.int32), "cooccurrence_jaccard": co_j.astype(np.float32),
+        "topic": [labels[i] if i >= 0 else None for i in best_idx.tolist()],
+        "topic_auroc@1": best_au.astype(np.float64),
+        "explanation": get("explanation"), "explainer": get("explainer"), "scorer": get("scorer"),
+    }
+    if labels:
+        cols["topic_aurocs@1"] = auroc.astype(np.float32)
+    for s in SCORES:
+        cols[s] = np.array([np.nan if v is None else v for v in get(s)], dtype=np.float64)
+    return cols
+
+
+def write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: dict[str, Any]) -> None:
+    """The dashboard's sortable feature table (from the ``features.parquet`` columns) and summary line."""
+    columns: list[dict[str, Any]] = [{"key": "feature", "label": "feature"}, {"key": "frequency", "label": "frequency", "digits": 5},
+               {"key": "max", "label": "max act", "digits": 2}, {"key": "score", "label": "detection", "digits": 3},
+               {"key": "fuzz", "label": "fuzzing", "digits": 3}, {"key": "topic", "label": "topic"},
+               {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "explanation", "label": "explanation"}]
+    f = partial(json_number, digits=6)
+    rows = [[int(j), f(cols["frequency"][j]), f(cols["max_activation"][j]), f(cols["detection_balanced_accuracy@1"][j]),
+             f(cols[FUZZING][j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
+             cols["explanation"][j]] for j in range(len(cols["feature"]))]
+    med = m["median_topic_auroc@1"]
+    summary = (f"{m['alive_features@1']} alive of {len(rows)} features over {m['interpret_tokens']} tokens; "
+               f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}; explainer {m['explainer']}")
+    hist_label = f"log10 activation, {LOG_MIN} .. (bins of 1/{BINS_PER_DECADE} decade), sqrt counts"
+    write_index(dash_dir, hook, summary, columns, rows, hist_label)
