@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes
 
@@ -85,8 +86,9 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(directory: str | Path, expected: dict[str, str]) -> dict[str, Any] | None:
-    """The unfinished run's checkpoint in ``directory``; refuse it if its fingerprint differs from ``expected``.
+def load_checkpoint(directory: str | Path, expected: dict[str, str], world_size: int = 1) -> dict[str, Any] | None:
+    """The unfinished run's checkpoint in ``directory``; refuse it if its fingerprint differs from ``expected``
+    or if it was written by a run of another number of data-parallel processes than ``world_size``.
 
     Returns None when there is nothing to resume from: no checkpoint, or a *finished* run (so a
     new experiment, or a rerun after a code change, trains from scratch). Tensors are loaded on CPU; the caller
@@ -116,9 +118,32 @@ def load_checkpoint(directory: str | Path, expected: dict[str, str]) -> dict[str
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"{path}: cannot resume, params changed since the checkpoint: {shown}{more}; "
                         f"delete {Path(directory)} to start over")
+    written_by = int(state.get("cursor", {}).get("world_size", 1))
+    if written_by != world_size:
+        # The data stream is the same for any world size, but the float summation order is not: resuming on
+        # another number of processes would continue to nearly, not exactly, the same weights.
+        raise UserError(f"{path}: written by {written_by} ranks, this run has {world_size}; resume with "
+                        f"{written_by} processes (train.processes or torchrun --nproc-per-node), or delete "
+                        f"{Path(directory)} to start over")
     log.info("resuming from %s at step %d", path, state["step"])
     return state
 
 
-__all__ = ["CHECKPOINT_FILE", "capture_rng", "restore_rng", "fingerprint", "fingerprint_digest",
+def same_start(ranks: distributed.Ranks, fp: dict[str, str], state: dict[str, Any] | None, directory: Path) -> None:
+    """Data-parallel: refuse to start unless this process sees rank 0's inputs (``fp``) and checkpoint (``state``).
+
+    On several machines each process reads its own copy of the activations and of ``directory``; one with other
+    data, or without the checkpoint rank 0 resumes from, would silently train something else.
+    """
+    mine = (fingerprint_digest(fp), None if state is None else int(state["step"]))
+    main = distributed.broadcast_object(mine)
+    if mine != main:
+        def seen(s: tuple[str, int | None]) -> str:
+            return f"inputs {s[0]}, " + ("no checkpoint" if s[1] is None else f"a checkpoint at step {s[1]}")
+
+        raise UserError(f"{directory}: process {ranks.rank} sees {seen(mine)}; rank 0 sees {seen(main)}: every "
+                        f"process needs the same activations (dvc pull) and checkpoints (a shared filesystem)")
+
+
+__all__ = ["CHECKPOINT_FILE", "same_start", "capture_rng", "restore_rng", "fingerprint", "fingerprint_digest",
            "save_checkpoint", "load_checkpoint"]

@@ -5,6 +5,10 @@ resume: a rerun after a kill skips shards already on disk whose bytes still matc
 recorded when they were written (their sidecar) and, because batches are aligned to shards and
 the forward is deterministic, rewrites the rest (missing, damaged) with the same bytes. Writing (Parquet encoding, fsync, sha256) runs on background threads so the
 forward pass never waits for the disk unless more than ``max_pending`` shards are queued.
+
+Under torchrun (``part=(rank, world)``) process ``rank`` computes shards ``rank, rank + world, ...``; after all
+have finished, rank 0 writes the manifest. Shards do not depend on who computes them, so the dataset is the
+one-process dataset, byte for byte.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.activations import ActivationWriter, Manifest
 from pipeline.hooks import run_to_hooks
 from pipeline.io import DiskFullError, atomic_write_json
@@ -65,9 +70,16 @@ def dataset_dir(root: Path, split: str, hook: str) -> Path:
 
 
 def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np.ndarray, root: Path, split: str,
-                  spec: ExtractSpec, meta: dict[str, Any], progress: tqdm | None = None) -> dict[str, Manifest]:
-    """Record ``spec.hooks`` for contexts ``token_ids`` [N, L] into ``root/split/<hook>/``. Returns manifests."""
+                  spec: ExtractSpec, meta: dict[str, Any], progress: tqdm | None = None,
+                  part: tuple[int, int] = (0, 1)) -> dict[str, Manifest]:
+    """Record ``spec.hooks`` for contexts ``token_ids`` [N, L] into ``root/split/<hook>/``. Returns manifests.
+
+    ``part=(rank, world)``: this process's share of a data-parallel run (every process calls this); only rank 0
+    returns the manifests, written once every process has finished its shards (the others return ``{}``).
+    """
     n, L = token_ids.shape
+    rank, world = part
+    n_shards = -(-n // spec.contexts_per_shard)
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     storage = torch.float16 if spec.dtype == "float16" else torch.float32
@@ -77,6 +89,8 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
     pool = ThreadPoolExecutor(max_workers=spec.writer_threads, thread_name_prefix="shard-writer")
     try:
         for shard, start in enumerate(range(0, n, spec.contexts_per_shard)):
+            if shard % world != rank:  # another process's shard
+                continue
             stop = min(start + spec.contexts_per_shard, n)
             if all(w.existing_shard(shard) for w in writers.values()):
                 if progress is not None:
@@ -118,11 +132,19 @@ def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np
             f.result()
     except DiskFullError as e:
         # Shards are all about the same size: say what the rest of this split needs, not just this file.
-        left = -(-n // spec.contexts_per_shard) * len(writers) - sum(w.n_shards for w in writers.values())
+        left = len(range(rank, n_shards, world)) * len(writers) - sum(w.n_shards for w in writers.values())
         raise DiskFullError(e.path, e.needed * max(left, 1), e.reason, e.free,
                             what=f"the {max(left, 1)} shard files of {split!r} still to write need about") from None
     finally:
         pool.shutdown(wait=True)
+    if world > 1:
+        distributed.barrier()  # every process's shards and sidecars are on disk
+        if rank != 0:
+            return {}
+        for w in writers.values():
+            for shard in range(n_shards):
+                if shard % world != 0:
+                    w.adopt_shard(shard)
     out = {}
     for h, w in writers.items():
         if not w.manifest.d_model:  # every shard was already on disk: read the width back from one

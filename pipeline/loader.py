@@ -39,14 +39,14 @@ def batches_per_epoch(dataset: ActivationDataset, batch_size: int, key: str = "t
 
 
 def _host_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
-                  dtype: torch.dtype, pin: bool) -> Iterator[torch.Tensor]:
-    """CPU tensors [batch_size, d_model] for steps start_step..total_steps-1."""
+                  dtype: torch.dtype, pin: bool, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+    """CPU tensors [batch_size / world, d_model] (``part=(rank, world)``) for steps start_step..total_steps-1."""
     per_epoch = batches_per_epoch(dataset, batch_size)
     step = start_step
     while step < total_steps:
         epoch, first = divmod(step, per_epoch)
         stream = dataset.iter_batches(batch_size, shuffle=True, seed=epoch_seed(seed, epoch), start_batch=first,
-                                      device="cpu", dtype=dtype, drop_last=True)
+                                      device="cpu", dtype=dtype, drop_last=True, part=part)
         for batch in stream:
             acts = batch.acts.pin_memory() if pin else batch.acts
             yield acts
@@ -103,12 +103,15 @@ class _Prefetcher:
 
 
 def train_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
-                  device: torch.device, prefetch: int) -> Generator[torch.Tensor, None, None]:
-    """Float32 (CPU) or storage-dtype-then-float32 (CUDA) batches ``acts [batch_size, d_model]`` on ``device``."""
+                  device: torch.device, prefetch: int, part: tuple[int, int] = (0, 1)) -> Generator[torch.Tensor, None, None]:
+    """Float32 (CPU) or storage-dtype-then-float32 (CUDA) batches ``acts [batch_size, d_model]`` on ``device``.
+
+    ``part=(rank, world)``: this data-parallel process's ``batch_size / world`` rows of each batch (see
+    ``ActivationDataset.iter_batches``): the global stream, hence resume, does not depend on the world size."""
     on_cuda = device.type == "cuda"
     # On CUDA ship the storage dtype (half the bytes for fp16) and widen on the GPU.
     host_dtype = torch.float16 if (on_cuda and dataset.manifest.dtype == "float16") else torch.float32
-    gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda)
+    gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda, part=part)
     prefetcher = _Prefetcher(gen, prefetch) if prefetch > 0 else None
     host = prefetcher if prefetcher is not None else gen
     try:

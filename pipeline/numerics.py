@@ -10,20 +10,38 @@ MKL's CNR mode ``AUTO,STRICT`` fixes the code path for the CPU and makes GEMM re
 of the number of threads (Intel oneMKL developer guide, "Obtaining Numerically Reproducible
 Results"). It must be chosen before MKL's first call, i.e. before ``torch`` is imported, which is
 why the ``sae`` console script calls :func:`request_reproducible_blas` first thing.
+
+The portable path (``numerics.portable``) goes further, so that *another* machine gets the same bits:
+MKL's ``COMPATIBLE`` branch (one SSE2-level code path on every x86 CPU, Intel or AMD), ATen's
+baseline kernels (vectorised reductions sum in a different order on AVX2 and AVX512 CPUs), a fixed
+thread count (ATen splits a reduction by thread), deterministic algorithms, no TF32. The first two
+are read by the libraries at start-up, so the ``sae`` command reads the one params key before torch
+is imported (:func:`portable_requested`); :func:`apply_numerics` sets the rest at stage start.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
-__all__ = ["MKL_CBWR", "request_reproducible_blas", "mkl_cbwr_mode"]
+__all__ = ["MKL_CBWR", "PORTABLE_ENV", "request_reproducible_blas", "mkl_cbwr_mode", "portable_requested",
+           "apply_numerics", "child_environ"]
+
+log = logging.getLogger(__name__)
 
 #: The CNR mode the pipeline runs with unless ``MKL_CBWR`` is already set (then the user's wins).
 MKL_CBWR = "AUTO,STRICT"
+#: Start-up settings of the portable path (each kept if the user set it): MKL's vendor-neutral branch,
+#: strict so that it does not depend on the thread count either; ATen's non-vectorised kernels
+#: (``torch.backends.cpu.get_cpu_capability()`` then says DEFAULT); deterministic cuBLAS (PyTorch's
+#: "Reproducibility" notes: needed by ``torch.use_deterministic_algorithms`` on CUDA >= 10.2).
+PORTABLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+# The values these variables had before this process changed them (child_environ restores them).
+_BEFORE: dict[str, str | None] = {}
 
 # Bits of MKL's CNR mode word (mkl_cbwr.h): the code branch in the low byte, STRICT as a flag.
 _BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
@@ -31,15 +49,19 @@ _BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SS
 _STRICT = 0x10000
 
 
-def request_reproducible_blas(environ: MutableMapping[str, str] | None = None) -> bool:
+def request_reproducible_blas(environ: MutableMapping[str, str] | None = None, portable: bool = False) -> bool:
     """Ask MKL for reproducible results in this process (and the processes it starts).
 
-    Sets ``MKL_CBWR`` to :data:`MKL_CBWR` unless it is set already. Returns False when ``torch``
-    is already imported: MKL may have read its settings, so this process keeps whatever it has
-    (:func:`mkl_cbwr_mode` tells which).
+    Sets ``MKL_CBWR`` to :data:`MKL_CBWR` (with ``portable``: every :data:`PORTABLE_ENV` variable)
+    unless it is set already. Returns False when ``torch`` is already imported: MKL may have read its
+    settings, so this process keeps whatever it has (:func:`mkl_cbwr_mode` tells which).
     """
     env = os.environ if environ is None else environ
-    env.setdefault("MKL_CBWR", MKL_CBWR)
+    wanted = PORTABLE_ENV if portable else {"MKL_CBWR": MKL_CBWR}
+    for key, value in wanted.items():
+        if environ is None:
+            _BEFORE.setdefault(key, env.get(key))
+        env.setdefault(key, value)
     return "torch" not in sys.modules
 
 
@@ -62,3 +84,77 @@ def mkl_cbwr_mode() -> str | None:
     word = int(getter(-1))  # -1: the whole mode word
     name = _BRANCHES.get(word & 0xFF, hex(word & 0xFF))
     return f"{name},STRICT" if word & _STRICT else name
+
+
+def portable_requested(argv: Sequence[str]) -> bool:
+    """Whether a ``sae`` command line asks for ``numerics.portable``: its ``--set numerics.portable=...``,
+    else the value in its ``--params`` file (default ``params.yaml``).
+
+    Read before torch is imported, with nothing but YAML; anything unreadable counts as False here
+    and is reported by the stage's own params loading, which also applies the portable dtypes.
+    """
+    path, value = "params.yaml", None
+    for i, arg in enumerate(argv):
+        for opt in ("--params", "--set"):
+            if arg == opt and i + 1 < len(argv):
+                given = argv[i + 1]
+            elif arg.startswith(opt + "="):
+                given = arg[len(opt) + 1:]
+            else:
+                continue
+            key, _, raw = given.partition("=")
+            if opt == "--params":
+                path = given
+            elif key.strip() == "numerics.portable":
+                value = raw
+    try:
+        import yaml
+
+        if value is not None:
+            return yaml.safe_load(value) is True
+        return yaml.safe_load(Path(path).read_text())["numerics"]["portable"] is True
+    except Exception:  # no file, no section, bad YAML: the stage's load_params says what is wrong
+        return False
+
+
+def apply_numerics(portable: bool, threads: int | None) -> None:
+    """At stage start: the thread count, deterministic algorithms and (portable) no TF32, in this process.
+
+    ``threads``: torch's intra-op threads (None: left at torch's default, one per core; 1 when
+    ``portable``). Warns when ``portable`` but MKL or ATen already started in their fast modes (torch
+    was imported before :func:`request_reproducible_blas`, e.g. not through the ``sae`` command): the
+    run is then not portable, and the recorded environment (:mod:`pipeline.environment`) says so.
+    """
+    import torch
+
+    n = threads if threads is not None else (1 if portable else None)
+    if n is not None:
+        torch.set_num_threads(n)
+    # warn_only: an op without a deterministic implementation (some CUDA scatter/index_add) logs a
+    # warning instead of stopping the stage; every op that has one uses it.
+    torch.use_deterministic_algorithms(portable, warn_only=True)
+    torch.backends.cudnn.deterministic = portable
+    if not portable:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", PORTABLE_ENV["CUBLAS_WORKSPACE_CONFIG"])  # before cuBLAS starts
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    mode, capability = mkl_cbwr_mode(), torch.backends.cpu.get_cpu_capability()
+    if mode not in (None, PORTABLE_ENV["MKL_CBWR"]) or capability != "DEFAULT":
+        log.warning("numerics.portable: MKL runs %s and ATen %s kernels, not %s and DEFAULT (torch started before "
+                    "the portable settings; run through the `sae` command or export %s): results are not portable",
+                    mode, capability, PORTABLE_ENV["MKL_CBWR"],
+                    " ".join(f"{k}={v}" for k, v in PORTABLE_ENV.items() if k != "CUBLAS_WORKSPACE_CONFIG"))
+
+
+def child_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` as it was before :func:`request_reproducible_blas` changed it: for a child ``sae``
+    process, which chooses its own numerics from its own params (``sae verify`` runs ``dvc repro``)."""
+    env = dict(os.environ if environ is None else environ)
+    for key, before in _BEFORE.items():
+        if before is None:
+            env.pop(key, None)
+        else:
+            env[key] = before
+    return env

@@ -6,6 +6,11 @@ on the device so a step never waits for the host; the only syncs are at log, val
 checkpoint steps. Every ``checkpoint_every`` steps it writes ALL resume state in one object
 (:mod:`pipeline.checkpoint`); rerunning after a kill continues from there, and on CPU the final
 weights are bit-identical to an uninterrupted run.
+
+Under torchrun it is data-parallel (:mod:`pipeline.distributed`): W processes share each batch of the
+one-process stream, ``B / W`` rows each; the losses' batch statistics and the dead-latent counts are global
+(:mod:`pipeline.sae.batch`) and the gradients summed, so every process takes the same step as one process
+would on the whole batch (up to float summation order). Rank 0 alone validates, logs and writes.
 """
 
 from __future__ import annotations
@@ -27,16 +32,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.activations import ActivationBatch, ActivationDataset
-from pipeline.checkpoint import capture_rng, fingerprint, load_checkpoint, restore_rng, save_checkpoint
+from pipeline.checkpoint import (
+    capture_rng,
+    fingerprint,
+    load_checkpoint,
+    restore_rng,
+    same_start,
+    save_checkpoint,
+)
 from pipeline.devices import resolve_device
+from pipeline.environment import cpu_has_fast_bf16
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
 from pipeline.kernels import resolve_backend
 from pipeline.loader import batches_per_epoch, epoch_seed, train_batches
 from pipeline.params.sae import TrainParams
-from pipeline.sae import SAE, SAEConfig, make_sae, save_sae
+from pipeline.sae import SAE, SAEConfig, batch, make_sae, save_sae
 from pipeline.trainstats import LatentTracker, RunningStats
 
 log = logging.getLogger(__name__)
@@ -47,19 +61,10 @@ CURVE_COLUMNS = ("step", "tokens", "loss", "l0", "fvu", "dead_fraction", "dense_
 SUMMARY_NAMES = {"loss": "loss", "l0": "l0@1", "fvu": "fvu_batch@1", "dead_fraction": "dead_fraction_window@1",
                  "dense_fraction": "dense_fraction_window@1"}
 # Params that cannot change the trained weights: excluded from the resume fingerprint.
-NOT_FINGERPRINTED = ("device", "log_every", "val_every", "val_tokens", "checkpoint_every", "prefetch")
+# The number of processes is checked on its own (pipeline.checkpoint: "written by N ranks").
+NOT_FINGERPRINTED = ("device", "log_every", "val_every", "val_tokens", "checkpoint_every", "prefetch", "processes")
 
 LogFn = Callable[[dict[str, Any]], None]
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16): there bf16 matmuls ran ~5x
-    faster than fp32 (measured on the 2-core dev box: 196 vs 38 GFLOPS at 1024x576x4608)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 KERNEL_ARCHS = ("topk", "batchtopk")  # the architectures pipeline.kernels implements
@@ -82,6 +87,14 @@ def use_bf16_autocast(dtype: str, device: torch.device) -> bool:
     if dtype == "auto":
         return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
     return dtype == "bfloat16"
+
+
+def resolve_auto(cfg: TrainParams, arch: str) -> TrainParams:
+    """``cfg`` with ``dtype`` and ``kernels`` 'auto' decided for this machine (the stage records them, and the
+    trainer, its checkpoint fingerprint and ``cfg.json`` then use exactly these)."""
+    device = resolve_device(cfg.device)
+    return dataclasses.replace(cfg, dtype="bfloat16" if use_bf16_autocast(cfg.dtype, device) else "float32",
+                               kernels=kernel_backend(cfg.kernels, arch, device))
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainParams) -> float:
@@ -158,22 +171,25 @@ def train_sae(
     (validation passes) and one final ``"summary"``. ``curve_path`` gets the training curve as CSV
     (``CURVE_COLUMNS``). ``on_step(step)`` is called after each completed step (tests use it to
     simulate a kill). Raises :class:`UserError` on non-finite inputs or loss, naming the step.
+    Under torchrun, every process calls this; only rank 0 emits rows and writes files.
     """
-    cfg = train_cfg
+    cfg = resolve_auto(train_cfg, sae_cfg.arch)  # fingerprint, cfg.json and the loop see the decided dtype/kernels
     # Our own copy: init_from_data sets the SAE's scaling_factor in its cfg, and the caller's
     # config must stay what it was (it is fingerprinted again on resume).
     sae_cfg = SAEConfig.from_dict(sae_cfg.to_dict())
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     if sae_cfg.d_in != dataset.d_model:
         raise UserError(f"{dataset.root}: d_model {dataset.d_model} does not match the SAE's d_in {sae_cfg.d_in}")
-    device = resolve_device(cfg.device)
+    ranks, device = distributed.start(cfg.device, "train.device")
     use_bf16 = use_bf16_autocast(cfg.dtype, device)
     B = cfg.batch_size
+    if B % ranks.world:
+        raise UserError(f"train.batch_size: {B} is not divisible by the {ranks.world} training processes")
     per_epoch = batches_per_epoch(dataset, B)
     total_steps = (cfg.n_tokens or per_epoch * B) // B
     if total_steps == 0:
         raise UserError(f"train.n_tokens: {cfg.n_tokens} is less than one batch of train.batch_size={B}")
-    emit = log_fn or (lambda row: None)
+    emit = (log_fn if ranks.is_main else None) or (lambda row: None)
 
     # Fresh state, then overwrite it from a checkpoint if there is a compatible one.
     fp = train_fingerprint(sae_cfg, cfg, seed, dataset)
@@ -188,7 +204,9 @@ def train_sae(
     curve: list[dict[str, Any]] = []
     val_row: dict[str, Any] = {}
     step = 0
-    state = load_checkpoint(checkpoint_dir, fp)
+    state = load_checkpoint(checkpoint_dir, fp, world_size=ranks.world)
+    if ranks.parallel:  # several machines: each reads its own copy of the data and of the checkpoints
+        same_start(ranks, fp, state, checkpoint_dir)
     if state is not None:
         sae.cfg.scaling_factor = state["sae_cfg"]["scaling_factor"]  # set by init_from_data, not a weight
         sae.load_state_dict(state["model"])
@@ -199,15 +217,21 @@ def train_sae(
         restore_rng(state["rng"])
     else:
         # Data-dependent initialisation (b_dec, input scaling) from the first training batch.
+        # Every process reads the whole batch: the same statistics; rank 0's result is then the one kept.
         first = next(dataset.iter_batches(B, shuffle=True, seed=epoch_seed(seed, 0), drop_last=True))
         init_from_first_batch(sae, first, dataset, device)
+        if ranks.parallel:  # identical starting weights even where processes on different machines round differently
+            distributed.broadcast_tensors_([*sae.parameters(), *sae.buffers()])
+            sae.cfg.scaling_factor = distributed.broadcast_object(sae.cfg.scaling_factor)
 
     def checkpoint(complete: bool = False) -> None:
         check_finite()
+        if not ranks.is_main:
+            return
         save_checkpoint(checkpoint_dir, {
             "step": step, "complete": complete, "fingerprint": fp, "sae_cfg": sae.cfg.to_dict(), "model": sae.state_dict(),
             "optimizer": opt.state_dict(), "schedule": {"step": step, "total_steps": total_steps},
-            "rng": capture_rng(), "cursor": {"epoch": step // per_epoch, "batch": step % per_epoch},
+            "rng": capture_rng(), "cursor": {"epoch": step // per_epoch, "batch": step % per_epoch, "world_size": ranks.world},
             "tracker": tracker.state_dict(), "stats": stats.state_dict(), "curve": curve, "val": val_row,
         })
 
@@ -215,14 +239,18 @@ def train_sae(
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
 
     def check_finite() -> None:
-        bad = int(bad_step)
+        if ranks.parallel:  # the first bad step of any process, so that all of them stop together
+            first = distributed.all_reduce_(torch.where(bad_step < 0, total_steps, bad_step), op="min")
+            bad = int(first) if int(first) < total_steps else -1
+        else:
+            bad = int(bad_step)
         if bad >= 0:
             raise UserError(f"train step {bad}: non-finite loss or input activations (NaN/inf) in {dataset.root}; "
                             f"the last good checkpoint in {checkpoint_dir} is kept")
 
     def validate() -> None:
         nonlocal val_row
-        if val_dataset is None:
+        if val_dataset is None or not ranks.is_main:
             return
         m = reconstruction_metrics(sae, val_dataset, n_tokens=cfg.val_tokens, batch_size=B, device=device)
         val_row = {"kind": "val", "step": step, **{f"val_{k}": v for k, v in m.items()}}
@@ -232,20 +260,30 @@ def train_sae(
     t_start, step_start = time.perf_counter(), step
     t_log, tokens_log = t_start, step * B
     sae.train()
-    pbar = tqdm(total=total_steps, initial=step, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    pbar = tqdm(total=total_steps, initial=step, unit="step", disable=not sys.stderr.isatty() or not ranks.is_main,
+                dynamic_ncols=True)
+    part = (ranks.rank, ranks.world)
+
+    def whole_batch():  # reductions inside see the batch of all processes (pipeline.sae.batch)
+        return batch.across(ranks.world, distributed)
+
     # closing(): a kill or error mid-loop stops the reader thread at once, not at garbage collection.
-    with pbar, closing(train_batches(dataset, B, seed, step, total_steps, device, cfg.prefetch)) as batches:
-        for x in batches:  # x [B, d_model]
+    with pbar, closing(train_batches(dataset, B, seed, step, total_steps, device, cfg.prefetch, part)) as batches:
+        for x in batches:  # x [B / world, d_model]: this process's rows of the step's batch
             if sae.wants_resample(step):  # relu_l1 2023 recipe (Towards Monosemanticity, "Neuron resampling")
-                n = sae.resample_dead(x, opt)
+                with whole_batch():  # every process resamples the same way, from the whole batch
+                    x_all = batch.gather_rows(x)
+                n = sae.resample_dead(x_all, opt)
                 log.info("step %d: resampled %d dead latents", step, n)
             lr = lr_at(step, total_steps, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), whole_batch():
                 out = sae.training_loss(x, step, total_steps)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if ranks.parallel:
+                distributed.sum_gradients_(sae.parameters())
             sae.before_optimizer_step()  # e.g. remove gradient parallel to unit-norm decoder rows
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -254,9 +292,11 @@ def train_sae(
 
             bad = ~(torch.isfinite(out.loss) & torch.isfinite(x).all())
             bad_step = torch.where(bad & (bad_step < 0), step, bad_step)
-            counts, l0 = out.firing(sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
-            stats.update(out.loss, x, out.x_hat, l0)
-            tracker.update(counts, x.shape[0])
+            with whole_batch():  # statistics of the whole batch, the same on every process
+                counts, l0 = out.firing(sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
+                counts, l0 = batch.total(counts), batch.average(l0)
+                stats.update(out.loss, x, out.x_hat, l0)
+            tracker.update(counts, B)
             step += 1
             pbar.update(1)
 
@@ -282,9 +322,11 @@ def train_sae(
     elapsed = time.perf_counter() - t_start
     validate()
     sae.eval()
-    save_sae(sae, out_dir, training={**dataclasses.asdict(cfg), "seed": seed, "steps": total_steps})
+    if ranks.is_main:
+        save_sae(sae, out_dir, training={**dataclasses.asdict(cfg), "seed": seed, "steps": total_steps,
+                                         "world_size": ranks.world})
     checkpoint(complete=True)
-    if curve_path is not None:
+    if curve_path is not None and ranks.is_main:
         write_curve(Path(curve_path), curve)
     last = curve[-1] if curve else {}
     summary = {"kind": "summary", "steps": total_steps, "tokens": total_steps * B, "d_sae": sae_cfg.d_sae,

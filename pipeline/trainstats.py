@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.sae import batch
+
 DENSE_THRESHOLD = 0.1  # a latent firing on >10% of tokens is "dense" (the usual cut-off, e.g. Rajamanoharan et al. 2024)
 
 
@@ -25,16 +27,20 @@ class RunningStats:
 
     @torch.no_grad()
     def update(self, loss: Tensor, x: Tensor, x_hat: Tensor, l0: Tensor) -> None:
-        """``x, x_hat`` [B, d_model]; ``l0`` scalar mean active latents per token; ``loss`` scalar. No host sync."""
+        """``x, x_hat`` [B, d_model]; ``l0`` scalar mean active latents per token; ``loss`` scalar. No host sync.
+
+        Data-parallel (inside ``pipeline.sae.batch.across``): ``x, x_hat`` are this process's rows, ``loss`` and
+        ``l0`` already global; the sums below are taken over the global batch, so every process holds the same."""
         x = x.float()
         err = x - x_hat.float()
         # FVU numerator and denominator summed over the interval, divided once at log time: the
         # ratio of sums is the interval's FVU, the mean of per-step ratios would not be.
+        resid_var = batch.total(torch.stack([err.pow(2).sum(), (x - batch.mean(x)).pow(2).sum()]))
         vals = torch.stack([
             loss.detach().float(),
             l0.float(),
-            err.pow(2).sum(),
-            (x - x.mean(0)).pow(2).sum(),
+            resid_var[0],
+            resid_var[1],
             torch.ones((), device=x.device),
         ]).double()
         self.sums += vals

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
-from pipeline.numerics import request_reproducible_blas
+from pipeline.numerics import portable_requested, request_reproducible_blas
 
-# Before any stage module imports torch: MKL reads its reproducibility mode once, at its first call.
-request_reproducible_blas()
+# Before any stage module imports torch: MKL reads its reproducibility mode once, at its first call,
+# and ATen its kernel set; so numerics.portable is read here, from the command line's params.
+request_reproducible_blas(portable=portable_requested(sys.argv[1:]))
 
 # name -> (module:attribute, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("stages.report:command", "Summary report (Markdown + HTML) and MLflow run."),
     "frontier": ("stages.frontier:command", "L0-FVU / L0-CE-recovered frontier across DVC experiments (PNG)."),
     "sync": ("stages.tracking_sync:command", "Upload MLflow runs saved while the tracker was unreachable."),
+    "verify": ("stages.verify:command", "Rerun a commit's pipeline; compare with its recorded metrics (tolerances)."),
 }
 
 

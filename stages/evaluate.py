@@ -30,12 +30,15 @@ def command(params: Params) -> None:
 
     from pipeline.activations import open_activations
     from pipeline.devices import resolve_device
+    from pipeline.environment import environment
     from pipeline.errors import UserError
     from pipeline.evaluate import evaluate_reconstruction, write_density_csv
     from pipeline.io import atomic_write_json, nan_to_null
+    from pipeline.numerics import apply_numerics
     from pipeline.sae import load_sae
     from pipeline.splice import splice_metrics, validation_contexts
 
+    apply_numerics(params.numerics.portable, params.numerics.threads)
     ev = params.evaluate
     device = resolve_device(ev.device, "evaluate.device")
     model, contexts, tokenizer = None, None, None
@@ -70,4 +73,6 @@ def command(params: Params) -> None:
             m["n_splice_contexts"] = int(contexts.shape[0])
         results[hook] = nan_to_null(m)
         log.info("%s: %s", hook, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
+    results["environment"] = environment({"evaluate.device": device, "model.dtype": params.model.dtype,
+                                          "numerics.portable": params.numerics.portable})
     atomic_write_json(METRICS, results)

@@ -32,12 +32,16 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """The stage, relative to ``root`` (tests run it in a temp directory)."""
     from pipeline.activations import open_activations
     from pipeline.autointerp import make_backend
+    from pipeline.environment import environment
     from pipeline.hooks import final_norm_and_unembed
     from pipeline.interpret import InterpretConfig, build_context_table, interpret_hook
     from pipeline.interpret.dashboard import write_hooks_page
+    from pipeline.interpret.run import resolve_dtype
     from pipeline.models import load_model
+    from pipeline.numerics import apply_numerics
     from pipeline.sae import load_sae
 
+    apply_numerics(params.numerics.portable, params.numerics.threads)
     p = params.interpret
     for f in ("contexts.parquet", "documents.parquet"):
         if not (root / TOKENS / f).is_file():
@@ -46,6 +50,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     documents = pl.read_parquet(root / TOKENS / "documents.parquet")
     table = build_context_table(contexts, documents, p.split)
     device = str(resolve_device(p.device, "interpret.device"))
+    encode_dtype = resolve_dtype(p.encode_dtype, device)  # 'auto' decided once, recorded below
     lm = load_model(params.model.name, params.model.revision, dtype="float32", device="cpu")
     norm, W_U = final_norm_and_unembed(lm.model)
     cfg = InterpretConfig(
@@ -53,7 +58,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         reservoir=p.reservoir, n_random=p.n_random, n_logits=p.n_logits, n_neighbours=p.n_neighbours,
         cooc_per_token=p.cooc_per_token, cooc_max_features=p.cooc_max_features, n_explain=p.n_explain,
         max_new_tokens=p.max_new_tokens, seed=params.seed, threshold=p.threshold,
-        encode_dtype=p.encode_dtype)
+        encode_dtype=encode_dtype)
     metrics: dict[str, Any] = {}
     entries = []
     backend = None
@@ -79,7 +84,9 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     # A declared DVC output must exist even when no LM ran ('stats' explainer).
     atomic_write_text(root / CACHE / "README.txt", "LM call cache of `sae interpret` (one JSONL per backend); "
                       "delete it to recompute explanations and scores.\n")
-    atomic_write_json(root / METRICS, metrics)
+    env = environment({"interpret.device": device, "interpret.encode_dtype": encode_dtype,
+                       "numerics.portable": params.numerics.portable})
+    atomic_write_json(root / METRICS, {**metrics, "environment": env})
     return metrics
 
 

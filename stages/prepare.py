@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.corpus import describe_source, iter_documents
+from pipeline.environment import environment
 from pipeline.io import atomic_write_json, atomic_write_parquet
 from pipeline.models import load_tokenizer
 from pipeline.tokens import ContextSpec, build_contexts
@@ -37,6 +38,7 @@ def command(params: Params) -> None:
         "documents": documents.num_rows,
         "labels": len(labels),
         "corpus": describe_source(c.source),
+        "environment": environment(compute=False),  # tokenisation: integer work, only library versions matter
     }
     atomic_write_json(METRICS, metrics)
     log.info("prepare: %d contexts (%s) from %d documents in %.1fs", ctx.height, counts, documents.num_rows,

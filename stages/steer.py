@@ -33,7 +33,9 @@ def command(params: Params) -> None:
     import torch
 
     from pipeline.autointerp import make_backend
+    from pipeline.environment import environment
     from pipeline.models import load_model
+    from pipeline.numerics import apply_numerics
     from pipeline.sae import load_sae
     from pipeline.steering import evaluate_steering
     from pipeline.steering.baselines import read_interpret
@@ -41,6 +43,7 @@ def command(params: Params) -> None:
     from pipeline.steering.plots import sweep_curves, write_plot_csvs, write_pngs
 
     t0 = time.perf_counter()
+    apply_numerics(params.numerics.portable, params.numerics.threads)
     p = params.steer
     hook = p.hook or params.extract.hooks[0]
     sae_dir = MODELS / hook
@@ -81,7 +84,9 @@ def command(params: Params) -> None:
         shutil.rmtree(d, ignore_errors=True)
     write_plot_csvs(curves, PLOTS)
     write_pngs(curves, STEER_FIGURES)
-    atomic_write_json(METRICS, result.metrics)
+    env = environment({"model.device": device, "model.dtype": params.model.dtype,
+                       "numerics.portable": params.numerics.portable})
+    atomic_write_json(METRICS, {**result.metrics, "environment": env})
     rt = {**result.runtime, "stage_s": round(time.perf_counter() - t0, 2)}
     atomic_write_json(STEER_FIGURES / "runtime.json", rt)
     log.info("steer: %d generations, %d tokens at %.0f tok/s; stage %.1fs", rt["generations"],

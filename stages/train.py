@@ -4,6 +4,8 @@ Writes ``models/sae/<hook>/sae.safetensors`` + ``cfg.json``, ``plots/train/<hook
 training curve), ``metrics/train.json`` and resumable checkpoints under ``checkpoints/<hook>/``.
 With ``--data DIR --out DIR`` it trains on any activation dataset instead (bring your own; see
 README, "Training on your own activations").
+Under torchrun, or with ``train.processes`` > 1, the processes train each SAE together (data-parallel,
+``pipeline.train``); rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import click
 
+from pipeline import distributed
 from pipeline.activations import ActivationDataset, open_activations
 from pipeline.errors import UserError
 from pipeline.evaluate import finite_or_none
@@ -21,6 +24,7 @@ from pipeline.io import atomic_write_json
 from pipeline.params import Params
 from pipeline.params.sae import SAEParams, TrainParams
 from stages.common import stage_command
+from stages.launch import relaunched
 from stages.paths import ACTIVATIONS, MODELS
 
 log = logging.getLogger("sae.train")
@@ -88,14 +92,22 @@ def _train_one(dataset: ActivationDataset, val: ActivationDataset | None, out: P
               help="Train on this activation dataset (a folder with manifest.json) instead of the pipeline's.")
 @stage_command(help="Activation datasets -> one trained SAE per hook (resumes from checkpoints/ after a kill).")
 def command(params: Params, data: str | None = None, val_data: str | None = None, out: str | None = None) -> None:
-    from pipeline.train import train_sae
+    from pipeline.devices import resolve_device
+    from pipeline.environment import environment
+    from pipeline.numerics import apply_numerics
+    from pipeline.train import resolve_auto, train_sae
 
     if data is None and (val_data or out):
         raise click.UsageError("--val-data and --out need --data")
+    if relaunched("train", params.train.processes, params.train.device):  # train.processes > 1: ran as N processes
+        return
+    distributed.start(params.train.device, "train.device")  # under torchrun: join now, and only rank 0 logs
+    apply_numerics(params.numerics.portable, params.numerics.threads)
+    train_p = resolve_auto(params.train, params.sae.arch)  # 'auto' dtype and kernels decided once, recorded below
     if data is not None:
         dataset = open_activations(data)
         out_dir = Path(out) if out else MODELS / dataset.hook
-        summary = train_on_dataset(data, out_dir, params.sae, params.train, params.seed, val_data=val_data,
+        summary = train_on_dataset(data, out_dir, params.sae, train_p, params.seed, val_data=val_data,
                                    checkpoint_dir=out_dir / "checkpoints", curve_path=out_dir / "train_curve.csv")
         log.info("saved %s: %s", out_dir, summary)
         return
@@ -106,5 +118,8 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
         val_root = ACTIVATIONS / "validation" / hook
         val = open_activations(val_root) if (val_root / "manifest.json").is_file() else None
         metrics[hook] = _train_one(dataset, val, MODELS / hook, CHECKPOINTS / hook, PLOTS / f"{hook}.csv",
-                                   params.sae, params.train, params.seed, train_sae)
-    atomic_write_json(METRICS, metrics)
+                                   params.sae, train_p, params.seed, train_sae)
+    metrics["environment"] = environment({"train.device": resolve_device(train_p.device), "train.dtype": train_p.dtype,
+                                          "train.kernels": train_p.kernels, "numerics.portable": params.numerics.portable})
+    if distributed.current().is_main:  # under torchrun, rank 0 writes
+        atomic_write_json(METRICS, metrics)

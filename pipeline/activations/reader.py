@@ -204,9 +204,17 @@ class ActivationDataset:
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, start_batch: int = 0,
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     drop_last: bool = False) -> Iterator[ActivationBatch]:
+                     drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[ActivationBatch]:
         """Stream fixed-size batches. The stream is a pure function of (dataset, batch_size, shuffle, seed),
-        so ``start_batch`` resumes exactly where a checkpoint left off, without reading what came before."""
+        so ``start_batch`` resumes exactly where a checkpoint left off, without reading what came before.
+
+        ``part=(rank, world)`` (data-parallel training) yields only rows ``[rank·b, (rank+1)·b)`` of each batch,
+        ``b = batch_size / world``: the processes split every batch of the one-process stream between them. Only
+        those rows are converted and copied; every process still reads and decodes the whole stream."""
+        rank, world = part
+        if world > 1 and (batch_size % world or not drop_last or not 0 <= rank < world):
+            raise ValueError(f"part={part}: needs drop_last and a batch_size ({batch_size}) divisible by {world}")
+        sub = batch_size // world
         device = torch.device(device)
         pin = device.type == "cuda"
         skip = start_batch * batch_size
@@ -218,7 +226,7 @@ class ActivationDataset:
             cur = arrays if rest is None else tuple(np.concatenate([r, a]) for r, a in zip(rest, arrays, strict=False))
             n_full = len(cur[0]) // batch_size
             for b in range(n_full):
-                sl = slice(b * batch_size, (b + 1) * batch_size)
+                sl = slice(b * batch_size + rank * sub, b * batch_size + (rank + 1) * sub)
                 yield _to_batch([a[sl] for a in cur], device, dtype, pin)
             rest = tuple(a[n_full * batch_size:] for a in cur)
         if rest is not None and len(rest[0]) and not drop_last:

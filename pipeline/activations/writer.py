@@ -135,6 +135,17 @@ class ActivationWriter:
         self._shards[index] = info
         return info
 
+    def adopt_shard(self, index: int) -> ShardInfo:
+        """Record shard ``index``, just written by another process of a data-parallel extraction, from its
+        sidecar (the sha256 hashed as it was written) and its Parquet footer, without reading it again."""
+        path = self.root / shard_name(index)
+        digest = recorded_sha256(path)
+        if digest is None:
+            raise RuntimeError(f"{path}: missing or without its sidecar after every process finished")
+        info = ShardInfo(path.name, pq.read_metadata(path).num_rows, digest)
+        self._shards[index] = info
+        return info
+
     def write_shard(self, index: int, context_id: np.ndarray, position: np.ndarray, token_id: np.ndarray,
                     acts: np.ndarray | torch.Tensor) -> ShardInfo:
         if isinstance(acts, torch.Tensor):

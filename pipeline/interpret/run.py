@@ -20,6 +20,7 @@ from pipeline.autointerp import (
 )
 from pipeline.autointerp.backends import Cached
 from pipeline.autointerp.simulate import normalise
+from pipeline.environment import cpu_has_fast_bf16
 from pipeline.interpret.bins import best_topic, topic_auroc
 from pipeline.interpret.contexts import ContextTable
 from pipeline.interpret.dashboard import DashboardShards
@@ -64,13 +65,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     (elsewhere bf16 matmul is emulated and slower than float32)."""
     if dtype != "auto":
         return dtype
-    if str(device).startswith("cuda"):
-        return "bfloat16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return "bfloat16" if str(device).startswith("cuda") or cpu_has_fast_bf16() else "float32"
 
 
 def _encoder(sae: Any, dtype: str, device: str) -> Any:

@@ -5,6 +5,7 @@ Stages call :func:`load_params`; the library below never reads ``params.yaml`` i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ import yaml
 from pipeline.params.analysis import InterpretParams, LLMParams, SteerParams
 from pipeline.params.core import ParamsError, describe, flatten, from_dict, knob, missing_keys, to_dict
 from pipeline.params.data import CorpusParams, ExtractParams, ModelParams
+from pipeline.params.numerics import NumericsParams, apply_portable
 from pipeline.params.sae import EvaluateParams, SAEParams, TrainParams
 from pipeline.params.tracking import ReportParams, TrackingParams
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Params", "ParamsError", "load_params", "apply_overrides", "describe", "flatten", "to_dict"]
 
@@ -34,6 +38,7 @@ class Params:
     steer: SteerParams = knob(factory=SteerParams, help="Causal steering evaluation.")
     tracking: TrackingParams = knob(factory=TrackingParams, help="MLflow tracking.")
     report: ReportParams = knob(factory=ReportParams, help="Report.")
+    numerics: NumericsParams = knob(factory=NumericsParams, help="Numerics of the compute stages: the portable (cross-machine) path, threads.")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -87,6 +92,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     missing = missing_keys(Params, data)
     apply_overrides(data, list(overrides))
     params = from_dict(Params, data)
+    for change in apply_portable(params):  # resolved once, here: every stage sees the portable dtypes
+        log.info("numerics.portable: %s", change)
     if missing:
         raise ParamsError(f"{path}: missing keys: {', '.join(missing)} (every key must be listed so DVC tracks it; "
                           "see docs/params.md for each key's default)")

@@ -49,6 +49,10 @@ class ExtractParams:
         16, help="Contexts per forward pass, or 'auto': from free GPU memory (16 on CPU), a divisor of contexts_per_shard.", ge=1)
     dtype: Literal["float16", "float32"] = knob("float16", help="Storage dtype of activation vectors.")
     contexts_per_shard: int = knob(512, help="Contexts per Parquet shard (the unit of resume); a multiple of batch_size.", ge=1)
+    processes: int | Literal["auto"] = knob(
+        1, help="Processes `sae extract` starts on this machine (as torchrun --standalone --nproc-per-node N), each "
+        "computing every N-th shard; the dataset is byte-identical to one process's. 1 = this process only, 'auto' = "
+        "one per visible GPU (1 without CUDA or with model.device cpu). Ignored under torchrun.", ge=1)
 
     def check(self, prefix: str) -> None:
         if not self.hooks:

@@ -63,6 +63,10 @@ class TrainParams:
         "auto", help="topk/batchtopk training step: 'triton' = sparse Triton kernels (Gao et al. 2024), 'torch' = dense "
         "PyTorch, 'auto' = triton on CUDA when Triton is installed, else torch. Other archs always use torch.")
     prefetch: int = knob(4, help="Batches read ahead by a background thread (pinned memory + non-blocking copy on CUDA; 0: read inline).", ge=0, le=64)
+    processes: int | Literal["auto"] = knob(
+        1, help="Data-parallel training processes `sae train` starts on this machine (as torchrun --standalone "
+        "--nproc-per-node N; each takes batch_size / N rows of every batch): 1 = this process only, 'auto' = one per "
+        "visible GPU (1 without CUDA or with device cpu). Ignored under torchrun, whose world size rules.", ge=1)
 
     def check(self, prefix: str) -> None:
         if len(self.betas) != 2:

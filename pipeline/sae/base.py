@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
-from pipeline.sae import ops
+from pipeline.sae import batch, ops
 from pipeline.sae.config import SAEConfig
 
 __all__ = ["SAE", "SAEConfig", "LossOutput", "ARCHS", "register", "make_sae"]
@@ -214,8 +214,8 @@ class SAE(nn.Module):
 
     # ---- shared pieces for subclasses ---------------------------------------------------------
     def _recon_loss(self, xs: Tensor, xs_hat: Tensor) -> Tensor:
-        """||xs - xs_hat||^2 summed over dims, mean over tokens (scaled space). Scalar."""
-        return (xs_hat - xs).float().pow(2).sum(-1).mean()
+        """||xs - xs_hat||^2 summed over dims, mean over the (global) batch's tokens (scaled space). Scalar."""
+        return batch.mean((xs_hat - xs).float().pow(2).sum(-1))
 
     def _dead_mask(self) -> Tensor:
         """[d_sae] bool: latents that have not fired for ``cfg.dead_after_tokens`` training tokens."""
@@ -224,7 +224,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _update_firing_counts(self, counts: Tensor, n_tokens: int) -> Tensor:
         """Update tokens-since-fired from per-latent firing ``counts [d_sae]`` (or a bool fired mask) over a batch
-        of ``n_tokens`` tokens; return the dead mask [d_sae]. In-place tensor ops only: no host sync."""
+        of ``n_tokens`` tokens; return the dead mask [d_sae]. In-place tensor ops only: no host sync. Data-parallel,
+        the counts are summed over processes first, so every process holds the same dead mask (AuxK depends on it)."""
+        counts, n_tokens = batch.total(counts), batch.rows(n_tokens)
         self.tokens_since_fired.add_(n_tokens).masked_fill_(counts > 0, 0)
         return self._dead_mask()
 

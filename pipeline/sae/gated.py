@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pipeline.sae import batch
 from pipeline.sae.base import SAE, LossOutput, register
 from pipeline.sae.config import SAEConfig
 
@@ -52,7 +53,7 @@ class GatedSAE(SAE):
         xs_hat = self._decode_scaled(f)
         recon = self._recon_loss(xs, xs_hat)
         gate = pi_gate.relu()
-        sparsity = gate.sum(-1).mean()
+        sparsity = batch.mean(gate.sum(-1))
         xs_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
         aux = self._recon_loss(xs, xs_gate)
         coeff = self.cfg.l1_coeff * self._warmup(step, total_steps)

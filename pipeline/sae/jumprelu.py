@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from pipeline.sae import batch
 from pipeline.sae.base import SAE, LossOutput, register
 from pipeline.sae.config import SAEConfig
 
@@ -103,7 +104,7 @@ class JumpReLUSAE(SAE):
         f = jumprelu(z, theta, eps)
         xs_hat = self._decode_scaled(f)
         recon = self._recon_loss(xs, xs_hat)
-        l0 = heaviside_ste(z, theta, eps).sum(-1).mean()
+        l0 = batch.mean(heaviside_ste(z, theta, eps).sum(-1))
         loss = recon + self.cfg.l0_coeff * self._warmup(step, total_steps) * l0
         dead = self._update_firing(f)
         terms = self._common_terms(xs, xs_hat, f, dead) | {"l0_penalty": l0.detach()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.sae import batch
 from pipeline.sae.base import SAE, LossOutput, register
 from pipeline.sae.config import SAEConfig
 
@@ -44,7 +45,7 @@ class KLSAE(SAE):
         a = self._encode_scaled(xs)  # [B, d_sae]
         xs_hat = self._decode_scaled(a)
         recon = self._recon_loss(xs, xs_hat)
-        rho_hat = a.mean(0)  # [d_sae]
+        rho_hat = batch.mean(a)  # [d_sae], over the global batch when data-parallel
         kl = kl_sparsity(self.cfg.target_rate, rho_hat)
         loss = recon + self.cfg.kl_coeff * kl
         dead = self._update_firing(a)

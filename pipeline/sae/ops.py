@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pipeline.sae import batch
+
 Backend = Literal["auto", "triton", "torch"]
 
 
@@ -79,16 +81,16 @@ def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
     ``nan_to_num(0)``). Branch-free (``torch.where``): no host sync, and no NaN reaches the gradient.
     """
     pred, target = pred.float(), target.float()
-    err = (target - pred).pow(2).sum(-1).mean()
-    var = (target - target.mean(0)).pow(2).sum(-1).mean()
-    ok = var > torch.finfo(torch.float32).eps * target.pow(2).sum(-1).mean()
+    err = batch.mean((target - pred).pow(2).sum(-1))  # means over the global batch when data-parallel
+    var = batch.mean((target - batch.mean(target)).pow(2).sum(-1))
+    ok = var > torch.finfo(torch.float32).eps * batch.mean(target.pow(2).sum(-1))
     return torch.where(ok, err / torch.where(ok, var, torch.ones_like(var)), torch.zeros_like(err))
 
 
 def total_variance(x: Tensor) -> Tensor:
     """sum_d Var_batch(x[:, d]) of ``x[B, d]``, detached, float32: E_n ||x_n - mean_batch(x)||^2. Scalar."""
     x = x.detach().float()
-    return (x - x.mean(0)).pow(2).sum(-1).mean()
+    return batch.mean((x - batch.mean(x)).pow(2).sum(-1))
 
 
 def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:

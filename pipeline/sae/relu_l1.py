@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import Tensor
 
+from pipeline.sae import batch
 from pipeline.sae.base import SAE, LossOutput, register
 from pipeline.sae.config import SAEConfig
 
@@ -55,9 +56,9 @@ class ReLUL1SAE(SAE):
         xs_hat = self._decode_scaled(f)
         recon = self._recon_loss(xs, xs_hat)
         if self.is_2024:
-            l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
+            l1 = batch.mean((f * self.W_dec.norm(dim=-1)).sum(-1))
         else:
-            l1 = f.abs().sum(-1).mean()
+            l1 = batch.mean(f.abs().sum(-1))
         coeff = self.cfg.l1_coeff * self._warmup(step, total_steps)
         loss = recon + coeff * l1
         dead = self._update_firing(f)

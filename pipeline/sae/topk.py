@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.kernels.reference import batch_threshold, batchtopk_width
-from pipeline.sae import ops
+from pipeline.kernels.reference import batchtopk_width
+from pipeline.sae import batch, ops
 from pipeline.sae.base import SAE, LossOutput, code_firing, register
 from pipeline.sae.config import SAEConfig
 
@@ -100,13 +100,13 @@ class TopKSAE(SAE):
             # -1e30 rather than -inf pushes live latents out of the AuxK selection: one that is still picked (fewer
             # dead than k_aux) has value ReLU(-1e30) = 0 and gradient 0, where -inf would make 0 * inf = NaN.
             push_out = torch.where(dead_before, 0.0, -1e30).to(self.b_enc.dtype)
-            batch = self.arch == "batchtopk"
-            k_sel = batchtopk_width(self.cfg.k, self.cfg.d_sae) if batch else self.cfg.k  # batchtopk: candidates
+            batch_wide = self.arch == "batchtopk"
+            k_sel = batchtopk_width(self.cfg.k, self.cfg.d_sae) if batch_wide else self.cfg.k  # batchtopk: candidates
             idx, val, aux_idx, aux_val = topk_encode_aux(
                 xs, self.W_enc.to(cdt), self.b_enc.to(cdt), k_sel, push_out, self.k_aux,
                 b_pre=self.b_dec if self.apply_b_dec else None)
-            if batch:
-                val = batch_threshold(val, xs.shape[0] * self.cfg.k)
+            if batch_wide:
+                val = batch.keep_top(val, batch.rows(xs.shape[0]) * self.cfg.k)  # over the global batch
             W_dec = self.W_dec.to(cdt)  # one cast, shared by both decodes (its gradient reaches the fp32 master)
             xs_hat = sparse_decode(idx, val, W_dec, self.b_dec)  # [B, d_in] float32
             recon = self._recon_loss(xs, xs_hat)
@@ -136,14 +136,16 @@ class BatchTopKSAE(TopKSAE):
             theta = self.threshold.clamp_min(0.0).to(pre.dtype)
             return pre.relu() * (pre > theta)
         flat = pre.flatten()  # the whole batch competes: B·k slots
-        n_keep = self.cfg.k * (flat.numel() // pre.shape[-1])
+        n_keep = self.cfg.k * batch.rows(flat.numel() // pre.shape[-1])
+        if batch.world() > 1:  # the global batch's B·k largest, of which this process holds its rows
+            return torch.where(pre >= batch.kth_largest(pre, n_keep), pre.relu(), torch.zeros_like(pre))
         vals, idx = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals.relu()).view_as(pre)
 
     @torch.no_grad()
     def _on_train_latents(self, f: Tensor) -> None:
         """EMA of the batch's smallest positive kept activation; tensor ops only (no host sync)."""
-        pos_min = torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float()
+        pos_min = batch.minimum(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float())
         decay = self.cfg.threshold_decay
         t = self.threshold
         new = torch.where(t < 0, pos_min, decay * t + (1 - decay) * pos_min)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.environment import KEY as ENVIRONMENT_KEY
 from pipeline.tracking.names import MAX_TAG_VALUE, iter_numeric, metric_base, metric_key, param_value
 from pipeline.tracking.workspace import git_info, package_versions
 from stages.paths import ACTIVATIONS, METRICS, MODELS, PLOTS, TRAIN_CURVES
@@ -72,6 +73,28 @@ def read_stage_metrics(metrics_dir: Path) -> dict[str, dict[tuple[str, ...], flo
             continue
         out[path.stem] = dict(iter_numeric(data))
     return out
+
+
+def environment_tags(metrics_dir: Path) -> dict[str, str]:
+    """Tags from the ``environment`` block of each ``metrics/<stage>.json`` (:mod:`pipeline.environment`):
+    ``env.<key>`` for a value every stage that records the key agrees on (the CPU, the versions), else
+    ``env.<stage>.<key>`` per stage (e.g. threads that differ between stages)."""
+    blocks: dict[str, dict[str, str]] = {}
+    for path in sorted(metrics_dir.glob("*.json")) if metrics_dir.is_dir() else []:
+        try:
+            block = json.loads(path.read_text()).get(ENVIRONMENT_KEY)
+        except (OSError, ValueError, AttributeError):
+            continue  # read_stage_metrics warns about unreadable files
+        if isinstance(block, dict):
+            blocks[path.stem] = {str(k): str(v) for k, v in block.items()}
+    tags: dict[str, str] = {}
+    for key in sorted({k for block in blocks.values() for k in block}):
+        values = {stage: block[key] for stage, block in blocks.items() if key in block}
+        if len(set(values.values())) == 1:
+            tags[f"env.{key}"] = next(iter(values.values()))
+        else:
+            tags.update({f"env.{stage}.{key}": value for stage, value in values.items()})
+    return tags
 
 
 def read_curve(path: Path) -> dict[str, list[list[float]]]:
@@ -191,6 +214,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
     if git.get("dirty_files"):
         tags["git.dirty_files"] = git["dirty_files"]
     tags.update({f"versions.{k}": v for k, v in package_versions().items()})
+    tags.update(environment_tags(root / "metrics"))  # what the numbers were computed with, per stage
     record_id = uuid.uuid4().hex
     tags["sae.record_id"] = record_id
     return RunRecord(

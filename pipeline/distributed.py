@@ -1,0 +1,155 @@
+"""Data-parallel processes under torchrun: who this process is, its device, the process group, collectives.
+
+``torchrun`` (or a stage relaunching itself, :mod:`stages.launch`) starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in their environment. :func:`start` joins
+them into one process group (gloo on CPU, NCCL on CUDA), gives each process the GPU of its local rank, and
+leaves logging to rank 0. Without torchrun it changes nothing: a world of one process.
+
+Every collective goes through this module, so that one failing process shows one error line: its own. The
+others' collectives then fail with the backend's "connection closed" traceback; here that becomes
+:class:`PeerLost`, a one-line :class:`UserError` pointing at the first process's error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.devices import resolve_device
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class PeerLost(UserError):
+    """A collective failed: another process of the run stopped (or could not be reached)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: ``rank`` of ``world`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that logs and writes checkpoints, models, curves and metrics."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun) started this process as one of several."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current() -> Ranks:
+    """The run this process has joined (:func:`start`), or a world of one."""
+    if not dist.is_available() or not dist.is_initialized():
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(device_name: str, key: str) -> tuple[Ranks, torch.device]:
+    """Join the launcher's process group (once per process) and resolve ``device_name`` for this process.
+
+    Under torchrun a CUDA device is the GPU of the local rank (``auto`` and ``cuda`` both mean that; a pinned
+    ``cuda:N`` would put every process on one GPU and is refused naming ``key``). Without torchrun this is
+    :func:`pipeline.devices.resolve_device`.
+    """
+    device = resolve_device(device_name, key)
+    if not launched():
+        return Ranks(), device
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UserError(f"{key}: {device_name!r} pins one GPU, but this run has {ranks.world} processes, each on "
+                            f"the GPU of its local rank; use auto or cuda")
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise UserError(f"{key}: local rank {ranks.local_rank} needs a GPU of its own, "
+                            f"but {torch.cuda.device_count()} are visible")
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not ranks.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log; warnings and errors still show from every rank
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(_stop)
+        log.info("%d processes joined (%s)", ranks.world, backend)
+    return ranks, device
+
+
+def _stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:  # DistBackendError and gloo's "connection closed by peer" are RuntimeErrors
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        me = current()
+        raise PeerLost(f"process {me.rank} of {me.world}: {what} failed ({first}); another process of this run "
+                       f"stopped first: its error is above") from None
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over all processes (``op``: sum, min or max); returns ``t``. Bool tensors are not supported."""
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    _collective("all_reduce", dist.all_reduce, t, op=ops[op])
+    return t
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [n, ...]`` of every process (same shape on each), concatenated in rank order: ``[world * n, ...]``."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    _collective("all_gather", dist.all_gather, parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every process."""
+    box = [obj]
+    _collective("broadcast", dist.broadcast_object_list, box, src=0)
+    return box[0]
+
+
+def broadcast_tensors_(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite each tensor with rank 0's, in place (e.g. a module's parameters and buffers)."""
+    for t in tensors:
+        _collective("broadcast", dist.broadcast, t.detach(), src=0)  # detach: same storage, not an autograd op
+
+
+def sum_gradients_(params: Iterable[torch.nn.Parameter]) -> None:
+    """Sum each parameter's gradient over all processes, in place; all launched before the first wait.
+
+    A sum, not DDP's mean: each process backpropagates the *global* loss through its own rows
+    (:mod:`pipeline.sae.batch`), so the sum is the one-process gradient of the whole batch.
+    """
+    works = [_collective("all_reduce", dist.all_reduce, p.grad, async_op=True) for p in params if p.grad is not None]
+    for w in works:
+        _collective("all_reduce", w.wait)
+
+
+def barrier() -> None:
+    """Wait until every process gets here (a no-op in a world of one)."""
+    if dist.is_available() and dist.is_initialized():
+        _collective("barrier", dist.barrier)
+
+
+__all__ = ["Ranks", "PeerLost", "launched", "current", "start", "all_reduce_", "all_gather_rows", "broadcast_object",
+           "broadcast_tensors_", "sum_gradients_", "barrier"]

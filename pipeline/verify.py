@@ -1,0 +1,249 @@
+"""Compare a commit's recorded metrics with a rerun's (``sae verify``): bit-exact where the environment
+matches, within a stated tolerance per metric where it does not.
+
+Each ``metrics/<stage>.json`` carries the ``environment`` its numbers were computed in
+(:mod:`pipeline.environment`). A stage is held to **bit-exact** equality when its recorded
+environment equals the rerun's and so do those of every stage before it in the pipeline (their
+outputs are its inputs). Otherwise each metric is held to the first rule of :data:`TOLERANCES` whose
+pattern matches its name (``stage/path/name``, e.g. ``train/layers.9.resid_post/fvu_batch@1``).
+
+A node of the form ``{"mean", "ci95_low", "ci95_high"}`` (the steering verdict's bootstrap
+intervals) is compared as one row: within tolerance when the rerun's mean lies inside the recorded
+95% interval, i.e. the difference is within the sampling noise the pipeline itself reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pipeline.environment import KEY as ENVIRONMENT_KEY
+
+__all__ = ["Tolerance", "TOLERANCES", "Row", "Verification", "compare", "format_report", "format_tolerances"]
+
+STAGE_ORDER = ("prepare", "extract", "train", "evaluate", "interpret", "steer")  # dvc.yaml's order
+PORTABLE_IGNORES = ("cpu", "cpu_flags")  # see comparable()
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "—"})()
+Kind = Literal["exact", "close", "interval", "verdict", "unchecked"]
+Status = Literal["identical", "within", "out", "unchecked"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``kind`` exact: must be equal; close: ``|now - recorded| <= abs + rel * |recorded|``; interval: the
+    rerun's mean inside the recorded 95% interval; verdict: no reversal (beats <-> loses to); unchecked:
+    shown, not held to anything across environments (``why`` says what checks it instead)."""
+
+    pattern: str
+    kind: Kind
+    why: str
+    rel: float = 0.0
+    abs: float = 0.0
+
+    def describe(self) -> str:
+        if self.kind == "close":
+            parts = ([f"rel {self.rel:g}"] if self.rel else []) + ([f"abs {self.abs:g}"] if self.abs else [])
+            return " + ".join(parts) or "exact"
+        return {"interval": "in recorded 95% CI", "verdict": "no reversal"}.get(self.kind, self.kind)
+
+
+SAME_ENVIRONMENT = Tolerance("", "exact", "the environment matches: same inputs, same kernels, same bits")
+INTERVAL = Tolerance("", "interval", "a bootstrap mean: a move inside the recorded 95% interval is within the noise "
+                     "the verdict already accounts for")
+# Across environments (another CPU, GPU, dtype, thread count). First match wins. Calibrated on the tiny
+# pipeline (tests' tiny Llama) rerun with train.dtype float32 vs bf16 autocast, model.dtype bfloat16 vs
+# float32, and numerics.portable: reconstruction metrics moved < 2% (loss 1.4%), fractions < 0.01,
+# interpret scores < 0.03, steering means stayed inside their intervals; each tolerance leaves >= 2x room.
+TOLERANCES: tuple[Tolerance, ...] = (
+    Tolerance(r"^prepare/", "exact", "tokenisation is integer work: any machine gives the same contexts"),
+    Tolerance(r"^extract/tokens/", "exact", "token counts, fixed by params and data"),
+    Tolerance(r"/(steps|tokens|d_sae|n_tokens|val_n_tokens|n_special_tokens|n_splice_contexts|interpret_tokens|"
+              r"explainer)$", "exact", "counts and settings fixed by params and data sizes, not by rounding"),
+    Tolerance(r"^extract/hooks/.*/mean_norm$", "close", "mean norm of fp16-stored activations: the forward's "
+              "rounding (bf16: 2^-8 per element) averages out over tokens", rel=1e-2),
+    Tolerance(r"(dead|dense)_fraction(_window)?(@\d+)?$|frac_topic_auroc_ge_0\.9@\d+$", "close",
+              "a fraction of latents: a latent at the firing threshold or window edge flips", abs=0.05),
+    Tolerance(r"^evaluate/.*/ce_clean@\d+$", "close", "the model alone, no SAE: only the forward's rounding",
+              rel=1e-3),
+    Tolerance(r"/(ce_loss_recovered|delta_lm_loss)@\d+$", "close", "a ratio / difference of nearly equal losses "
+              "on a few spliced contexts amplifies the retrained SAE's changes (tiny pipeline, model bf16 vs fp32: "
+              "3.96 -> 4.07)", rel=0.05, abs=0.05),
+    Tolerance(r"/kl_div@\d+$", "close", "a small KL between nearly equal distributions: relative changes are large",
+              rel=0.25, abs=1e-3),
+    Tolerance(r"^interpret/.*/alive_features@\d+$", "close", "latents that fired: see the fractions", rel=0.05),
+    Tolerance(r"^interpret/", "close", "scores in [0, 1] averaged over features of a retrained SAE", abs=0.05),
+    Tolerance(r"^steer/topic_model_accuracy@\d+$", "close", "naive-Bayes counts in float64 NumPy, no model forward",
+              abs=1e-9),
+    Tolerance(r"^steer/overall/.*verdict$", "verdict", "'beats' <-> 'loses to' contradicts the record; "
+              "'indistinguishable' next to either is the intervals' overlap, not a contradiction"),
+    Tolerance(r"^steer/", "unchecked", "per-feature / per-method values of greedy generations: one rounding "
+              "difference can change a token and the whole continuation; checked through the intervals and "
+              "verdicts of steer/overall"),
+    Tolerance(r"^(train|evaluate)/", "close", "the SAE is retrained: the optimisation amplifies a rounding "
+              "difference (bf16 autocast vs fp32, another kernel)", rel=0.05),
+    Tolerance(r"", "close", "no specific rule", rel=0.05),
+)
+
+
+@dataclass
+class Row:
+    metric: str
+    recorded: Any
+    now: Any
+    status: Status
+    rule: Tolerance
+
+
+@dataclass
+class Verification:
+    rows: list[Row] = field(default_factory=list)
+    # (stage, key, recorded, now) for every environment value that differs
+    environment: list[tuple[str, str, str, str]] = field(default_factory=list)
+    exact_stages: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "out" for r in self.rows)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
+
+
+def comparable(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment keys that decide bit-exactness. Under the portable path (MKL's vendor-neutral
+    branch, ATen's baseline kernels) the CPU model and flags no longer choose a kernel, so they are left
+    out: a portable rerun on another x86 CPU is held to bit-exact equality, which is what it promises."""
+    portable = (env.get("numerics.portable") == "true" and env.get("cpu_capability") == "DEFAULT"
+                and env.get("mkl_cbwr") in ("COMPATIBLE,STRICT", "none"))
+    return {k: v for k, v in env.items() if not (portable and k in PORTABLE_IGNORES)}
+
+
+def _is_interval(node: Mapping[str, Any]) -> bool:
+    return {"mean", "ci95_low", "ci95_high"} <= node.keys()
+
+
+def leaves(tree: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(stage/path/name, value)`` for every value of a metrics JSON; interval nodes as one value (the dict
+    of its bounds), the environment block left out."""
+    if isinstance(tree, Mapping) and not (path.count("/") and _is_interval(tree)):
+        for key, value in tree.items():
+            if key != ENVIRONMENT_KEY or path.count("/"):
+                yield from leaves(value, f"{path}/{key}")
+        return
+    if isinstance(tree, Mapping):  # an interval node: its bounds as one value, anything else beside it
+        yield path, {k: tree[k] for k in ("mean", "ci95_low", "ci95_high")}
+        for key, value in tree.items():
+            if key not in ("mean", "ci95_low", "ci95_high"):
+                yield from leaves(value, f"{path}/{key}")
+        return
+    yield path, tree
+
+
+def rule_for(name: str, value: Any) -> Tolerance:
+    if isinstance(value, Mapping):
+        return INTERVAL
+    return next(t for t in TOLERANCES if re.search(t.pattern, name))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def within(rule: Tolerance, recorded: Any, now: Any) -> bool:
+    """Whether ``now`` is within ``rule`` of ``recorded`` (both present and not identical)."""
+    if rule.kind == "close" and _number(recorded) and _number(now):
+        return abs(now - recorded) <= rule.abs + rule.rel * abs(recorded)
+    if rule.kind == "interval" and isinstance(now, Mapping) and _number(now.get("mean")):
+        lo, hi = recorded.get("ci95_low"), recorded.get("ci95_high")
+        return _number(lo) and _number(hi) and lo <= now["mean"] <= hi
+    if rule.kind == "verdict" and isinstance(recorded, str) and isinstance(now, str):
+        return {recorded, now} != {"beats", "loses to"}
+    return False
+
+
+def compare(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> Verification:
+    """``recorded`` and ``now``: ``{stage: parsed metrics/<stage>.json}``. Stages in pipeline order."""
+    stages = sorted(set(recorded) | set(now), key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s))
+    out = Verification()
+    exact = True  # every stage so far ran in the recorded environment
+    for stage in stages:
+        rec_json, now_json = recorded.get(stage, {}), now.get(stage, {})
+        rec_env, now_env = rec_json.get(ENVIRONMENT_KEY), now_json.get(ENVIRONMENT_KEY)
+        if rec_env is None or now_env is None:
+            out.environment.append((stage, "environment", "recorded" if rec_env else "not recorded",
+                                    "recorded" if now_env else "not recorded"))
+        else:
+            same = comparable(rec_env) == comparable(now_env)
+            out.environment += [(stage, k + (" (portable: ignored)" if same else ""), str(rec_env.get(k, MISSING)),
+                                 str(now_env.get(k, MISSING)))
+                                for k in sorted(set(rec_env) | set(now_env)) if rec_env.get(k) != now_env.get(k)]
+        exact = exact and rec_env is not None and now_env is not None and comparable(rec_env) == comparable(now_env)
+        if exact:
+            out.exact_stages.append(stage)
+        rec_leaves, now_leaves = dict(leaves(rec_json, stage)), dict(leaves(now_json, stage))
+        for name in list(rec_leaves) + [n for n in now_leaves if n not in rec_leaves]:
+            a, b = rec_leaves.get(name, MISSING), now_leaves.get(name, MISSING)
+            rule = SAME_ENVIRONMENT if exact else rule_for(name, a if a is not MISSING else b)
+            status: Status
+            if a is not MISSING and b is not MISSING and json.dumps(a) == json.dumps(b):
+                status = "identical"
+            elif rule.kind == "unchecked":
+                status = "unchecked"
+            elif a is not MISSING and b is not MISSING and within(rule, a, b):
+                status = "within"
+            else:
+                status = "out"
+            out.rows.append(Row(name, a, b, status, rule))
+    return out
+
+
+def _show(v: Any, width: int = 28) -> str:
+    if isinstance(v, Mapping) and "mean" in v:
+        s = f"{v['mean']!r} [{v['ci95_low']:.4g}, {v['ci95_high']:.4g}]" if _number(v.get("ci95_low")) else repr(v)
+    elif isinstance(v, str):
+        s = v
+    else:
+        s = repr(v) if v is MISSING or isinstance(v, float) else json.dumps(v)
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def format_report(v: Verification, show_all: bool = False) -> str:
+    """The environment differences, then metric | recorded | now | within tolerance (rows that moved, or all)."""
+    lines: list[str] = []
+    if not v.environment:
+        lines += ["Environment: the recorded one in every stage: every metric must be bit-exact.", ""]
+    else:
+        only_cpu = all(k.endswith("(portable: ignored)") for _, k, _, _ in v.environment)
+        lines += [("Environment: the recorded one up to the CPU, which the portable path makes irrelevant: every "
+                   "metric must be bit-exact." if only_cpu else
+                   "Environment differences (the stages from the first one on are held to tolerances):"),
+                  *_table(["stage", "key", "recorded", "now"], [[s, k, _show(a, 40), _show(b, 40)]
+                                                                 for s, k, a, b in v.environment]), ""]
+    verdict = {"identical": "yes (identical)", "within": "yes ({})", "out": "NO ({})", "unchecked": "not checked"}
+    shown = [r for r in v.rows if show_all or r.status != "identical"]
+    if shown:
+        lines += _table(["metric", "recorded", "now", "within tolerance"],
+                        [[r.metric, _show(r.recorded), _show(r.now), verdict[r.status].format(r.rule.describe())]
+                         for r in shown])
+        lines.append("")
+    lines.append(f"{len(v.rows)} metrics: {v.count('identical')} identical, {v.count('within')} moved within "
+                 f"tolerance, {v.count('unchecked')} moved and not checked across environments, "
+                 f"{v.count('out')} out of tolerance. Bit-exact stages: {', '.join(v.exact_stages) or 'none'}.")
+    return "\n".join(lines)
+
+
+def format_tolerances() -> str:
+    """The tolerance table (``sae verify --tolerances``, README)."""
+    rows = [[t.pattern or "(anything else)", t.describe(), t.why] for t in (SAME_ENVIRONMENT, INTERVAL, *TOLERANCES)]
+    rows[0][0], rows[1][0] = "(same environment)", "(mean with 95% CI)"
+    return "\n".join(_table(["metric (regex)", "tolerance", "why"], rows))

@@ -1,0 +1,109 @@
+"""``sae verify``: rerun a commit's pipeline and compare with the metrics it recorded.
+
+The recorded side is ``git show <rev>:metrics/<stage>.json`` for every metrics file the commit holds.
+The rerun happens in a temporary clone of the repository at that commit (``dvc repro --force`` of
+the stages that wrote those files, never ``report``: nothing is logged to MLflow), so the workspace,
+its DVC cache and its MLflow store are left alone; ``--no-rerun`` compares the workspace's own
+``metrics/`` instead (after a ``git checkout <rev> && dvc repro --force`` of your own). The
+comparison and its tolerances are :mod:`pipeline.verify`; exit code 1 when a metric is out of
+tolerance, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.errors import UserError
+from pipeline.numerics import child_environ
+from pipeline.verify import compare, format_report, format_tolerances
+from stages.common import log, run_user_errors
+
+METRICS = Path("metrics")
+
+
+def _git(root: Path, *args: str) -> str:
+    res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise UserError(f"git {' '.join(args)}: {(res.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return res.stdout
+
+
+def recorded_metrics(root: Path, rev: str) -> tuple[str, dict[str, Any]]:
+    """``(commit, {stage: metrics/<stage>.json at that commit})``; a UserError when there are none."""
+    commit = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+    names = [n for n in _git(root, "ls-tree", "--name-only", commit, f"{METRICS.as_posix()}/").split() if n.endswith(".json")]
+    if not names:
+        raise UserError(f"--rev {rev}: commit {commit[:7]} has no {METRICS}/*.json (commit the metrics files "
+                        "that `dvc repro` writes, then verify)")
+    return commit, {Path(n).stem: json.loads(_git(root, "show", f"{commit}:{n}")) for n in names}
+
+
+def read_metrics(directory: Path) -> dict[str, Any]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+def rerun(root: Path, commit: str, stages: list[str], keep: bool) -> dict[str, Any]:
+    """``dvc repro --force <stages>`` in a fresh clone at ``commit``; the metrics it wrote."""
+    tmp = Path(tempfile.mkdtemp(prefix="sae-verify-"))
+    clone = tmp / "repo"
+    ok = False
+    try:
+        _git(root, "clone", "--quiet", "--no-checkout", str(root), str(clone))
+        _git(clone, "checkout", "--quiet", "--detach", commit)
+        import yaml
+
+        defined = set((yaml.safe_load((clone / "dvc.yaml").read_text()) or {}).get("stages", {}))
+        targets = [s for s in stages if s in defined]
+        if not targets:
+            raise UserError(f"commit {commit[:7]}: none of the stages {stages} is in its dvc.yaml")
+        # The child `sae` processes choose their own numerics from the commit's params (not ours),
+        # and run with this interpreter's `sae` first on PATH.
+        env = child_environ()
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.pop("DVC_ROOT", None)
+        log.info("verify: dvc repro --force %s in %s", " ".join(targets), clone)
+        res = subprocess.run(["dvc", "repro", "--force", *targets], cwd=clone, env=env)
+        if res.returncode != 0:
+            raise UserError(f"dvc repro failed in {clone} (exit {res.returncode}); the clone is kept for inspection")
+        ok = True
+        return read_metrics(clone / METRICS)
+    finally:
+        if keep or not ok and clone.is_dir() and (clone / "dvc.yaml").is_file():
+            log.info("verify: the clone is kept at %s", clone)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@click.command(help="Rerun a commit's pipeline in a temporary clone and compare with the metrics it recorded: "
+               "bit-exact where the recorded environment matches, else within each metric's tolerance.")
+@click.option("--rev", default="HEAD", show_default=True, help="The commit whose recorded metrics are checked.")
+@click.option("--no-rerun", is_flag=True, help="Compare the workspace's metrics/ (after your own `dvc repro --force`) "
+              "instead of rerunning in a temporary clone.")
+@click.option("--all", "show_all", is_flag=True, help="List every metric, not only those that moved.")
+@click.option("--keep", is_flag=True, help="Keep the temporary clone.")
+@click.option("--tolerances", is_flag=True, help="Print the tolerance table and exit.")
+def command(rev: str, no_rerun: bool, show_all: bool, keep: bool, tolerances: bool) -> None:
+    def body() -> None:
+        if tolerances:
+            click.echo(format_tolerances())
+            return
+        root = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel").strip())
+        commit, recorded = recorded_metrics(root, rev)
+        now = read_metrics(root / METRICS) if no_rerun else rerun(root, commit, list(recorded), keep)
+        result = compare(recorded, now)
+        click.echo(f"sae verify: metrics recorded at {commit[:12]} vs "
+                   f"{'the workspace' if no_rerun else 'a rerun of that commit'}\n")
+        click.echo(format_report(result, show_all))
+        if not result.ok:
+            sys.exit(1)
+
+    run_user_errors(body)

@@ -1,0 +1,99 @@
+"""One process of a data-parallel test run: ``python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py``.
+
+Trains each SAE of :data:`VARIANTS` on ``--data`` with :data:`TRAIN` into ``--out/<name>`` (rank 0 writes), the
+way ``sae train`` does under torchrun. ``--kill-at STEP`` ends every process right after that step, as a kill
+would (no cleanup, no final checkpoint); ``--rank1-checkpoints DIR`` gives rank 1 a checkpoint folder of
+its own, as on a second machine without a shared filesystem. Also imported by tests/test_distributed.py for the same settings.
+
+``TRITON_INTERPRET=1 ... --variants topk_triton,batchtopk_triton``: the same through the sparse Triton kernels.
+
+``dist_worker.py --shard-log FILE extract``: runs ``sae extract`` and appends ``rank dataset shard`` to FILE for
+every shard this process writes (who computed what).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.params.sae import TrainParams
+from pipeline.sae import SAEConfig
+
+D, D_SAE, K, SEED = 16, 64, 4, 3
+# Every architecture. A latent silent for one batch (64 tokens) is dead, so AuxK works from the first steps
+# (topk, batchtopk: 2-6% dead); the 2023 recipe's strong L1 and high LR kill latents, resampled at steps 10-20.
+VARIANTS: dict[str, dict] = {
+    "topk": {"arch": "topk"}, "batchtopk": {"arch": "batchtopk"}, "relu_l1": {"arch": "relu_l1"},
+    "relu_l1_2023": {"arch": "relu_l1", "recipe": "2023", "resample_every": 5, "l1_coeff": 30.0, "l1_warmup_steps": 0},
+    "jumprelu": {"arch": "jumprelu"}, "gated": {"arch": "gated"}, "kl": {"arch": "kl"},
+    "dense": {"arch": "dense", "hidden_sizes": [32, 8, 32]},
+    # The sparse Triton kernels' training path (CUDA's default), run by Triton's interpreter on CPU.
+    "topk_triton": {"arch": "topk"}, "batchtopk_triton": {"arch": "batchtopk"},
+}
+TRAIN = dict(device="cpu", dtype="float32", batch_size=64, lr=3e-3, n_tokens=64 * 24, warmup_steps=3, log_every=3,
+             val_every=0, checkpoint_every=5, dead_window_tokens=64, prefetch=2)
+# The interpreter takes seconds per step: 4 steps (AuxK from the second, a latent is dead after one batch).
+TRITON = {"kernels": "triton", "n_tokens": 64 * 4, "log_every": 2}
+TRAIN_OVERRIDES: dict[str, dict] = {"relu_l1_2023": {"lr": 0.05}, "topk_triton": TRITON, "batchtopk_triton": TRITON}
+TRITON_VARIANTS = ("topk_triton", "batchtopk_triton")
+
+
+def sae_config(name: str) -> SAEConfig:
+    kw = dict(VARIANTS[name])
+    d_sae = min(kw.get("hidden_sizes", [D_SAE]))
+    return SAEConfig(d_in=D, d_sae=d_sae, k=K, hook="synthetic", dead_after_tokens=TRAIN["dead_window_tokens"], **kw)
+
+
+def train_params(name: str) -> TrainParams:
+    return TrainParams(**{**TRAIN, **TRAIN_OVERRIDES.get(name, {})})  # type: ignore[arg-type]
+
+
+def stage_with_shard_log(log: Path, args: list[str]) -> None:
+    import pipeline.activations as activations
+    from stages.cli import main as sae
+
+    real = activations.ActivationWriter.write_shard
+
+    def logged(self, index, *a, **kw):  # type: ignore[no-untyped-def]
+        info = real(self, index, *a, **kw)
+        with open(log, "a") as f:
+            f.write(f"{os.environ['RANK']} {self.root} {index}\n")
+        return info
+
+    activations.ActivationWriter.write_shard = logged  # type: ignore[method-assign]
+    sae(args, prog_name="sae")
+
+
+def main() -> None:
+    from pipeline.activations import open_activations
+    from pipeline.train import train_sae
+
+    if sys.argv[1] == "--shard-log":
+        stage_with_shard_log(Path(sys.argv[2]), sys.argv[3:])  # exits with the stage's code
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in TRITON_VARIANTS))
+    ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--rank1-checkpoints", type=Path, default=None, help="rank 1's own checkpoint folder (a 2nd node)")
+    args = ap.parse_args()
+
+    def on_step(step: int) -> None:
+        if step == args.kill_at:
+            sys.stdout.flush()
+            os._exit(17)
+
+    ds = open_activations(args.data)
+    for name in args.variants.split(","):
+        ckpt = args.out / f"{name}_ckpt"
+        if args.rank1_checkpoints is not None and os.environ["RANK"] == "1":
+            ckpt = args.rank1_checkpoints
+        train_sae(ds, sae_config(name), train_params(name), args.out / name, ckpt, seed=SEED,
+                  curve_path=args.out / f"{name}.csv", on_step=on_step)
+
+
+if __name__ == "__main__":
+    main()

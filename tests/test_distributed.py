@@ -1,0 +1,236 @@
+"""Data-parallel training and extraction under torchrun, on CPU with gloo: 2 processes, 127.0.0.1 only.
+
+2 processes train the SAE one process trains on the same batches (every architecture, to float tolerance); a
+killed 2-process run resumes to the same bits; another number of processes is refused in one line; 2-process
+extraction writes the one-process dataset byte for byte; ``train.processes: 2`` makes ``sae train`` start them.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from dist_worker import SEED, TRITON_VARIANTS, VARIANTS, sae_config, train_params
+
+from pipeline import distributed
+from pipeline.activations import open_activations
+from pipeline.checkpoint import CHECKPOINT_FILE
+from pipeline.errors import UserError
+from pipeline.params import Params, to_dict
+from pipeline.sae import load_sae
+from pipeline.synthetic import write_synthetic_activations
+from pipeline.train import train_sae
+from stages.cli import main
+from stages.launch import command_line
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+CURVE = ("loss", "l0", "fvu", "dead_fraction", "dense_fraction")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path | None = None, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2`` on 127.0.0.1 (one thread per process: the CI box has 2 cores)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *args]
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def weights(d: Path) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in load_sae(d).state_dict().items()}
+
+
+def curve(path: Path) -> np.ndarray:
+    with open(path) as f:
+        return np.array([[float(r[c]) for c in CURVE] for r in csv.DictReader(f)])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("acts") / "train"
+    # Small shards so the shuffled batches mix shards.
+    write_synthetic_activations(root, n_tokens=2048, d_model=16, n_features=48, k_true=3, seed=1, shard_rows=700,
+                                dtype="float32")
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_processes(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every variant trained once by 2 processes (uninterrupted)."""
+    out = tmp_path_factory.mktemp("ddp")
+    res = torchrun(str(WORKER), "--data", str(data), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if v not in TRITON_VARIANTS])
+def test_two_processes_train_the_one_process_sae(name: str, data: Path, two_processes: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    train_sae(open_activations(data), sae_config(name), train_params(name), one, tmp_path / "ckpt", seed=SEED,
+              curve_path=tmp_path / "one.csv")
+    two = two_processes / name
+    # It was a 2-process run (each process half of every batch), not 2 copies of a one-process run.
+    assert json.loads((two / "cfg.json").read_text())["training"]["world_size"] == 2
+    state = torch.load(two_processes / f"{name}_ckpt" / CHECKPOINT_FILE, weights_only=False)
+    assert state["complete"] and state["cursor"]["world_size"] == 2
+    ref, got = weights(one), weights(two)
+    assert ref.keys() == got.keys()
+    for k in ref:  # measured: at most 1.2e-7 apart after 24 steps (float summation order only)
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+    np.testing.assert_allclose(curve(two_processes / f"{name}.csv"), curve(tmp_path / "one.csv"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # Triton's interpreter: ~1 min
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_two_processes_on_the_triton_kernels_train_the_one_process_sae(data: Path, tmp_path: Path) -> None:
+    # One process (a world of one under torchrun is a plain run), then two; the kernels are interpreted on CPU.
+    runs = {n: torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path / str(n)), "--variants",
+                        ",".join(TRITON_VARIANTS), nproc=n, TRITON_INTERPRET="1") for n in (1, 2)}
+    for res in runs.values():
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "2" / "topk_triton" / "cfg.json").read_text())["training"]["kernels"] == "triton"
+    for name in TRITON_VARIANTS:
+        ref, got = weights(tmp_path / "1" / name), weights(tmp_path / "2" / name)
+        for k in ref:  # measured: 1.2e-7 apart after 24 steps
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_killed_two_process_run_resumes_bit_identical(data: Path, two_processes: Path, tmp_path: Path) -> None:
+    killed = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk", "--kill-at", "13")
+    assert killed.returncode != 0
+    ckpt = tmp_path / "topk_ckpt"
+    state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+    assert state["step"] == 10 and not state["complete"] and state["cursor"]["world_size"] == 2
+    assert not (tmp_path / "topk" / "sae.safetensors").exists()
+    # One process may not continue a 2-process run: one line, naming the checkpoint and both counts.
+    with pytest.raises(UserError, match=r"state\.pt: written by 2 ranks, this run has 1; resume with 2 processes"):
+        train_sae(open_activations(data), sae_config("topk"), train_params("topk"), tmp_path / "topk", ckpt, seed=SEED)
+    # A process that does not see rank 0's checkpoint (another machine, no shared filesystem) does not start.
+    other_node = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk",
+                          "--rank1-checkpoints", str(tmp_path / "elsewhere"))
+    assert other_node.returncode != 0
+    assert "process 1 sees inputs" in other_node.stderr and "no checkpoint; rank 0 sees" in other_node.stderr
+    assert "a checkpoint at step 10" in other_node.stderr
+    resumed = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, got = weights(two_processes / "topk"), weights(tmp_path / "topk")
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert (tmp_path / "topk.csv").read_text() == (two_processes / "topk.csv").read_text()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_two_process_extraction_writes_the_one_process_dataset(tiny_workspace: Path) -> None:
+    for stage in ("prepare", "extract"):
+        res = CliRunner().invoke(main, [stage])
+        assert res.exit_code == 0, res.output
+    root = tiny_workspace / "data/activations"
+    one, one_metrics = _tree(root), json.loads(Path("metrics/extract.json").read_text())
+    assert len([k for k in one if k.startswith("train/") and k.endswith(".parquet")]) == 4  # 2 per process
+    for p in [root, Path("metrics/extract.json")]:
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+    log = tiny_workspace / "shards.log"
+    res = torchrun(str(WORKER), "--shard-log", str(log), "extract", cwd=tiny_workspace)  # = sae extract, logged
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _tree(root) == one  # shards, sidecars, manifests (written once, by rank 0) and the resume state
+    written = sorted((line.split()[0], Path(line.split()[1]).parts[-2], int(line.split()[2]))
+                     for line in log.read_text().splitlines())
+    assert written == [("0", "train", 0), ("0", "train", 2), ("0", "validation", 0), ("1", "train", 1), ("1", "train", 3)]
+    two_metrics = json.loads(Path("metrics/extract.json").read_text())
+    assert {k: two_metrics[k] for k in ("tokens", "hooks")} == {k: one_metrics[k] for k in ("tokens", "hooks")}
+
+
+HOOK = "layers.2.resid_post"
+
+
+@pytest.fixture()
+def train_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for split, n, sample in (("train", 1024, 0), ("validation", 256, 1)):
+        write_synthetic_activations(Path("data/activations") / split / HOOK, n, 16, n_features=24, k_true=2, seed=4,
+                                    sample_seed=sample, hook=HOOK, dtype="float16", shard_rows=500, split=split)
+    p = to_dict(Params())
+    p["extract"]["hooks"] = [HOOK]
+    p["sae"].update(arch="topk", expansion=4, k=4)
+    p["train"].update(device="cpu", dtype="float32", batch_size=64, lr=3e-3, n_tokens=None, log_every=4, val_every=8,
+                      val_tokens=256, checkpoint_every=5, dead_window_tokens=256)
+    Path("params.yaml").write_text(yaml.safe_dump(p))
+    return tmp_path
+
+
+def sae_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_processes_param_starts_the_processes(train_workspace: Path) -> None:
+    res = CliRunner().invoke(main, ["train"])
+    assert res.exit_code == 0, res.output
+    one, one_metrics = weights(Path("models/sae") / HOOK), json.loads(Path("metrics/train.json").read_text())[HOOK]
+    res = sae_cli("train", "--set", "train.processes=2")  # what `dvc repro` runs, with the switch in params.yaml
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = json.loads((Path("models/sae") / HOOK / "cfg.json").read_text())
+    assert cfg["training"]["world_size"] == 2
+    two, two_metrics = weights(Path("models/sae") / HOOK), json.loads(Path("metrics/train.json").read_text())[HOOK]
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    assert two_metrics["steps"] == one_metrics["steps"] == 16
+    assert two_metrics["val_fvu@2"] == pytest.approx(one_metrics["val_fvu@2"], rel=1e-4)
+
+
+def test_a_failing_process_is_one_error_line(train_workspace: Path) -> None:
+    res = sae_cli("train", "--set", "train.processes=2", "--set", "train.batch_size=63")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    errors = {line for line in res.stderr.splitlines() if line.startswith("error:")}
+    assert errors == {"error: train.batch_size: 63 is not divisible by the 2 training processes"}
+
+
+def test_relaunch_command_line_gives_the_same_options() -> None:
+    seen: list[dict] = []
+
+    @click.command()
+    @click.option("--params", "params_path", default="params.yaml")
+    @click.option("--set", "overrides", multiple=True)
+    @click.option("--data", default=None)
+    @click.option("--fast/--slow", default=False)
+    def cmd(**kw: object) -> None:
+        seen.append(kw)
+        seen.append({"argv": command_line(click.get_current_context())})
+
+    args = ["--params", "p.yaml", "--set", "train.lr=1e-3", "--set", "sae.k=8", "--fast"]
+    assert CliRunner().invoke(cmd, args).exit_code == 0
+    argv = seen[1]["argv"]
+    assert CliRunner().invoke(cmd, argv).exit_code == 0
+    assert seen[2] == seen[0]
+    assert argv == ["--params", "p.yaml", "--set", "train.lr=1e-3", "--set", "sae.k=8", "--fast"]
+
+
+def test_lost_peer_is_one_line() -> None:
+    def collective() -> None:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:24988.\nmore")
+
+    with pytest.raises(distributed.PeerLost) as e:
+        distributed._collective("all_reduce", collective)
+    assert str(e.value) == ("process 0 of 1: all_reduce failed ([gloo/transport/tcp/pair.cc:553] Connection closed by "
+                            "peer [127.0.0.1]:24988.); another process of this run stopped first: its error is above")
