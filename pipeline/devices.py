@@ -1,10 +1,15 @@
-"""One rule for turning a device param into a ``torch.device``, shared by every stage."""
+"""One rule for turning a device param into a ``torch.device``, and one map from a dtype param to a
+``torch.dtype``, shared by every stage."""
 
 from __future__ import annotations
 
 import torch
 
 from pipeline.errors import UserError
+
+# A dtype param (model.dtype, the SAE's cfg.json dtype, ...) -> torch's dtype. Each user narrows the choice.
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:

@@ -23,7 +23,6 @@ import torch
 from pipeline import metrics
 from pipeline.activations import ActivationDataset
 from pipeline.errors import UserError
-from pipeline.io import nan_to_null as finite_or_none  # noqa: F401  stages/train.py's name for it
 from pipeline.sae import SAE
 
 # Feature-density histogram: fixed log10(firing frequency) bin edges so runs are comparable.

@@ -46,7 +46,9 @@ class ExtractSpec:
     max_pending: int = 2
 
 
-def fingerprint(obj: Any) -> str:
+def job_digest(obj: Any) -> str:
+    """16 hex digits identifying an extraction job (model, data, params): a killed run's shards are kept
+    only for the same job (:func:`prepare_output`). Not the training checkpoint's ``pipeline.checkpoint.fingerprint``."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

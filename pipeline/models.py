@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.devices import resolve_device
+from pipeline.devices import TORCH_DTYPES, resolve_device
 from pipeline.errors import UserError
 from pipeline.hooks import d_model as _d_model
 from pipeline.hooks import n_layers as _n_layers
@@ -26,7 +24,7 @@ __all__ = ["PACKAGED", "LoadedModel", "load_model", "load_config", "load_tokeniz
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the model.dtype choices (float64 weights: no use here)
 
 
 @dataclass
@@ -124,12 +122,12 @@ def load_model(name: str, revision: str = "main", dtype: str = "float32", device
     """Load the subject model for inference: eval mode, no gradients, on ``device`` in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise UserError(f"model.dtype: {dtype!r} is not allowed (allowed: {', '.join(_DTYPES)})")
+    if dtype not in MODEL_DTYPES:
+        raise UserError(f"model.dtype: {dtype!r} is not allowed (allowed: {', '.join(MODEL_DTYPES)})")
     dev = resolve_device(device, "model.device")
     path, model_id, resolved = _resolve(name, revision)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
     model.to(dev).eval().requires_grad_(False)  # type: ignore[arg-type]
     tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     log.info("loaded %s from %s in %.1fs (%s, %s)", model_id, path, time.perf_counter() - t0, dtype, dev)

@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.metric_names import DENSE_THRESHOLD
 from pipeline.sae import batch
-
-DENSE_THRESHOLD = 0.1  # a latent firing on >10% of tokens is "dense" (the usual cut-off, e.g. Rajamanoharan et al. 2024)
 
 
 class RunningStats:

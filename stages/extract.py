@@ -20,7 +20,7 @@ from pipeline.extract import (
     ExtractSpec,
     auto_batch_size,
     extract_split,
-    fingerprint,
+    job_digest,
     make_progress,
     prepare_output,
 )
@@ -58,7 +58,7 @@ def command(params: Params) -> None:
     ranks, device = distributed.start(m.device, "model.device")  # under torchrun: the GPU of this process
     contexts = pl.read_parquet(CONTEXTS).sort("context_id")
     lm = load_model(m.name, m.revision, m.dtype, str(device) if ranks.parallel else m.device)
-    fp = fingerprint({"model": [lm.model_id, lm.revision, lm.weights_hash, m.dtype],
+    fp = job_digest({"model": [lm.model_id, lm.revision, lm.weights_hash, m.dtype],
                       "extract": [sorted(x.hooks), x.batch_size, x.contexts_per_shard, x.dtype],
                       "contexts": sha256_file(CONTEXTS), "device": str(next(lm.model.parameters()).device)})
     if ranks.is_main:

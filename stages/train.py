@@ -19,19 +19,16 @@ import click
 from pipeline import distributed
 from pipeline.activations import ActivationDataset, open_activations
 from pipeline.errors import UserError
-from pipeline.evaluate import finite_or_none
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, nan_to_null
 from pipeline.params import Params
 from pipeline.params.sae import SAEParams, TrainParams
 from stages.common import stage_command
 from stages.launch import relaunched
-from stages.paths import ACTIVATIONS, MODELS
+from stages.paths import ACTIVATIONS, METRICS, MODELS, TRAIN_CURVES
 
 log = logging.getLogger("sae.train")
 
 CHECKPOINTS = Path("checkpoints")
-PLOTS = Path("plots/train")
-METRICS = Path("metrics/train.json")
 TIMING_KEYS = ("kind", "tokens_per_s", "train_seconds")
 
 
@@ -75,7 +72,7 @@ def _train_one(dataset: ActivationDataset, val: ActivationDataset | None, out: P
         if row["kind"] == "summary":
             # Timings vary run to run; metrics/train.json must not (a checked-out commit reproduces it exactly).
             log.info("%s: %d steps in %.1f s, %.0f tokens/s", hook, row["steps"], row["train_seconds"], row["tokens_per_s"])
-            summary.update(finite_or_none({k: v for k, v in row.items() if k not in TIMING_KEYS}))
+            summary.update(nan_to_null({k: v for k, v in row.items() if k not in TIMING_KEYS}))
         elif row["kind"] == "train":
             log.info("step %d: loss=%.4g l0=%.1f fvu=%.4f dead=%.3f %.0f tok/s", row["step"], row["loss"], row["l0"],
                      row["fvu"], row["dead_fraction"], row["tokens_per_s"])
@@ -117,9 +114,9 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
         dataset = open_activations(ACTIVATIONS / "train" / hook)
         val_root = ACTIVATIONS / "validation" / hook
         val = open_activations(val_root) if (val_root / "manifest.json").is_file() else None
-        metrics[hook] = _train_one(dataset, val, MODELS / hook, CHECKPOINTS / hook, PLOTS / f"{hook}.csv",
+        metrics[hook] = _train_one(dataset, val, MODELS / hook, CHECKPOINTS / hook, TRAIN_CURVES / f"{hook}.csv",
                                    params.sae, train_p, params.seed, train_sae)
     metrics["environment"] = environment({"train.device": resolve_device(train_p.device), "train.dtype": train_p.dtype,
                                           "train.kernels": train_p.kernels, "numerics.portable": params.numerics.portable})
     if distributed.current().is_main:  # under torchrun, rank 0 writes
-        atomic_write_json(METRICS, metrics)
+        atomic_write_json(METRICS / "train.json", metrics)

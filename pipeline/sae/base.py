@@ -31,14 +31,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from pipeline.devices import TORCH_DTYPES
 from pipeline.errors import UserError
 from pipeline.sae import batch, ops
 from pipeline.sae.config import SAEConfig
 
 __all__ = ["SAE", "SAEConfig", "LossOutput", "ARCHS", "register", "make_sae"]
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64,
-                "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -30,9 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pipeline.devices import TORCH_DTYPES
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json
-from pipeline.sae.base import SAE, TORCH_DTYPES, make_sae
+from pipeline.sae.base import SAE, make_sae
 from pipeline.sae.config import SAEConfig
 
 FORMAT_VERSION = 1

@@ -214,7 +214,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
     if git.get("dirty_files"):
         tags["git.dirty_files"] = git["dirty_files"]
     tags.update({f"versions.{k}": v for k, v in package_versions().items()})
-    tags.update(environment_tags(root / "metrics"))  # what the numbers were computed with, per stage
+    tags.update(environment_tags(root / METRICS))  # what the numbers were computed with, per stage
     record_id = uuid.uuid4().hex
     tags["sae.record_id"] = record_id
     return RunRecord(
