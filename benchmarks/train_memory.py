@@ -49,14 +49,13 @@ def train(root: Path, expansion: int, batch_size: int, max_tokens: int | None) -
     params = TrainParams(batch_size=batch_size, n_tokens=max_tokens, log_every=50, val_every=0, checkpoint_every=0)
     out = root.parent / (root.name + "-sae")
     t0 = time.perf_counter()
-    summary: dict[str, float] = {}
-    train_sae(ds, cfg, params, out, out / "checkpoints", seed=0,
-              log_fn=lambda row: summary.update(row) if row["kind"] == "summary" else None)
+    result = train_sae(ds, cfg, params, out, out / "checkpoints", seed=0)
+    summary = result.summary
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     bytes_data = sum((root / s.file).stat().st_size for s in ds.manifest.shards)
     return {"dataset_gb": bytes_data / 1e9, "tokens_trained": summary["tokens"], "peak_rss_gb": peak_kb * 1024 / 1e9,
             "rss_over_data": peak_kb * 1024 / bytes_data, "seconds": time.perf_counter() - t0,
-            "tokens_per_s": summary["tokens_per_s"], "final_fvu_batch": summary.get("fvu_batch@1", float("nan"))}
+            "tokens_per_s": result.tokens_per_s, "final_fvu_batch": summary.get("fvu_batch@1", float("nan"))}
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.activations import ActivationBatch, ActivationDataset
+from pipeline.activations import ActivationBatch, ActivationDataset, open_activations
 from pipeline.checkpoint import (
     capture_rng,
     fingerprint,
@@ -46,11 +47,12 @@ from pipeline.devices import resolve_device
 from pipeline.environment import cpu_has_fast_bf16
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, nan_to_null
 from pipeline.kernels import resolve_backend
 from pipeline.loader import batches_per_epoch, epoch_seed, train_batches
-from pipeline.params.sae import TrainParams
-from pipeline.sae import SAE, SAEConfig, batch, make_sae, save_sae
+from pipeline.params import Params
+from pipeline.params.sae import SAEParams, TrainParams
+from pipeline.sae import SAE, SAEConfig, batch, config_from_params, make_sae, save_sae
 from pipeline.trainstats import LatentTracker, RunningStats
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,18 @@ def write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+@dataclass
+class TrainResult:
+    """What :func:`train_sae` returns. ``summary`` is a function of data, params and seed (a seeded CPU run
+    gives the same values: it is the hook's entry in ``metrics/train.json``); the wall-clock figures,
+    which vary run to run, are kept apart from it."""
+
+    sae: SAE  # trained, eval mode (also saved to out_dir)
+    summary: dict[str, Any]  # steps, tokens, d_sae, the curve's last values (SUMMARY_NAMES), val_* metrics
+    train_seconds: float  # this process's training time, resumed part only
+    tokens_per_s: float
+
+
 def train_sae(
     dataset: ActivationDataset,
     sae_cfg: SAEConfig,
@@ -164,11 +178,12 @@ def train_sae(
     *,
     curve_path: str | Path | None = None,
     on_step: Callable[[int], None] | None = None,
-) -> SAE:
-    """Train one SAE on ``dataset`` (``acts [N, d_model]``); save it to ``out_dir`` (``save_sae``) and return it.
+) -> TrainResult:
+    """Train one SAE on ``dataset`` (``acts [N, d_model]``); save it to ``out_dir`` (``save_sae``); return it
+    with its summary and timing (:class:`TrainResult`).
 
-    ``log_fn`` receives dict rows: ``kind="train"`` (one per log interval, the curve), ``"val"``
-    (validation passes) and one final ``"summary"``. ``curve_path`` gets the training curve as CSV
+    ``log_fn`` receives dict rows as training goes: ``kind="train"`` (one per log interval, the curve)
+    and ``"val"`` (validation passes). ``curve_path`` gets the training curve as CSV
     (``CURVE_COLUMNS``). ``on_step(step)`` is called after each completed step (tests use it to
     simulate a kill). Raises :class:`UserError` on non-finite inputs or loss, naming the step.
     Under torchrun, every process calls this; only rank 0 emits rows and writes files.
@@ -329,12 +344,58 @@ def train_sae(
     if curve_path is not None and ranks.is_main:
         write_curve(Path(curve_path), curve)
     last = curve[-1] if curve else {}
-    summary = {"kind": "summary", "steps": total_steps, "tokens": total_steps * B, "d_sae": sae_cfg.d_sae,
-               "tokens_per_s": (total_steps - step_start) * B / elapsed if elapsed > 0 else float("nan"),
-               "train_seconds": elapsed, **{name: last[k] for k, name in SUMMARY_NAMES.items() if k in last},
+    summary = {"steps": total_steps, "tokens": total_steps * B, "d_sae": sae_cfg.d_sae,
+               **{name: last[k] for k, name in SUMMARY_NAMES.items() if k in last},
                **{k: v for k, v in val_row.items() if k.startswith("val_")}}
-    emit(summary)
-    return sae
+    return TrainResult(sae, summary, train_seconds=elapsed,
+                       tokens_per_s=(total_steps - step_start) * B / elapsed if elapsed > 0 else float("nan"))
 
 
-__all__ = ["train_sae", "lr_at", "resolve_device", "train_fingerprint", "CURVE_COLUMNS"]
+
+def sae_config(params: Params | tuple[SAEParams, TrainParams], d_model: int, hook: str) -> SAEConfig:
+    """``params.sae`` + the dataset's width -> the SAE's config; dead latents use ``train.dead_window_tokens``."""
+    sae_p, train_p = (params.sae, params.train) if isinstance(params, Params) else params
+    return config_from_params(sae_p, d_model, hook, dead_after_tokens=train_p.dead_window_tokens)
+
+
+def train_on_dataset(data: str | Path, out: str | Path, sae_params: SAEParams, train_params: TrainParams, seed: int = 0,
+                     val_data: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+                     curve_path: str | Path | None = None) -> dict[str, Any]:
+    """Train an SAE on any activation dataset directory (``pipeline.activations`` format).
+
+    The Python entry point behind ``sae train --data DIR --out DIR``; imports nothing from ``stages``. The SAE lands in ``out``
+    (``sae.safetensors`` + ``cfg.json``); checkpoints default to ``<out>/checkpoints``. Returns the
+    run summary (final loss, L0, FVU, dead fraction, validation metrics, tokens/s).
+    """
+    out = Path(out)
+    dataset = open_activations(data)
+    val = open_activations(val_data) if val_data else None
+    return train_hook(dataset, val, out, Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints",
+                      Path(curve_path) if curve_path else None, sae_params, train_params, seed)
+
+
+def train_hook(dataset: ActivationDataset, val: ActivationDataset | None, out: Path, ckpt: Path,
+               curve: Path | None, sae_params: SAEParams, train_params: TrainParams, seed: int) -> dict[str, Any]:
+    """One hook's SAE from params (what ``sae train`` runs per hook): config, :func:`train_sae`, logged
+    timing; returns the summary for ``metrics/train.json`` (NaN as null)."""
+    hook = dataset.hook
+    if val is not None and val.d_model != dataset.d_model:
+        raise UserError(f"{val.root}: validation d_model {val.d_model} != training d_model {dataset.d_model}")
+    cfg = sae_config((sae_params, train_params), dataset.d_model, hook)
+    log.info("training %s SAE on %s: d_model=%d d_sae=%d, %d tokens", cfg.arch, dataset.root, cfg.d_in, cfg.d_sae,
+             dataset.n_tokens)
+
+    def on_row(row: dict[str, Any]) -> None:
+        if row["kind"] == "train":
+            log.info("step %d: loss=%.4g l0=%.1f fvu=%.4f dead=%.3f %.0f tok/s", row["step"], row["loss"], row["l0"],
+                     row["fvu"], row["dead_fraction"], row["tokens_per_s"])
+
+    result = train_sae(dataset, cfg, train_params, out, ckpt, seed, val_dataset=val, log_fn=on_row, curve_path=curve)
+    # Timings vary run to run, so they are logged only; metrics/train.json must not (a checked-out commit
+    # reproduces it exactly).
+    log.info("%s: %d steps in %.1f s, %.0f tokens/s", hook, result.summary["steps"], result.train_seconds,
+             result.tokens_per_s)
+    return nan_to_null(result.summary)
+
+
+__all__ = ["train_sae", "TrainResult", "train_on_dataset", "train_hook", "sae_config", "lr_at", "resolve_device", "train_fingerprint", "CURVE_COLUMNS"]

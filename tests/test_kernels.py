@@ -284,7 +284,7 @@ def test_train_sae_with_triton_kernels_follows_the_dense_run(tmp_path: Path) -> 
         params = TrainParams(device="cpu", dtype="float32", batch_size=64, lr=1e-3, n_tokens=256, warmup_steps=0,
                              log_every=2, val_every=0, checkpoint_every=0, prefetch=0, kernels=backend)
         rows: list[dict[str, Any]] = []
-        sae = train_sae(ds, cfg, params, tmp_path / backend, tmp_path / f"{backend}_ckpt", seed=2, log_fn=rows.append)
+        sae = train_sae(ds, cfg, params, tmp_path / backend, tmp_path / f"{backend}_ckpt", seed=2, log_fn=rows.append).sae
         runs[backend] = (sae.state_dict(), [r for r in rows if r["kind"] == "train"])
     (w_dense, curve_dense), (w_sparse, curve_sparse) = runs["torch"], runs["triton"]
     for name, p in w_dense.items():

@@ -53,7 +53,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_resume_after_kill_is_bit_identical(data: Path, tmp_path: Path, dtype: str) -> None:
     ds = open_activations(data)
     ref = train_sae(ds, _cfg(), _train_params(dtype=dtype), tmp_path / "ref", tmp_path / "ref_ckpt", seed=7,
-                    curve_path=tmp_path / "ref.csv")
+                    curve_path=tmp_path / "ref.csv").sae
 
     def kill_at_13(step: int) -> None:
         if step == 13:
@@ -66,7 +66,7 @@ def test_resume_after_kill_is_bit_identical(data: Path, tmp_path: Path, dtype: s
     assert state["step"] == 10 and not state["complete"]  # the last checkpoint before the kill
     # Resume inline (prefetch is not fingerprinted: the stream is the same with or without the thread).
     resumed = train_sae(ds, _cfg(), _train_params(dtype=dtype, prefetch=0), tmp_path / "run", tmp_path / "ckpt", seed=7,
-                        curve_path=tmp_path / "run.csv")
+                        curve_path=tmp_path / "run.csv").sae
     ref_sd, res_sd = ref.state_dict(), resumed.state_dict()
     assert ref_sd.keys() == res_sd.keys()
     for k in ref_sd:
@@ -90,7 +90,7 @@ def test_changed_params_refused_with_changed_keys(data: Path, tmp_path: Path) ->
         train_sae(ds, _cfg(k=8), _train_params(lr=1e-3), tmp_path / "out", tmp_path / "ckpt", seed=0)
     assert "\n" not in str(err.value)
     # Params that cannot change the weights (logging cadence, device, prefetch) are not refused.
-    sae = train_sae(ds, _cfg(), _train_params(log_every=4, prefetch=0), tmp_path / "out", tmp_path / "ckpt", seed=0)
+    sae = train_sae(ds, _cfg(), _train_params(log_every=4, prefetch=0), tmp_path / "out", tmp_path / "ckpt", seed=0).sae
     assert (tmp_path / "out" / "sae.safetensors").is_file() and sae.cfg.k == K
     # A *finished* run with other params is not resumed: the new experiment trains from scratch.
     train_sae(ds, _cfg(k=8), _train_params(), tmp_path / "out", tmp_path / "ckpt", seed=0)
@@ -126,10 +126,10 @@ def test_training_reduces_fvu_and_writes_curve(tmp_path: Path) -> None:
                                 scale=30.0, split="validation")
     rows: list[dict] = []
     params = _train_params(batch_size=128, lr=1e-2, n_tokens=8192 * 3, val_every=100, val_tokens=1024, log_every=16)
-    train_sae(open_activations(train_root), _cfg(), params, tmp_path / "out", tmp_path / "ckpt", seed=0,
-              val_dataset=open_activations(val_root), log_fn=rows.append, curve_path=tmp_path / "curve.csv")
+    summary = train_sae(open_activations(train_root), _cfg(), params, tmp_path / "out", tmp_path / "ckpt", seed=0,
+                        val_dataset=open_activations(val_root), log_fn=rows.append, curve_path=tmp_path / "curve.csv").summary
+    assert {r["kind"] for r in rows} == {"train", "val"}  # the summary is returned, not logged
     train_rows = [r for r in rows if r["kind"] == "train"]
-    summary = [r for r in rows if r["kind"] == "summary"][0]
     assert train_rows[0]["fvu"] > 0.3  # the untrained SAE explains little
     assert train_rows[-1]["fvu"] < 0.1, train_rows[-1]
     assert summary["val_fvu@2"] < 0.1, summary

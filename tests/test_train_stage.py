@@ -87,8 +87,8 @@ def test_params_file_missing_a_key_stops_before_training(workspace: Path) -> Non
 
 def test_changed_params_on_resume_is_one_line_error(workspace: Path) -> None:
     from pipeline.activations import open_activations
-    from pipeline.train import train_sae
-    from stages.train import command, sae_config
+    from pipeline.train import sae_config, train_sae
+    from stages.train import command
 
     params = TrainParams(device="cpu", dtype="float32", batch_size=64, lr=3e-3, n_tokens=None, log_every=4, val_every=8, val_tokens=256,
                          checkpoint_every=5, dead_window_tokens=1024)
@@ -115,7 +115,8 @@ def test_changed_params_on_resume_is_one_line_error(workspace: Path) -> None:
 
 
 def test_train_on_your_own_activations(workspace: Path, tmp_path: Path) -> None:
-    from stages.train import command, train_on_dataset
+    from pipeline.train import train_on_dataset
+    from stages.train import command
 
     mine = tmp_path / "my_acts"
     write_synthetic_activations(mine, 640, D, n_features=24, k_true=2, seed=5, hook="my.hook", dtype="float32")
