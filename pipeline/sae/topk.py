@@ -84,6 +84,15 @@ class TopKSAE(SAE):
     def _on_train_latents(self, f: Tensor) -> None:
         """Hook for per-batch statistics of the training latents ``f[B, d_sae]`` (or their non-zeros)."""
 
+    # The kernel path's selection, which an architecture on the same kernels overrides (BatchTopK):
+    def _sparse_width(self) -> int:
+        """How many latents per token the kernel's chunked top-k selects: TopK's own k."""
+        return self.cfg.k
+
+    def _sparse_keep(self, val: Tensor) -> Tensor:
+        """The kernel's selected values ``val [B, width]`` -> the code's values (0 = dropped): TopK keeps all."""
+        return val
+
     def _training_loss_sparse(self, x: Tensor) -> LossOutput:
         """The same loss through the Triton kernels (Gao et al. 2024, "efficient training"): the encoder's top-k
         (and AuxK's, from the same matmul) is taken chunk by chunk, the decoder forward and both backward passes
@@ -100,13 +109,10 @@ class TopKSAE(SAE):
             # -1e30 rather than -inf pushes live latents out of the AuxK selection: one that is still picked (fewer
             # dead than k_aux) has value ReLU(-1e30) = 0 and gradient 0, where -inf would make 0 * inf = NaN.
             push_out = torch.where(dead_before, 0.0, -1e30).to(self.b_enc.dtype)
-            batch_wide = self.arch == "batchtopk"
-            k_sel = batchtopk_width(self.cfg.k, self.cfg.d_sae) if batch_wide else self.cfg.k  # batchtopk: candidates
             idx, val, aux_idx, aux_val = topk_encode_aux(
-                xs, self.W_enc.to(cdt), self.b_enc.to(cdt), k_sel, push_out, self.k_aux,
+                xs, self.W_enc.to(cdt), self.b_enc.to(cdt), self._sparse_width(), push_out, self.k_aux,
                 b_pre=self.b_dec if self.apply_b_dec else None)
-            if batch_wide:
-                val = batch.keep_top(val, batch.rows(xs.shape[0]) * self.cfg.k)  # over the global batch
+            val = self._sparse_keep(val)
             W_dec = self.W_dec.to(cdt)  # one cast, shared by both decodes (its gradient reaches the fp32 master)
             xs_hat = sparse_decode(idx, val, W_dec, self.b_dec)  # [B, d_in] float32
             recon = self._recon_loss(xs, xs_hat)
@@ -141,6 +147,14 @@ class BatchTopKSAE(TopKSAE):
             return torch.where(pre >= batch.kth_largest(pre, n_keep), pre.relu(), torch.zeros_like(pre))
         vals, idx = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals.relu()).view_as(pre)
+
+    def _sparse_width(self) -> int:
+        """Each token's candidates for the batch-wide selection (a token keeps at most this many)."""
+        return batchtopk_width(self.cfg.k, self.cfg.d_sae)
+
+    def _sparse_keep(self, val: Tensor) -> Tensor:
+        """Of all candidates, the B·k largest over the global batch."""
+        return batch.keep_top(val, batch.rows(val.shape[0]) * self.cfg.k)
 
     @torch.no_grad()
     def _on_train_latents(self, f: Tensor) -> None:
