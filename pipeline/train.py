@@ -288,13 +288,16 @@ def train_sae(
             if sae.wants_resample(step):  # relu_l1 2023 recipe (Towards Monosemanticity, "Neuron resampling")
                 with whole_batch():  # every process resamples the same way, from the whole batch
                     x_all = batch.gather_rows(x)
-                n = sae.resample_dead(x_all, opt)
-                log.info("step %d: resampled %d dead latents", step, n)
+                revived = sae.resample_dead(x_all, opt, tracker.dead_mask())
+                tracker.revive(revived)  # a resampled latent starts a fresh window
+                log.info("step %d: resampled %d dead latents", step, revived.numel())
             lr = lr_at(step, total_steps, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), whole_batch():
-                out = sae.training_loss(x, step, total_steps)
+                # The latents dead as the step begins (the tracker's record, the same on every process):
+                # AuxK's candidates.
+                out = sae.training_loss(x, step, total_steps, tracker.dead_mask())
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if ranks.parallel:
@@ -353,9 +356,8 @@ def train_sae(
 
 
 def sae_config(params: Params | tuple[SAEParams, TrainParams], d_model: int, hook: str) -> SAEConfig:
-    """``params.sae`` + the dataset's width -> the SAE's config; dead latents use ``train.dead_window_tokens``."""
-    sae_p, train_p = (params.sae, params.train) if isinstance(params, Params) else params
-    return config_from_params(sae_p, d_model, hook, dead_after_tokens=train_p.dead_window_tokens)
+    """``params.sae`` + the dataset's width -> the SAE's config (``params`` or ``(sae, train)`` params)."""
+    return config_from_params(params.sae if isinstance(params, Params) else params[0], d_model, hook)
 
 
 def train_on_dataset(data: str | Path, out: str | Path, sae_params: SAEParams, train_params: TrainParams, seed: int = 0,

@@ -62,6 +62,9 @@ class RunningStats:
 class LatentTracker:
     """Dead latents (no firing in the last ``window_tokens`` tokens) and dense ones (>10% of a window).
 
+    The trainer's one record of firing: the dead mask it reports is the one AuxK and resampling use
+    (passed into ``SAE.training_loss`` / ``resample_dead``), and it is saved in the checkpoint.
+
     ``last_fired`` holds the training-token count at each latent's last firing, so "dead" is
     exact at any step, not only at window boundaries (the rule used for AuxK in Gao et al. 2024,
     sec. A.2, and for resampling in Bricken et al. 2023). Density is counted over consecutive
@@ -86,6 +89,11 @@ class LatentTracker:
             self.last_density = self.window_counts.double() / (self.tokens - self.window_start)
             self.window_counts.zero_()
             self.window_start = self.tokens
+
+    @torch.no_grad()
+    def revive(self, idx: Tensor) -> None:
+        """Latents ``idx`` (int64 indices) count as having just fired: a resampled latent starts a fresh window."""
+        self.last_fired[idx] = self.tokens
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool, on device: latents silent for at least ``window_tokens`` tokens."""

@@ -43,7 +43,7 @@ TRITON_VARIANTS = ("topk_triton", "batchtopk_triton")
 def sae_config(name: str) -> SAEConfig:
     kw = dict(VARIANTS[name])
     d_sae = min(kw.get("hidden_sizes", [D_SAE]))
-    return SAEConfig(d_in=D, d_sae=d_sae, k=K, hook="synthetic", dead_after_tokens=TRAIN["dead_window_tokens"], **kw)
+    return SAEConfig(d_in=D, d_sae=d_sae, k=K, hook="synthetic", **kw)
 
 
 def train_params(name: str) -> TrainParams:

@@ -51,10 +51,11 @@ def test_auxk_loss_is_unchanged_when_the_residual_scales() -> None:
     assert auxk_loss(2 * PRE, 2 * E, W_DEC, DEAD, 1).item() == pytest.approx(auxk_loss(PRE, E, W_DEC, DEAD, 1).item())
 
 
+SAE_DEAD = torch.arange(D_SAE) < 20  # [d_sae]: 20 dead latents (the trainer's mask): AuxK has work
+
+
 def _dead_sae(arch: str):
-    sae = make_sae(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K, dead_after_tokens=100), seed=0).train()
-    sae.tokens_since_fired[:20] = 10_000  # 20 dead latents: AuxK has work
-    return sae
+    return make_sae(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K), seed=0).train()
 
 
 def _x(n: int = 64) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_sae_auxk_term_is_scale_free(arch: str) -> None:
     # b_dec = b_enc = 0 at init and scaling_factor = 1: doubling x doubles pre-activations, x_hat, e and e_hat.
     terms = []
     for c in (1.0, 2.0):
-        out = _dead_sae(arch).training_loss(c * _x(), 0, 10)
+        out = _dead_sae(arch).training_loss(c * _x(), 0, 10, SAE_DEAD)
         terms.append(out.terms)
     assert terms[0]["auxk"] > 0
     assert terms[1]["auxk"].item() == pytest.approx(terms[0]["auxk"].item(), rel=1e-5)
@@ -78,9 +79,8 @@ def test_sae_loss_is_gaos_objective_times_the_data_variance(arch: str) -> None:
     sae = _dead_sae(arch)
     x = _x()
     sae.init_from_data(_x(256) + 0.5)  # a real scaling factor and b_pre
-    sae.tokens_since_fired[:20] = 10_000
-    dead = sae.tokens_since_fired >= sae.cfg.dead_after_tokens
-    out = sae.training_loss(x, 0, 10)
+    dead = SAE_DEAD
+    out = sae.training_loss(x, 0, 10, dead)
     # Independently: Gao et al.'s train.py loss on the scaled batch, means over elements.
     xs = x * sae.cfg.scaling_factor
     xs_hat = out.x_hat * sae.cfg.scaling_factor
@@ -98,7 +98,7 @@ def test_sae_loss_is_gaos_objective_times_the_data_variance(arch: str) -> None:
 
 def test_one_token_batch_has_zero_auxk_and_finite_gradients() -> None:
     sae = _dead_sae("topk")
-    out = sae.training_loss(_x(1), 0, 10)
+    out = sae.training_loss(_x(1), 0, 10, SAE_DEAD)
     out.loss.backward()
     assert out.terms["auxk"].item() == 0.0
     assert all(torch.isfinite(p.grad).all() for p in sae.parameters() if p.grad is not None)

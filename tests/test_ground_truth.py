@@ -33,6 +33,7 @@ import torch
 
 from pipeline.metrics import fvu, max_cosine_similarity
 from pipeline.sae import SAE, SAEConfig, make_sae
+from pipeline.trainstats import LatentTracker
 
 D, N_FEATURES, P_ACTIVE, D_SAE = 32, 64, 3 / 64, 128
 STEPS, BATCH, LR = 300, 256, 1e-2
@@ -74,7 +75,8 @@ def score(true: torch.Tensor, directions: torch.Tensor, live: torch.Tensor) -> t
     return recovered, matched
 
 
-def train_and_score(cfg: SAEConfig, n_alive_at_init: int | None = None) -> tuple[Score, SAE, torch.Tensor]:
+def train_and_score(cfg: SAEConfig, n_alive_at_init: int | None = None,
+                    dead_window: int = 10_000_000) -> tuple[Score, SAE, torch.Tensor]:
     """Train ``cfg`` on the planted dictionary; ``n_alive_at_init``: all encoder columns but the first n shrunk
     100x after the (tied) init, so those latents never win a TopK slot: dead until something revives them.
     Returns the score, the SAE and the latents of the first training batch."""
@@ -87,15 +89,17 @@ def train_and_score(cfg: SAEConfig, n_alive_at_init: int | None = None) -> tuple
         with torch.no_grad():
             sae.W_enc[:, n_alive_at_init:] *= 0.01
     opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    tracker = LatentTracker(cfg.d_sae, dead_window, torch.device("cpu"))  # as pipeline.train keeps it
     first: torch.Tensor | None = None
     for step in range(STEPS):
-        out = sae.training_loss(sample(BATCH, true, gen), step, STEPS)
+        out = sae.training_loss(sample(BATCH, true, gen), step, STEPS, tracker.dead_mask())
         first = out.latents.detach() if first is None else first
         opt.zero_grad()
         out.loss.backward()
         sae.before_optimizer_step()
         opt.step()
         sae.after_optimizer_step()
+        tracker.update(out.firing(cfg.d_sae)[0], BATCH)
     sae.eval()  # batchtopk: the inference threshold, not the batch's top B·k
     x = sample(4096, true, gen)
     with torch.no_grad():
@@ -114,16 +118,17 @@ class Case:
     fvu: float  # upper bound
     l0: tuple[float, float] | None = None  # (low, high); None where the architecture fixes or has no L0
     matched: float | None = 0.85  # lower bound on the reverse share; None where it does not apply
+    dead_window: int = 10_000_000  # train.dead_window_tokens: AuxK's notion of dead
 
 
 # Measured (seeds 0-3): recovered >= 0.98, matched >= 0.93 for every sparse arch here.
 CASES = {
     # TopK: L0 <= k by construction (k = 4 > the ~3 true features), so no L0 bound. FVU 0.11-0.12: tokens
     # with more than 4 active features (~18%) cannot be reconstructed exactly.
-    "topk": Case(dict(arch="topk", k=4, dead_after_tokens=50 * BATCH), fvu=0.15),
+    "topk": Case(dict(arch="topk", k=4), fvu=0.15, dead_window=50 * BATCH),
     # BatchTopK: L0 = k on average over each training batch by construction, but at inference a learned
     # threshold decides; its L0 (3.45-3.55) staying near k checks the threshold estimate. FVU 0.088-0.091.
-    "batchtopk": Case(dict(arch="batchtopk", k=4, dead_after_tokens=50 * BATCH), fvu=0.12, l0=(3.0, 5.0)),
+    "batchtopk": Case(dict(arch="batchtopk", k=4), fvu=0.12, l0=(3.0, 5.0), dead_window=50 * BATCH),
     # L1 penalty (2024 recipe): sparsity is learned, L0 5.9-7.0 (true ~3), FVU 0.17-0.20 (L1 shrinkage).
     "relu_l1": Case(dict(arch="relu_l1", recipe="2024", l1_coeff=2.0), fvu=0.25, l0=(0.0, 9.0)),
     # Decoder rows initialised 10x smaller than the recipe's 0.1: the penalty sum_i f_i ||W_dec,i|| makes
@@ -165,7 +170,7 @@ def test_random_dictionary_scores_zero() -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_recovers_ground_truth(name: str) -> None:
     case = CASES[name]
-    s, _, _ = train_and_score(SAEConfig(d_in=D, d_sae=D_SAE, **case.cfg))
+    s, _, _ = train_and_score(SAEConfig(d_in=D, d_sae=D_SAE, **case.cfg), dead_window=case.dead_window)
     check(s, case, min_recovered=0.85 if name == "kl" else 0.95)
 
 
@@ -175,8 +180,8 @@ def test_auxk_revives_dead_latents(arch: str) -> None:
     # reconstruction); 16 live latents cannot cover 64 features. Only AuxK (Gao et al. 2024, "Preventing dead
     # latents") reaches them. Measured with AuxK: recovered 0.97-1.0, matched 0.91-1.0, FVU 0.085-0.12;
     # with aux_coeff = 0: recovered 0.02-0.03, matched 0.06-0.13, FVU 0.40-0.43.
-    cfg = SAEConfig(arch=arch, d_in=D, d_sae=D_SAE, k=4, dead_after_tokens=2 * BATCH)
-    s, sae, first = train_and_score(cfg, n_alive_at_init=16)
+    cfg = SAEConfig(arch=arch, d_in=D, d_sae=D_SAE, k=4)
+    s, sae, first = train_and_score(cfg, n_alive_at_init=16, dead_window=2 * BATCH)
     # The case is real: the 112 shrunk latents took ~1% of the first batch's firings (topk: 2 of them fired at
     # all; batchtopk: none).
     fired = first != 0

@@ -187,3 +187,43 @@ def test_autocast_choice() -> None:
     assert use_bf16_autocast("auto", cuda) and not use_bf16_autocast("float32", cuda)
     assert use_bf16_autocast("bfloat16", cpu) and not use_bf16_autocast("float32", cpu)
     assert use_bf16_autocast("auto", cpu) == cpu_has_fast_bf16()
+
+
+def test_auxk_gets_the_trackers_dead_mask(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One dead-latent record, the trainer's: each step's loss receives the latents that have not fired in the
+    # last dead_window_tokens tokens as the step begins, recomputed here from the firing the steps reported.
+    from pipeline.sae.topk import TopKSAE
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (dead mask given, firing counts) per step
+    loss = TopKSAE.training_loss
+
+    def spy(self, x, step, total_steps, dead=None):  # type: ignore[no-untyped-def]
+        out = loss(self, x, step, total_steps, dead)
+        seen.append((dead.clone(), out.firing(self.cfg.d_sae)[0]))
+        return out
+
+    monkeypatch.setattr(TopKSAE, "training_loss", spy)
+    B, window = 64, 128  # 2 steps
+    train_sae(open_activations(data), _cfg(), _train_params(batch_size=B, dead_window_tokens=window, prefetch=0,
+              checkpoint_every=0), tmp_path / "o", tmp_path / "c", seed=0)
+    last_fired = torch.full((D_SAE,), -1)  # step index of each latent's last firing
+    for step, (dead, counts) in enumerate(seen):
+        expected = (step * B - (last_fired + 1) * B) >= window  # tokens so far - tokens at the last firing
+        assert torch.equal(dead, expected), step
+        last_fired = torch.where(counts > 0, step, last_fired)
+    assert any(d.any() for d, _ in seen)  # the case is real: latents went dead and AuxK saw them
+
+
+def test_tracker_dead_window_and_revival() -> None:
+    from pipeline.trainstats import LatentTracker
+
+    t = LatentTracker(4, window_tokens=100, device=torch.device("cpu"))
+    t.update(torch.tensor([1, 0, 0, 0]), 60)
+    assert not t.dead_mask().any()  # 60 < 100 tokens: nobody dead yet
+    t.update(torch.tensor([0, 0, 2, 0]), 40)
+    assert t.dead_mask().tolist() == [False, True, False, True]  # silent for exactly 100 tokens: dead
+    t.revive(torch.tensor([1]))  # resampled: a fresh window from now
+    t.update(torch.tensor([0, 0, 0, 0]), 99)
+    assert t.dead_mask().tolist() == [True, False, False, True]
+    t.update(torch.tensor([0, 0, 0, 0]), 1)
+    assert t.dead_mask().tolist() == [True, True, True, True]

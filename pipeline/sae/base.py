@@ -8,14 +8,17 @@ Conventions (all architectures):
   x_hat -> x_hat / s on the way out), and ``save_sae`` folds it into the weights.
 - Training protocol used by ``pipeline.train``, per step::
 
-      out = sae.training_loss(x, step, total_steps)   # no host sync inside
+      out = sae.training_loss(x, step, total_steps, dead)   # no host sync inside
       out.loss.backward()
       sae.before_optimizer_step()                       # e.g. project grads of unit-norm decoder rows
       optimizer.step()
       sae.after_optimizer_step()                        # e.g. renormalise decoder rows
 
   plus ``init_from_data(x_sample)`` once before training and, for the 2023 relu_l1 recipe,
-  ``resample_dead(x_sample, optimizer)`` when ``wants_resample(step)``.
+  ``resample_dead(x_sample, optimizer, dead)`` when ``wants_resample(step)``. ``dead [d_sae]`` (bool) is the
+  trainer's record of the latents that have not fired for ``train.dead_window_tokens`` tokens when the step
+  begins (:class:`pipeline.trainstats.LatentTracker`, the one dead-latent record): AuxK and resampling use
+  it; the trainer counts each step's firing from ``LossOutput.firing()``.
 - The loss is computed in the scaled space (E||x||^2 = d_in), so coefficients transfer across
   models (Anthropic, April 2024 update); the reconstruction term is ||x - x_hat||^2 summed over
   dimensions and averaged over tokens.
@@ -88,7 +91,6 @@ class SAE(nn.Module):
     b_dec: nn.Parameter  # [d_in]
     W_enc: nn.Parameter  # [d_in, d_sae] (linear encoders)
     b_enc: nn.Parameter  # [d_sae] (linear encoders except gated)
-    tokens_since_fired: Tensor  # [d_sae] long buffer
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -97,9 +99,6 @@ class SAE(nn.Module):
         #: pipeline.kernels; topk and batchtopk only). Set by the trainer from ``train.kernels``.
         self.kernel_backend = "torch"
         self._init_dtype = TORCH_DTYPES[cfg.dtype]  # parameters are created in this dtype
-        # Dead-latent bookkeeping (AuxK, resampling): training tokens since each latent last fired.
-        # Saved in checkpoints (state_dict) so resume is exact; not saved by save_sae.
-        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,8 +124,9 @@ class SAE(nn.Module):
         """``f[..., d_sae]`` -> reconstruction in scaled space ``[..., d_in]``."""
         return f @ self.W_dec + self.b_dec
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
-        """Loss on a batch ``x[B, d_in]`` of raw activations at optimizer step ``step`` (0-based)."""
+    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
+        """Loss on a batch ``x[B, d_in]`` of raw activations at optimizer step ``step`` (0-based); ``dead [d_sae]``
+        bool: the latents dead when the step began (the trainer's; None: none), for auxiliary losses (AuxK)."""
         raise NotImplementedError
 
     # ---- public inference API -----------------------------------------------------------------
@@ -192,8 +192,8 @@ class SAE(nn.Module):
         """Whether the trainer should call ``resample_dead`` before ``step`` (2023 recipe only)."""
         return False
 
-    def resample_dead(self, x_sample: Tensor, optimizer: torch.optim.Optimizer) -> int:
-        """Re-initialise dead latents (relu_l1 2023 recipe); returns how many were resampled."""
+    def resample_dead(self, x_sample: Tensor, optimizer: torch.optim.Optimizer, dead: Tensor) -> Tensor:
+        """Re-initialise the ``dead [d_sae]`` latents (relu_l1 2023 recipe); returns the indices resampled."""
         raise UserError(f"sae arch {self.arch!r}: dead-neuron resampling is part of the relu_l1 2023 recipe only")
 
     @torch.no_grad()
@@ -216,30 +216,14 @@ class SAE(nn.Module):
         """||xs - xs_hat||^2 summed over dims, mean over the (global) batch's tokens (scaled space). Scalar."""
         return batch.mean((xs_hat - xs).float().pow(2).sum(-1))
 
-    def _dead_mask(self) -> Tensor:
-        """[d_sae] bool: latents that have not fired for ``cfg.dead_after_tokens`` training tokens."""
-        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+    def _dead_or_none(self, dead: Tensor | None) -> Tensor:
+        """``dead [d_sae]`` bool as given, or no latent dead (a loss computed outside the trainer)."""
+        return dead if dead is not None else torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.b_dec.device)
 
-    @torch.no_grad()
-    def _update_firing_counts(self, counts: Tensor, n_tokens: int) -> Tensor:
-        """Update tokens-since-fired from per-latent firing ``counts [d_sae]`` (or a bool fired mask) over a batch
-        of ``n_tokens`` tokens; return the dead mask [d_sae]. In-place tensor ops only: no host sync. Data-parallel,
-        the counts are summed over processes first, so every process holds the same dead mask (AuxK depends on it)."""
-        counts, n_tokens = batch.total(counts), batch.rows(n_tokens)
-        self.tokens_since_fired.add_(n_tokens).masked_fill_(counts > 0, 0)
-        return self._dead_mask()
-
-    @torch.no_grad()
-    def _update_firing(self, f: Tensor) -> Tensor:
-        """``_update_firing_counts`` from this batch's dense latents ``f[B, d_sae]``."""
-        fired = (f != 0).flatten(0, -2).any(0)  # [d_sae]
-        return self._update_firing_counts(fired, f.flatten(0, -2).shape[0])
-
-    def _common_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, dead: Tensor) -> dict[str, Tensor]:
+    def _common_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor) -> dict[str, Tensor]:
         return {
             "mse": self._recon_loss(xs, xs_hat).detach(),
             "l0": (f != 0).float().sum(-1).mean().detach(),
-            "dead_fraction": dead.float().mean(),
         }
 
     def _warmup(self, step: int, total_steps: int) -> float:

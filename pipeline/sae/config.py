@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 RECIPES = ("2024", "2023")
+LEGACY_KEYS = ("dead_after_tokens",)  # cfg.json keys of older versions, ignored on load (see from_dict)
 
 
 @dataclass
@@ -61,8 +62,6 @@ class SAEConfig:
     """AuxK: dead latents used to model the residual; None: min(d_in // 2, d_sae)."""
     aux_coeff: float = 1 / 32
     """AuxK coefficient alpha (Gao et al. 2024, AuxK appendix: 1/32)."""
-    dead_after_tokens: int = 10_000_000
-    """A latent that has not fired for this many training tokens is dead (Gao et al.: 10M)."""
     threshold_decay: float = 0.99
     """batchtopk: EMA decay of the inference threshold estimate."""
 
@@ -93,7 +92,7 @@ class SAEConfig:
 
         if ARCHS and self.arch not in ARCHS:
             raise UserError(f"sae.arch: {self.arch!r} is not an architecture (allowed: {', '.join(sorted(ARCHS))})")
-        for name in ("d_in", "d_sae", "k", "resample_every", "dead_after_tokens"):
+        for name in ("d_in", "d_sae", "k", "resample_every"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"sae config {name}: {getattr(self, name)!r} must be >= 1")
         if self.dtype not in DTYPES:
@@ -122,6 +121,9 @@ class SAEConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
         """Build from a dict (e.g. ``cfg.json``); unknown keys or bad values raise :class:`UserError`."""
         names = {f.name for f in dataclasses.fields(cls)}
+        # Files written before the trainer owned the dead-latent record carry its window here too (a copy of
+        # train.dead_window_tokens, which the training params keep): not a property of the SAE.
+        data = {k: v for k, v in data.items() if k not in LEGACY_KEYS}
         unknown = sorted(set(data) - names)
         if unknown:
             raise UserError(f"{source}: unknown SAE config keys {unknown}")
@@ -131,11 +133,10 @@ class SAEConfig:
             raise UserError(f"{source}: invalid SAE config ({e})") from None
 
 
-def config_from_params(params: SAEParams, d_in: int, hook: str = "", dead_after_tokens: int | None = None) -> SAEConfig:
+def config_from_params(params: SAEParams, d_in: int, hook: str = "") -> SAEConfig:
     """``SAEConfig`` for a hook of width ``d_in`` from the ``sae`` params section (``SAEParams``).
 
-    ``dead_after_tokens`` usually comes from ``train.dead_window_tokens``. For 'dense', d_sae is the
-    bottleneck width; otherwise ``expansion * d_in``.
+    For 'dense', d_sae is the bottleneck width; otherwise ``expansion * d_in``.
     """
     p = params
     d_sae = min(p.hidden_sizes) if p.arch == "dense" else p.expansion * d_in
@@ -146,6 +147,4 @@ def config_from_params(params: SAEParams, d_in: int, hook: str = "", dead_after_
         aux_coeff=p.aux_coeff, k_aux=p.k_aux, target_rate=p.target_rate, kl_coeff=p.kl_coeff,
         hidden_sizes=list(p.hidden_sizes),
     )
-    if dead_after_tokens is not None:
-        kw["dead_after_tokens"] = dead_after_tokens
     return SAEConfig(**kw)

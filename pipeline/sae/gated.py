@@ -46,7 +46,7 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._paths(xs)
         return (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
         xs = self.scale_in(x)  # [B, d_in]
         pi_gate, pi_mag = self._paths(xs)
         f = (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()  # [B, d_sae]
@@ -58,6 +58,5 @@ class GatedSAE(SAE):
         aux = self._recon_loss(xs, xs_gate)
         coeff = self.cfg.l1_coeff * self._warmup(step, total_steps)
         loss = recon + coeff * sparsity + aux
-        dead = self._update_firing(f)
-        terms = self._common_terms(xs, xs_hat, f, dead) | {"l1": sparsity.detach(), "aux": aux.detach()}
+        terms = self._common_terms(xs, xs_hat, f) | {"l1": sparsity.detach(), "aux": aux.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)

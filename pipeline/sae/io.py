@@ -39,7 +39,6 @@ from pipeline.sae.config import SAEConfig
 FORMAT_VERSION = 1
 WEIGHTS, CFG = "sae.safetensors", "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
-_TRAINING_ONLY_BUFFERS = ("tokens_since_fired",)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -80,7 +79,7 @@ def save_sae(sae: SAE, directory: str | Path, training: dict[str, Any] | None = 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sae = folded_copy(sae)
-    state = {k: v for k, v in sae.state_dict().items() if k not in _TRAINING_ONLY_BUFFERS}
+    state = sae.state_dict()
     _write_tensors(d / WEIGHTS, state)
     cfg = sae.cfg.to_dict()
     arch = cfg.pop("arch")
@@ -115,7 +114,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def _load_state(sae: SAE, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = {k: v for k, v in sae.state_dict().items() if k not in _TRAINING_ONLY_BUFFERS}
+    expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

@@ -97,7 +97,7 @@ class JumpReLUSAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return jumprelu(self.pre_acts(xs), self.threshold, self.cfg.jumprelu_bandwidth)
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
         xs = self.scale_in(x)  # [B, d_in]
         z = self.pre_acts(xs)  # [B, d_sae]
         theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
@@ -106,6 +106,5 @@ class JumpReLUSAE(SAE):
         recon = self._recon_loss(xs, xs_hat)
         l0 = batch.mean(heaviside_ste(z, theta, eps).sum(-1))
         loss = recon + self.cfg.l0_coeff * self._warmup(step, total_steps) * l0
-        dead = self._update_firing(f)
-        terms = self._common_terms(xs, xs_hat, f, dead) | {"l0_penalty": l0.detach()}
+        terms = self._common_terms(xs, xs_hat, f) | {"l0_penalty": l0.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)

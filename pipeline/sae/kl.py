@@ -40,7 +40,7 @@ class KLSAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return torch.sigmoid(self.center(xs) @ self.W_enc + self.b_enc)
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
         xs = self.scale_in(x)  # [B, d_in]
         a = self._encode_scaled(xs)  # [B, d_sae]
         xs_hat = self._decode_scaled(a)
@@ -48,7 +48,6 @@ class KLSAE(SAE):
         rho_hat = batch.mean(a)  # [d_sae], over the global batch when data-parallel
         kl = kl_sparsity(self.cfg.target_rate, rho_hat)
         loss = recon + self.cfg.kl_coeff * kl
-        dead = self._update_firing(a)
-        terms = self._common_terms(xs, xs_hat, a, dead) | {
+        terms = self._common_terms(xs, xs_hat, a) | {
             "kl": kl.detach(), "mean_activation": rho_hat.mean().detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, a, terms)

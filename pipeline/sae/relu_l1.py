@@ -50,7 +50,7 @@ class ReLUL1SAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return (self.center(xs) @ self.W_enc + self.b_enc).relu()
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
         xs = self.scale_in(x)  # [B, d_in]
         f = self._encode_scaled(xs)  # [B, d_sae]
         xs_hat = self._decode_scaled(f)
@@ -61,8 +61,7 @@ class ReLUL1SAE(SAE):
             l1 = batch.mean(f.abs().sum(-1))
         coeff = self.cfg.l1_coeff * self._warmup(step, total_steps)
         loss = recon + coeff * l1
-        dead = self._update_firing(f)
-        terms = self._common_terms(xs, xs_hat, f, dead) | {"l1": l1.detach()}
+        terms = self._common_terms(xs, xs_hat, f) | {"l1": l1.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
 
     def wants_resample(self, step: int) -> bool:
@@ -71,27 +70,27 @@ class ReLUL1SAE(SAE):
                 and step // every <= self.cfg.max_resamples)
 
     @torch.no_grad()
-    def resample_dead(self, x_sample: Tensor, optimizer: torch.optim.Optimizer) -> int:
+    def resample_dead(self, x_sample: Tensor, optimizer: torch.optim.Optimizer, dead: Tensor) -> Tensor:
         """Towards Monosemanticity, "Neuron resampling", on raw activations ``x_sample[N, d_in]``.
 
-        Dead latents (no firing for ``cfg.dead_after_tokens`` tokens) get a new decoder row: an
-        input drawn with probability proportional to its squared reconstruction loss, normalised;
-        encoder column: the same vector scaled to 0.2 x the mean encoder norm of live latents;
-        encoder bias 0; their Adam moments are reset. Returns the number resampled (host sync:
-        this runs between steps, not inside the loss).
+        The ``dead [d_sae]`` latents (the trainer's: no firing for ``train.dead_window_tokens`` tokens) get a
+        new decoder row: an input drawn with probability proportional to its squared reconstruction loss,
+        normalised; encoder column: the same vector scaled to 0.2 x the mean encoder norm of live latents;
+        encoder bias 0; their Adam moments are reset. Returns the indices resampled (the trainer counts them
+        as just fired; host sync: this runs between steps, not inside the loss).
         """
         if self.is_2024:
-            return super().resample_dead(x_sample, optimizer)
-        dead = self.tokens_since_fired >= self.cfg.dead_after_tokens  # [d_sae]
+            return super().resample_dead(x_sample, optimizer, dead)
         idx = dead.nonzero().squeeze(-1)
         n = int(idx.numel())
         self._n_resamples += 1
+        none = idx[:0]
         if n == 0:
-            return 0
+            return none
         xs = self.scale_in(x_sample.to(self.W_dec.device))
         err = (self._decode_scaled(self._encode_scaled(xs)) - xs).float().pow(2).sum(-1)  # [N]
         if float(err.sum()) <= 0:
-            return 0
+            return none
         pick = torch.multinomial(err, n, replacement=True)
         v = self.center(xs[pick])  # [n, d_in], what the encoder sees
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -100,12 +99,11 @@ class ReLUL1SAE(SAE):
         self.W_dec[idx] = v
         self.W_enc[:, idx] = (v * 0.2 * enc_norm).t()
         self.b_enc[idx] = 0.0
-        self.tokens_since_fired[idx] = 0
         _reset_adam_rows(optimizer, self.W_dec, idx, dim=0)
         _reset_adam_rows(optimizer, self.W_enc, idx, dim=1)
         _reset_adam_rows(optimizer, self.b_enc, idx, dim=0)
         log.info("resampled %d dead latents", n)
-        return n
+        return idx
 
 
 def _reset_adam_rows(optimizer: torch.optim.Optimizer, p: Tensor, idx: Tensor, dim: int) -> None:

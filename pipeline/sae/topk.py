@@ -50,22 +50,21 @@ class TopKSAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return self._activate(self.pre_acts(xs), self.training)
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int) -> LossOutput:
+    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
+        dead = self._dead_or_none(dead)
         if self.kernel_backend == "triton":
-            return self._training_loss_sparse(x)
+            return self._training_loss_sparse(x, dead)
         xs = self.scale_in(x)  # [B, d_in]
         pre = self.pre_acts(xs)  # [B, d_sae]
         f = self._activate(pre, True)
         xs_hat = self._decode_scaled(f)
         recon = self._recon_loss(xs, xs_hat)
-        # AuxK works on the latents dead when the step began (the kernel path selects them in the same encoder pass
-        # as the TopK code, before this batch's firing is known); the logged dead fraction is after the batch.
-        dead_before = self._dead_mask()
-        dead = self._update_firing(f)
+        # AuxK works on the latents dead when the step began (the kernel path selects them in the same encoder
+        # pass as the TopK code, before this batch's firing is known).
         self._on_train_latents(f.detach())
-        aux = ops.auxk_loss(pre, xs - xs_hat, self.W_dec, dead_before, self.k_aux)
+        aux = ops.auxk_loss(pre, xs - xs_hat, self.W_dec, dead, self.k_aux)
         loss = recon + self.aux_weight(xs) * aux
-        terms = self._common_terms(xs, xs_hat, f, dead) | {"auxk": aux.detach()}
+        terms = self._common_terms(xs, xs_hat, f) | {"auxk": aux.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
 
     def aux_weight(self, xs: Tensor) -> Tensor:
@@ -93,7 +92,7 @@ class TopKSAE(SAE):
         """The kernel's selected values ``val [B, width]`` -> the code's values (0 = dropped): TopK keeps all."""
         return val
 
-    def _training_loss_sparse(self, x: Tensor) -> LossOutput:
+    def _training_loss_sparse(self, x: Tensor, dead_before: Tensor) -> LossOutput:
         """The same loss through the Triton kernels (Gao et al. 2024, "efficient training"): the encoder's top-k
         (and AuxK's, from the same matmul) is taken chunk by chunk, the decoder forward and both backward passes
         touch only the non-zeros, and the dense ``[B, d_sae]`` latents are never built. Matmuls run in the autocast
@@ -105,7 +104,6 @@ class TopKSAE(SAE):
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.dtype
         with torch.autocast(dev, enabled=False):  # the kernels cast explicitly; autocast would recast their inputs
             xs = self.scale_in(x)  # [B, d_in]
-            dead_before = self._dead_mask()
             # -1e30 rather than -inf pushes live latents out of the AuxK selection: one that is still picked (fewer
             # dead than k_aux) has value ReLU(-1e30) = 0 and gradient 0, where -inf would make 0 * inf = NaN.
             push_out = torch.where(dead_before, 0.0, -1e30).to(self.b_enc.dtype)
@@ -116,14 +114,13 @@ class TopKSAE(SAE):
             W_dec = self.W_dec.to(cdt)  # one cast, shared by both decodes (its gradient reaches the fp32 master)
             xs_hat = sparse_decode(idx, val, W_dec, self.b_dec)  # [B, d_in] float32
             recon = self._recon_loss(xs, xs_hat)
-            counts, l0 = code_firing(idx, val, self.cfg.d_sae)
-            dead = self._update_firing_counts(counts, xs.shape[0])
+            _, l0 = code_firing(idx, val, self.cfg.d_sae)
             self._on_train_latents(val.detach())
             aux_val = torch.where(dead_before[aux_idx], aux_val, torch.zeros_like(aux_val))
             e_hat = sparse_decode(aux_idx, aux_val, W_dec, torch.zeros_like(self.b_dec))  # float32
             aux = ops.normalized_mse(e_hat, (xs - xs_hat).detach()) * dead_before.any().float()  # as auxk_loss
             loss = recon + self.aux_weight(xs) * aux
-        terms = {"mse": recon.detach(), "l0": l0, "dead_fraction": dead.float().mean(), "auxk": aux.detach()}
+        terms = {"mse": recon.detach(), "l0": l0, "auxk": aux.detach()}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, None, terms, (idx, val))
 
 
