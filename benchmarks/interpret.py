@@ -38,7 +38,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from pipeline.activations import open_activations, write_activations
-    from pipeline.interpret import InterpretConfig, build_context_table, interpret_hook
+    from pipeline.interpret import build_context_table, interpret_hook
+    from pipeline.params.analysis import InterpretParams
     from pipeline.sae import SAEConfig, make_sae
     from pipeline.testing import tiny_model
 
@@ -64,7 +65,7 @@ def main() -> None:
     norm, W_U = torch.nn.RMSNorm(d), torch.randn(49152, d)
 
     t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    m = interpret_hook(open_activations(acts), sae, table, tok, norm, W_U, InterpretConfig(encode_dtype=args.dtype),
+    m = interpret_hook(open_activations(acts), sae, table, tok, norm, W_U, InterpretParams(encode_dtype=args.dtype),
                        root / "out", root / "dash")
     c1 = resource.getrusage(resource.RUSAGE_SELF)
     report = {"tokens": m["interpret_tokens"], "d_sae": args.d_sae, "dtype": args.dtype,

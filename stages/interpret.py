@@ -8,6 +8,7 @@ LM calls are cached under ``data/interpret_cache/`` (DVC ``persist: true``, ``ca
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     from pipeline.autointerp import make_backend
     from pipeline.environment import environment
     from pipeline.hooks import final_norm_and_unembed
-    from pipeline.interpret import InterpretConfig, build_context_table, interpret_hook
+    from pipeline.interpret import build_context_table, interpret_hook
     from pipeline.interpret.dashboard import write_hooks_page
     from pipeline.interpret.run import resolve_dtype
     from pipeline.models import load_model
@@ -53,12 +54,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     encode_dtype = resolve_dtype(p.encode_dtype, device)  # 'auto' decided once, recorded below
     lm = load_model(params.model.name, params.model.revision, dtype="float32", device="cpu")
     norm, W_U = final_norm_and_unembed(lm.model)
-    cfg = InterpretConfig(
-        batch_size=p.batch_size, n_top=p.n_examples, n_quantiles=p.n_quantiles, per_bin=p.examples_per_quantile,
-        reservoir=p.reservoir, n_random=p.n_random, n_logits=p.n_logits, n_neighbours=p.n_neighbours,
-        cooc_per_token=p.cooc_per_token, cooc_max_features=p.cooc_max_features, n_explain=p.n_explain,
-        max_new_tokens=p.max_new_tokens, seed=params.seed, threshold=p.threshold,
-        encode_dtype=encode_dtype)
+    cfg = dataclasses.replace(p, encode_dtype=encode_dtype)
     metrics: dict[str, Any] = {}
     entries = []
     backend = None
@@ -76,7 +72,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
             backend = make_backend(p.explainer, root / CACHE, base_url=llm.base_url, api_key_env=llm.api_key_env,
                                    max_retries=llm.max_retries, timeout=llm.request_timeout, device=device)
         m = interpret_hook(dataset, sae, table, lm.tokenizer, norm, W_U, cfg, root / OUT / hook, root / DASHBOARD / hook,
-                           backend=backend, device=device)
+                           backend=backend, device=device, seed=params.seed)
         metrics[hook] = m
         entries.append((hook, f"{hook}/index.html", f"{m['alive_features@1']} alive features, "
                                                     f"median topic AUROC {m['median_topic_auroc@1']}"))

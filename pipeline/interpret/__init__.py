@@ -11,6 +11,6 @@ puts them together.
 from __future__ import annotations
 
 from pipeline.interpret.contexts import ContextTable, build_context_table
-from pipeline.interpret.run import InterpretConfig, interpret_hook
+from pipeline.interpret.run import interpret_hook
 
-__all__ = ["ContextTable", "build_context_table", "InterpretConfig", "interpret_hook"]
+__all__ = ["ContextTable", "build_context_table", "interpret_hook"]

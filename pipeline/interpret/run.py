@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +29,10 @@ from pipeline.interpret.outputs import SCORES, dashboard_payload, feature_column
 from pipeline.interpret.stream import FeatureStream, stream_stats
 from pipeline.interpret.tables import ExamplesWriter, features_table, summary_metrics
 from pipeline.io import atomic_write_parquet
+from pipeline.params.analysis import InterpretParams
 
 log = logging.getLogger(__name__)
 FEATURE_BLOCK = 512
-
-
-@dataclass
-class InterpretConfig:
-    batch_size: int = 4096
-    n_top: int = 20
-    n_quantiles: int = 10
-    per_bin: int = 2
-    reservoir: int = 100
-    n_random: int = 10
-    n_logits: int = 10
-    n_neighbours: int = 10
-    cooc_per_token: int = 16
-    cooc_max_features: int = 16384
-    n_explain: int = 16
-    max_new_tokens: int = 48
-    seed: int = 0
-    threshold: float = 0.0
-    encode_dtype: str = "float32"  # float32 | bfloat16 | auto (see resolve_dtype)
 
 
 def token_strings(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
@@ -78,13 +59,17 @@ def _encoder(sae: Any, dtype: str, device: str) -> Any:
 
 
 def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, norm: torch.nn.Module,
-                   W_U: torch.Tensor, cfg: InterpretConfig, out_dir: Path, dash_dir: Path,
-                   backend: Cached | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Write ``out_dir/{features,examples}.parquet`` and the dashboard in ``dash_dir``; return metrics."""
+                   W_U: torch.Tensor, cfg: InterpretParams, out_dir: Path, dash_dir: Path,
+                   backend: Cached | None = None, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Write ``out_dir/{features,examples}.parquet`` and the dashboard in ``dash_dir``; return metrics.
+
+    ``cfg``: the ``interpret`` params section (its knobs under their params names; ``split``, ``device`` and
+    ``explainer`` are the stage's business: here ``device`` and ``backend`` decide); ``seed``: the run's.
+    """
     t0 = time.perf_counter()
     d = int(sae.W_dec.shape[0])
     dtype = resolve_dtype(cfg.encode_dtype, device)
-    stream = FeatureStream(d, len(table.label_names), cfg.n_top, cfg.reservoir, cfg.seed, cfg.cooc_per_token,
+    stream = FeatureStream(d, len(table.label_names), cfg.n_examples, cfg.reservoir, seed, cfg.cooc_per_token,
                            cooc=d <= cfg.cooc_max_features, threshold=cfg.threshold)
     batches = ((b.acts, b.context_id, b.position) for b in dataset.iter_batches(cfg.batch_size, shuffle=False))
     sae = sae.to(device).eval()
@@ -108,7 +93,7 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
     norm_text = {i: normalise(s) for i, s in text.items()}
     sim = LexicalSimulator(norm_text)
 
-    sel = select_examples(stats, cfg.n_quantiles, cfg.per_bin, cfg.n_random, cfg.seed)
+    sel = select_examples(stats, cfg.n_quantiles, cfg.examples_per_quantile, cfg.n_random, seed)
     used = np.unique(sel.ctx)
     ctx_text = dict(zip(used.tolist(), tokenizer.batch_decode([r[r >= 0].tolist() for r in table.tokens[used]]), strict=True))
     codes = CodeIndex(stats.codes, d)
@@ -117,10 +102,10 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
     alive = stats.fire_count > 0
     lm_set = set()
     if backend is not None and cfg.n_explain:
-        perm = np.random.default_rng(cfg.seed).permutation(d)  # seeded, so a larger n_explain extends the set
+        perm = np.random.default_rng(seed).permutation(d)  # seeded, so a larger n_explain extends the set
         lm_set = set(perm[alive[perm]][: cfg.n_explain].tolist())
     results: dict[int, dict[str, Any]] = {}
-    lm = _LMRunner(backend, text, cfg, dataset.hook, len(lm_set))
+    lm = _LMRunner(backend, text, cfg, seed, dataset.hook, len(lm_set))
     bounds = np.searchsorted(sel.feature, np.arange(0, d + FEATURE_BLOCK, FEATURE_BLOCK))
     for b in range(len(bounds) - 1):
         block = sel.take(np.arange(bounds[b], bounds[b + 1]))
@@ -135,11 +120,11 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
             ev = split_evidence(j, block.kind[lo:hi], block.rank[lo:hi], block.ctx[lo:hi], tokens[lo:hi], acts[lo:hi],
                                 topic, float(best_au[j]), promoted)
             if alive[j]:
-                results[j] = stats_explain_and_score(ev, norm_text, sim, cfg.seed)
+                results[j] = stats_explain_and_score(ev, norm_text, sim, seed)
                 if j in lm_set:  # explained here, so the dashboard shard shows the LM's explanation
                     lm.run(j, ev, results)
             shards.add(j, dashboard_payload(j, block, lo, hi, tokens, acts, table, stats, results.get(j, {}), labels, auroc,
-                                   (top_ids, top_logits, bot_ids, bot_logits), (nb_ids, nb_cos), (co_ids, co_j), text, shards, cfg.per_bin))
+                                   (top_ids, top_logits, bot_ids, bot_logits), (nb_ids, nb_cos), (co_ids, co_j), text, shards, cfg.examples_per_quantile))
         shards.flush(upto_feature=min(d, (b + 1) * FEATURE_BLOCK))
     writer.close()
     shards.flush()
@@ -162,15 +147,16 @@ class _LMRunner:
     """Explain-and-score features with an LM backend, flushing its cache after each feature (so a later
     failure keeps the work done) and timing it apart from the non-LM parts."""
 
-    def __init__(self, backend: Cached | None, text: dict[int, str], cfg: InterpretConfig, hook: str, total: int) -> None:
-        self.backend, self.text, self.cfg, self.hook, self.total = backend, text, cfg, hook, total
+    def __init__(self, backend: Cached | None, text: dict[int, str], cfg: InterpretParams, seed: int, hook: str,
+                 total: int) -> None:
+        self.backend, self.text, self.cfg, self.seed, self.hook, self.total = backend, text, cfg, seed, hook, total
         self.seconds, self.done, self.fresh = 0.0, 0, 0
 
     def run(self, j: int, ev: Any, results: dict[int, dict[str, Any]]) -> None:
         assert self.backend is not None
         t, misses = time.perf_counter(), self.backend.misses
         try:
-            results[j] = lm_explain_and_score(ev, self.backend, self.text, self.cfg.max_new_tokens, self.cfg.seed)
+            results[j] = lm_explain_and_score(ev, self.backend, self.text, self.cfg.max_new_tokens, self.seed)
         finally:
             self.backend.flush()
             self.seconds += time.perf_counter() - t
