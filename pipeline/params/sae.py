@@ -7,14 +7,12 @@ from typing import Literal
 
 from pipeline.params.core import ParamsError, knob
 
-Arch = Literal["relu_l1", "topk", "batchtopk", "jumprelu", "gated", "kl", "dense"]
-
 
 @dataclass
 class SAEParams:
     """The SAE model and its loss (``pipeline.sae.config_from_params`` turns it into an ``SAEConfig``)."""
 
-    arch: Arch = knob("topk", help="SAE architecture: relu_l1, topk, batchtopk, jumprelu, gated, kl (sigmoid + KL sparsity), dense (MLP baseline).")
+    arch: str = knob("topk", help="SAE architecture: a name in the registry pipeline.sae.ARCHS, checked when the SAE is built (built in: relu_l1, topk, batchtopk, jumprelu, gated, kl = sigmoid + KL sparsity, dense = MLP baseline; a module that registers its own with @pipeline.sae.register adds to them).")
     expansion: int = knob(8, help="d_sae = expansion * d_model (ignored by 'dense').", ge=1)
     k: int = knob(32, help="Active latents per token for topk/batchtopk (Gao et al. 2024).", ge=1)
     recipe: Literal["2024", "2023"] = knob("2024", help="relu_l1 recipe: '2024' (Anthropic April 2024 update) or '2023' (Towards Monosemanticity: unit-norm decoder, resampling).")

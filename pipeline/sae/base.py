@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +39,20 @@ from pipeline.errors import UserError
 from pipeline.sae import batch, ops
 from pipeline.sae.config import SAEConfig
 
-__all__ = ["SAE", "SAEConfig", "LossOutput", "ARCHS", "register", "make_sae"]
+__all__ = ["SAE", "SAEConfig", "LossOutput", "Term", "ARCHS", "register", "make_sae"]
 
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of an architecture's loss: added as ``coeff * value`` (``value`` itself when ``coeff`` is None),
+    or only logged. ``value`` is a scalar tensor; ``coeff`` a float or a scalar tensor (e.g. AuxK's, which
+    scales with the batch's variance)."""
+
+    name: str
+    value: Tensor
+    coeff: float | Tensor | None = None
+    logged_only: bool = False
 
 
 @dataclass
@@ -126,8 +138,34 @@ class SAE(nn.Module):
 
     def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
         """Loss on a batch ``x[B, d_in]`` of raw activations at optimizer step ``step`` (0-based); ``dead [d_sae]``
-        bool: the latents dead when the step began (the trainer's; None: none), for auxiliary losses (AuxK)."""
-        raise NotImplementedError
+        bool: the latents dead when the step began (the trainer's; None: none), for auxiliary losses (AuxK).
+
+        The step every architecture shares: scale -> :meth:`_train_encode` -> decode -> reconstruction
+        ``||xs - xs_hat||^2`` -> + each of the architecture's :meth:`_loss_terms` (coefficient x value) -> output.
+        An architecture overrides those two hooks, not this.
+        """
+        xs = self.scale_in(x)  # [B, d_in]
+        f, inner = self._train_encode(xs)  # [B, d_sae]
+        xs_hat = self._decode_scaled(f)
+        recon = self._recon_loss(xs, xs_hat)
+        extra = self._loss_terms(xs, xs_hat, f, inner, step, total_steps, self._dead_or_none(dead))
+        loss = recon
+        for t in extra:  # in order: the sum's rounding is part of the result
+            if not t.logged_only:
+                loss = loss + (t.value if t.coeff is None else t.coeff * t.value)
+        terms = self._common_terms(xs, xs_hat, f) | {t.name: t.value.detach() for t in extra}
+        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
+
+    def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
+        """Scaled batch ``xs[B, d_in]`` -> (latents ``f[B, d_sae]`` as training sees them, whatever the loss terms
+        need besides: pre-activations, a gate path, ...). Default: the inference encode, nothing besides."""
+        return self._encode_scaled(xs), None
+
+    def _loss_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, inner: Any, step: int, total_steps: int,
+                    dead: Tensor) -> list[Term]:
+        """The architecture's terms besides the reconstruction (sparsity penalty, auxiliary losses), each logged
+        under its name; all computed before any is added. Default: none (the reconstruction alone)."""
+        return []
 
     # ---- public inference API -----------------------------------------------------------------
     def scale_in(self, x: Tensor) -> Tensor:

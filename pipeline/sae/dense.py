@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
-from pipeline.sae.base import SAE, LossOutput, register
+from pipeline.sae.base import SAE, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -81,13 +81,6 @@ class DenseAutoencoder(SAE):
     def _decode_scaled(self, f: Tensor) -> Tensor:
         return self.decoder(f)
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        xs = self.scale_in(x)  # [B, d_in]
-        code = self.encoder(xs)  # [B, d_sae]
-        xs_hat = self.decoder(code)
-        loss = self._recon_loss(xs, xs_hat)
-        terms = self._common_terms(xs, xs_hat, code)
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, code, terms)
 
     @torch.no_grad()
     def fold_scaling(self) -> None:

@@ -13,11 +13,13 @@ which makes the L1 of pi_gate meaningful; ``W_gate`` is stored as ``W_enc`` (SAE
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from pipeline.sae import batch
-from pipeline.sae.base import SAE, LossOutput, register
+from pipeline.sae.base import SAE, Term, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -46,17 +48,14 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._paths(xs)
         return (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        xs = self.scale_in(x)  # [B, d_in]
+    def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
         pi_gate, pi_mag = self._paths(xs)
-        f = (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()  # [B, d_sae]
-        xs_hat = self._decode_scaled(f)
-        recon = self._recon_loss(xs, xs_hat)
-        gate = pi_gate.relu()
+        return (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu(), pi_gate  # [B, d_sae]
+
+    def _loss_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, inner: Any, step: int, total_steps: int,
+                    dead: Tensor) -> list[Term]:
+        gate = inner.relu()  # inner: pi_gate
         sparsity = batch.mean(gate.sum(-1))
         xs_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
         aux = self._recon_loss(xs, xs_gate)
-        coeff = self.cfg.l1_coeff * self._warmup(step, total_steps)
-        loss = recon + coeff * sparsity + aux
-        terms = self._common_terms(xs, xs_hat, f) | {"l1": sparsity.detach(), "aux": aux.detach()}
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
+        return [Term("l1", sparsity, self.cfg.l1_coeff * self._warmup(step, total_steps)), Term("aux", aux)]

@@ -15,12 +15,13 @@ E||x||^2 = d_in; lambda is warmed up linearly like the L1 coefficient.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.sae import batch
-from pipeline.sae.base import SAE, LossOutput, register
+from pipeline.sae.base import SAE, Term, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -97,14 +98,13 @@ class JumpReLUSAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return jumprelu(self.pre_acts(xs), self.threshold, self.cfg.jumprelu_bandwidth)
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        xs = self.scale_in(x)  # [B, d_in]
+    def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
         z = self.pre_acts(xs)  # [B, d_sae]
-        theta, eps = self.threshold, self.cfg.jumprelu_bandwidth
-        f = jumprelu(z, theta, eps)
-        xs_hat = self._decode_scaled(f)
-        recon = self._recon_loss(xs, xs_hat)
-        l0 = batch.mean(heaviside_ste(z, theta, eps).sum(-1))
-        loss = recon + self.cfg.l0_coeff * self._warmup(step, total_steps) * l0
-        terms = self._common_terms(xs, xs_hat, f) | {"l0_penalty": l0.detach()}
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
+        theta = self.threshold  # once: the encode and the L0 penalty share it (one gradient path to log theta)
+        return jumprelu(z, theta, self.cfg.jumprelu_bandwidth), (z, theta)
+
+    def _loss_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, inner: Any, step: int, total_steps: int,
+                    dead: Tensor) -> list[Term]:
+        z, theta = inner
+        l0 = batch.mean(heaviside_ste(z, theta, self.cfg.jumprelu_bandwidth).sum(-1))
+        return [Term("l0_penalty", l0, self.cfg.l0_coeff * self._warmup(step, total_steps))]

@@ -12,11 +12,13 @@ every unit, so compare this baseline on FVU and on mean activation instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from pipeline.sae import batch
-from pipeline.sae.base import SAE, LossOutput, register
+from pipeline.sae.base import SAE, Term, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -40,14 +42,8 @@ class KLSAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return torch.sigmoid(self.center(xs) @ self.W_enc + self.b_enc)
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        xs = self.scale_in(x)  # [B, d_in]
-        a = self._encode_scaled(xs)  # [B, d_sae]
-        xs_hat = self._decode_scaled(a)
-        recon = self._recon_loss(xs, xs_hat)
-        rho_hat = batch.mean(a)  # [d_sae], over the global batch when data-parallel
-        kl = kl_sparsity(self.cfg.target_rate, rho_hat)
-        loss = recon + self.cfg.kl_coeff * kl
-        terms = self._common_terms(xs, xs_hat, a) | {
-            "kl": kl.detach(), "mean_activation": rho_hat.mean().detach()}
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, a, terms)
+    def _loss_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, inner: Any, step: int, total_steps: int,
+                    dead: Tensor) -> list[Term]:
+        rho_hat = batch.mean(f)  # [d_sae] mean sigmoid activation, over the global batch when data-parallel
+        return [Term("kl", kl_sparsity(self.cfg.target_rate, rho_hat), self.cfg.kl_coeff),
+                Term("mean_activation", rho_hat.detach().mean(), logged_only=True)]

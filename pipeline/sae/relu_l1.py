@@ -16,12 +16,13 @@ recipe "2023" — Bricken et al., "Towards Monosemanticity" (2023), "Autoencoder
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pipeline.sae import batch
-from pipeline.sae.base import SAE, LossOutput, register
+from pipeline.sae.base import SAE, Term, register
 from pipeline.sae.config import SAEConfig
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,13 @@ class ReLUL1SAE(SAE):
     def _encode_scaled(self, xs: Tensor) -> Tensor:
         return (self.center(xs) @ self.W_enc + self.b_enc).relu()
 
-    def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        xs = self.scale_in(x)  # [B, d_in]
-        f = self._encode_scaled(xs)  # [B, d_sae]
-        xs_hat = self._decode_scaled(f)
-        recon = self._recon_loss(xs, xs_hat)
+    def _loss_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, inner: Any, step: int, total_steps: int,
+                    dead: Tensor) -> list[Term]:
         if self.is_2024:
             l1 = batch.mean((f * self.W_dec.norm(dim=-1)).sum(-1))
         else:
             l1 = batch.mean(f.abs().sum(-1))
-        coeff = self.cfg.l1_coeff * self._warmup(step, total_steps)
-        loss = recon + coeff * l1
-        terms = self._common_terms(xs, xs_hat, f) | {"l1": l1.detach()}
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
+        return [Term("l1", l1, self.cfg.l1_coeff * self._warmup(step, total_steps))]
 
     def wants_resample(self, step: int) -> bool:
         every = self.cfg.resample_every

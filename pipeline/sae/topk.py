@@ -16,12 +16,14 @@ batchtopk — Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders": dur
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from pipeline.kernels.reference import batchtopk_width
 from pipeline.sae import batch, ops
-from pipeline.sae.base import SAE, LossOutput, code_firing, register
+from pipeline.sae.base import SAE, LossOutput, Term, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -51,21 +53,23 @@ class TopKSAE(SAE):
         return self._activate(self.pre_acts(xs), self.training)
 
     def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        dead = self._dead_or_none(dead)
-        if self.kernel_backend == "triton":
-            return self._training_loss_sparse(x, dead)
-        xs = self.scale_in(x)  # [B, d_in]
+        if self.kernel_backend == "triton":  # the same loss through the sparse kernels (train.kernels)
+            from pipeline.kernels.sae_step import sparse_topk_training_loss  # needs Triton: imported on use
+
+            return sparse_topk_training_loss(self, x, self._dead_or_none(dead))
+        return super().training_loss(x, step, total_steps, dead)
+
+    def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
         pre = self.pre_acts(xs)  # [B, d_sae]
-        f = self._activate(pre, True)
-        xs_hat = self._decode_scaled(f)
-        recon = self._recon_loss(xs, xs_hat)
+        return self._activate(pre, True), pre
+
+    def _loss_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, inner: Any, step: int, total_steps: int,
+                    dead: Tensor) -> list[Term]:
         # AuxK works on the latents dead when the step began (the kernel path selects them in the same encoder
         # pass as the TopK code, before this batch's firing is known).
         self._on_train_latents(f.detach())
-        aux = ops.auxk_loss(pre, xs - xs_hat, self.W_dec, dead, self.k_aux)
-        loss = recon + self.aux_weight(xs) * aux
-        terms = self._common_terms(xs, xs_hat, f) | {"auxk": aux.detach()}
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
+        aux = ops.auxk_loss(inner, xs - xs_hat, self.W_dec, dead, self.k_aux)  # inner: the pre-activations
+        return [Term("auxk", aux, self.aux_weight(xs))]
 
     def aux_weight(self, xs: Tensor) -> Tensor:
         """The AuxK coefficient in the units of the reconstruction term, for a scaled batch ``xs[B, d_in]``. Scalar.
@@ -83,7 +87,7 @@ class TopKSAE(SAE):
     def _on_train_latents(self, f: Tensor) -> None:
         """Hook for per-batch statistics of the training latents ``f[B, d_sae]`` (or their non-zeros)."""
 
-    # The kernel path's selection, which an architecture on the same kernels overrides (BatchTopK):
+    # The kernel path's selection (pipeline.kernels.sae_step), which an architecture on the same kernels overrides:
     def _sparse_width(self) -> int:
         """How many latents per token the kernel's chunked top-k selects: TopK's own k."""
         return self.cfg.k
@@ -91,37 +95,6 @@ class TopKSAE(SAE):
     def _sparse_keep(self, val: Tensor) -> Tensor:
         """The kernel's selected values ``val [B, width]`` -> the code's values (0 = dropped): TopK keeps all."""
         return val
-
-    def _training_loss_sparse(self, x: Tensor, dead_before: Tensor) -> LossOutput:
-        """The same loss through the Triton kernels (Gao et al. 2024, "efficient training"): the encoder's top-k
-        (and AuxK's, from the same matmul) is taken chunk by chunk, the decoder forward and both backward passes
-        touch only the non-zeros, and the dense ``[B, d_sae]`` latents are never built. Matmuls run in the autocast
-        dtype (bf16 on GPU) with fp32 accumulation; the fp32 master weights receive fp32 gradients.
-        """
-        from pipeline.kernels.autograd import sparse_decode, topk_encode_aux  # needs Triton: imported on use
-
-        dev = x.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.dtype
-        with torch.autocast(dev, enabled=False):  # the kernels cast explicitly; autocast would recast their inputs
-            xs = self.scale_in(x)  # [B, d_in]
-            # -1e30 rather than -inf pushes live latents out of the AuxK selection: one that is still picked (fewer
-            # dead than k_aux) has value ReLU(-1e30) = 0 and gradient 0, where -inf would make 0 * inf = NaN.
-            push_out = torch.where(dead_before, 0.0, -1e30).to(self.b_enc.dtype)
-            idx, val, aux_idx, aux_val = topk_encode_aux(
-                xs, self.W_enc.to(cdt), self.b_enc.to(cdt), self._sparse_width(), push_out, self.k_aux,
-                b_pre=self.b_dec if self.apply_b_dec else None)
-            val = self._sparse_keep(val)
-            W_dec = self.W_dec.to(cdt)  # one cast, shared by both decodes (its gradient reaches the fp32 master)
-            xs_hat = sparse_decode(idx, val, W_dec, self.b_dec)  # [B, d_in] float32
-            recon = self._recon_loss(xs, xs_hat)
-            _, l0 = code_firing(idx, val, self.cfg.d_sae)
-            self._on_train_latents(val.detach())
-            aux_val = torch.where(dead_before[aux_idx], aux_val, torch.zeros_like(aux_val))
-            e_hat = sparse_decode(aux_idx, aux_val, W_dec, torch.zeros_like(self.b_dec))  # float32
-            aux = ops.normalized_mse(e_hat, (xs - xs_hat).detach()) * dead_before.any().float()  # as auxk_loss
-            loss = recon + self.aux_weight(xs) * aux
-        terms = {"mse": recon.detach(), "l0": l0, "auxk": aux.detach()}
-        return LossOutput(loss, xs_hat / self.cfg.scaling_factor, None, terms, (idx, val))
 
 
 @register("batchtopk")
