@@ -42,8 +42,8 @@ def adam_steps(sae, n_steps: int, lr: float = 1e-2, seed: int = 0) -> torch.opti
 
 def test_registry_has_all_architectures() -> None:
     assert set(ARCHS) == {"relu_l1", "topk", "batchtopk", "jumprelu", "gated", "kl", "dense"}
-    with pytest.raises(UserError, match="arch"):
-        SAEConfig(arch="nope", d_in=4, d_sae=8)
+    with pytest.raises(UserError, match=r"sae.arch: 'nope' is not an architecture \(allowed: batchtopk, dense, gated"):
+        make_sae(SAEConfig(arch="nope", d_in=4, d_sae=8))  # checked where an SAE is built: the registry decides
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -284,3 +284,20 @@ def test_config_from_params() -> None:
     assert dense.d_sae == 8 and make_sae(dense).encode(batch(2)).shape == (2, 8)
     kl = config_from_params(SAEParams(arch="kl", target_rate=0.02, kl_coeff=0.5, resample_every=7), 16)
     assert (kl.target_rate, kl.kl_coeff, kl.resample_every) == (0.02, 0.5, 7)
+
+
+def test_every_sae_knob_reaches_the_config() -> None:
+    # One definition per knob: SAEParams and SAEConfig share SAEKnobs, and config_from_params copies each of them
+    # (a knob added to SAEKnobs needs no other edit to reach the built SAE).
+    import dataclasses
+
+    from pipeline.params.sae import SAEKnobs, SAEParams
+    from pipeline.sae import config_from_params
+
+    changed = {"arch": "relu_l1", "k": 3, "recipe": "2023", "l1_coeff": 0.7, "l1_warmup_steps": 9, "resample_every": 11,
+               "l0_coeff": 0.3, "jumprelu_bandwidth": 0.02, "jumprelu_init_threshold": 0.04, "aux_coeff": 0.5,
+               "k_aux": 5, "target_rate": 0.2, "kl_coeff": 0.9, "hidden_sizes": [40, 20, 40]}
+    assert set(changed) == {f.name for f in dataclasses.fields(SAEKnobs)}
+    assert {f.name for f in dataclasses.fields(SAEParams)} - set(changed) == {"expansion"}
+    cfg = config_from_params(SAEParams(**changed, expansion=2), 16, "h")
+    assert {k: getattr(cfg, k) for k in changed} == changed and cfg.d_sae == 32

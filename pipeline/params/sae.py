@@ -9,11 +9,11 @@ from pipeline.params.core import ParamsError, knob
 
 
 @dataclass
-class SAEParams:
-    """The SAE model and its loss (``pipeline.sae.config_from_params`` turns it into an ``SAEConfig``)."""
+class SAEKnobs:
+    """The knobs of an SAE's model and loss, defined once: the ``sae`` params section (:class:`SAEParams`) and the
+    config a built SAE carries (``pipeline.sae.SAEConfig``, saved as ``cfg.json``) both consist of them."""
 
     arch: str = knob("topk", help="SAE architecture: a name in the registry pipeline.sae.ARCHS, checked when the SAE is built (built in: relu_l1, topk, batchtopk, jumprelu, gated, kl = sigmoid + KL sparsity, dense = MLP baseline; a module that registers its own with @pipeline.sae.register adds to them).")
-    expansion: int = knob(8, help="d_sae = expansion * d_model (ignored by 'dense').", ge=1)
     k: int = knob(32, help="Active latents per token for topk/batchtopk (Gao et al. 2024).", ge=1)
     recipe: Literal["2024", "2023"] = knob("2024", help="relu_l1 recipe: '2024' (Anthropic April 2024 update) or '2023' (Towards Monosemanticity: unit-norm decoder, resampling).")
     l1_coeff: float = knob(5.0, help="relu_l1/gated L1 coefficient lambda (inputs scaled so E||x||^2 = d_model).", ge=0.0)
@@ -27,6 +27,14 @@ class SAEParams:
     target_rate: float = knob(0.05, help="kl: target mean activation rho of each sigmoid unit.", gt=0.0, lt=1.0)
     kl_coeff: float = knob(3.0, help="kl: weight beta of the KL sparsity penalty.", ge=0.0)
     hidden_sizes: list[int] = knob(factory=lambda: [128, 32, 128], help="dense: hidden widths; the narrowest is the code.", ge=1)
+
+
+@dataclass
+class SAEParams(SAEKnobs):
+    """The ``sae`` params section: the :class:`SAEKnobs` and the width rule (``pipeline.sae.config_from_params``
+    turns it into an ``SAEConfig`` for a hook)."""
+
+    expansion: int = knob(8, help="d_sae = expansion * d_model (ignored by 'dense').", ge=1)
 
 
 @dataclass

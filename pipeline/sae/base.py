@@ -302,6 +302,8 @@ def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
 
 def make_sae(cfg: SAEConfig, seed: int | None = None) -> SAE:
     """Build the SAE ``cfg.arch`` describes; ``seed`` makes the initialisation reproducible."""
+    if cfg.arch not in ARCHS:
+        raise UserError(f"sae.arch: {cfg.arch!r} is not an architecture (allowed: {', '.join(sorted(ARCHS))})")
     cfg.check()
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     return ARCHS[cfg.arch](cfg, gen)

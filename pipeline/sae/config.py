@@ -7,24 +7,25 @@ it (and documented as such). The training loop's own knobs (lr, batch size, sche
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    from pipeline.params.sae import SAEParams
+from pipeline.params.sae import SAEKnobs, SAEParams
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 RECIPES = ("2024", "2023")
 LEGACY_KEYS = ("dead_after_tokens",)  # cfg.json keys of older versions, ignored on load (see from_dict)
 
 
-@dataclass
-class SAEConfig:
-    arch: str
-    """Architecture name, a key of ``pipeline.sae.ARCHS``."""
+@dataclass(kw_only=True)
+class SAEConfig(SAEKnobs):
+    """The :class:`SAEKnobs` (``arch``, ``k``, ``l1_coeff``, ...: defined and documented once, in
+    ``pipeline/params/sae.py``) plus what only a built SAE has: its widths, hook, dtype and input scale, and
+    the architecture constants no params key sets."""
+
     d_in: int
     """Width of the input activation (d_model of the hook)."""
     d_sae: int
@@ -40,58 +41,19 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = None
     """Subtract ``b_dec`` from the input before encoding. None: the architecture's default
     (False for relu_l1 recipe 2024 and kl, True otherwise)."""
-
-    # relu_l1 and gated
-    recipe: str = "2024"
-    """relu_l1 only: '2024' (Anthropic April 2024 update) or '2023' (Towards Monosemanticity)."""
-    l1_coeff: float = 5.0
-    """Sparsity coefficient lambda of the L1 penalty (relu_l1, gated)."""
-    l1_warmup_steps: int | None = None
-    """Linear warm-up of lambda from 0; None: 5% of training (Anthropic April 2024 update)."""
     init_decoder_norm: float = 0.1
     """relu_l1 2024: initial norm of decoder rows (Anthropic: 'fixed L2 norm of 0.05 to 1')."""
-    resample_every: int = 25_000
-    """relu_l1 2023: steps between dead-neuron resamplings (Towards Monosemanticity: 25k, 50k, ...)."""
     max_resamples: int = 4
     """relu_l1 2023: number of resamplings (Towards Monosemanticity: four)."""
-
-    # topk and batchtopk
-    k: int = 32
-    """Active latents per token (topk), mean active latents per token (batchtopk)."""
-    k_aux: int | None = None
-    """AuxK: dead latents used to model the residual; None: min(d_in // 2, d_sae)."""
-    aux_coeff: float = 1 / 32
-    """AuxK coefficient alpha (Gao et al. 2024, AuxK appendix: 1/32)."""
     threshold_decay: float = 0.99
     """batchtopk: EMA decay of the inference threshold estimate."""
-
-    # jumprelu
-    jumprelu_init_threshold: float = 0.001
-    """Initial threshold theta (Rajamanoharan et al. 2024b, training details: 0.001)."""
-    jumprelu_bandwidth: float = 0.001
-    """Kernel bandwidth epsilon of the straight-through estimator (ibid.: 0.001)."""
-    l0_coeff: float = 1.0
-    """JumpReLU L0 penalty coefficient lambda (warmed up like l1_coeff)."""
-
-    # kl
-    target_rate: float = 0.05
-    """kl: target mean activation rho of each sigmoid unit (Ng, CS294A notes)."""
-    kl_coeff: float = 3.0
-    """kl: weight beta of the sum of KL(rho || rho_hat_j) penalties (Ng uses beta = 3)."""
-
-    # dense
-    hidden_sizes: list[int] = field(default_factory=lambda: [128, 32, 128])
-    """dense: hidden layer widths input -> ... -> output; the narrowest is the code (d_sae)."""
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
-        """Cross-field rules; a violation raises :class:`UserError` naming the field."""
-        from pipeline.sae.base import ARCHS  # registry is filled when pipeline.sae is imported
-
-        if ARCHS and self.arch not in ARCHS:
-            raise UserError(f"sae.arch: {self.arch!r} is not an architecture (allowed: {', '.join(sorted(ARCHS))})")
+        """Cross-field rules; a violation raises :class:`UserError` naming the field. (Whether ``arch`` names a
+        registered architecture is checked where one is built: ``pipeline.sae.make_sae``.)"""
         for name in ("d_in", "d_sae", "k", "resample_every"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"sae config {name}: {getattr(self, name)!r} must be >= 1")
@@ -138,13 +100,6 @@ def config_from_params(params: SAEParams, d_in: int, hook: str = "") -> SAEConfi
 
     For 'dense', d_sae is the bottleneck width; otherwise ``expansion * d_in``.
     """
-    p = params
-    d_sae = min(p.hidden_sizes) if p.arch == "dense" else p.expansion * d_in
-    kw: dict[str, Any] = dict(
-        arch=p.arch, d_in=d_in, d_sae=d_sae, hook=hook, recipe=p.recipe, k=p.k,
-        l1_coeff=p.l1_coeff, l1_warmup_steps=p.l1_warmup_steps, resample_every=p.resample_every, l0_coeff=p.l0_coeff,
-        jumprelu_bandwidth=p.jumprelu_bandwidth, jumprelu_init_threshold=p.jumprelu_init_threshold,
-        aux_coeff=p.aux_coeff, k_aux=p.k_aux, target_rate=p.target_rate, kl_coeff=p.kl_coeff,
-        hidden_sizes=list(p.hidden_sizes),
-    )
-    return SAEConfig(**kw)
+    knobs = {f.name: copy.deepcopy(getattr(params, f.name)) for f in dataclasses.fields(SAEKnobs)}  # every knob, as set
+    d_sae = min(params.hidden_sizes) if params.arch == "dense" else params.expansion * d_in
+    return SAEConfig(**knobs, d_in=d_in, d_sae=d_sae, hook=hook)
