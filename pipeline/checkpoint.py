@@ -13,7 +13,6 @@ so a run killed mid-write keeps the previous complete checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -26,7 +25,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes
+from pipeline.io import atomic_write_bytes, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def fingerprint(**parts: Any) -> dict[str, str]:
 
 
 def fingerprint_digest(fp: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(fp)
 
 
 def capture_rng() -> dict[str, Any]:

@@ -13,7 +13,6 @@ one-process dataset, byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from pipeline import distributed
 from pipeline.activations import ActivationWriter, Manifest
 from pipeline.hooks import run_to_hooks
-from pipeline.io import DiskFullError, atomic_write_json
+from pipeline.io import DiskFullError, atomic_write_json, json_digest
 
 log = logging.getLogger(__name__)
 STATE = "_extract_state.json"
@@ -49,7 +48,7 @@ class ExtractSpec:
 def job_digest(obj: Any) -> str:
     """16 hex digits identifying an extraction job (model, data, params): a killed run's shards are kept
     only for the same job (:func:`prepare_output`). Not the training checkpoint's ``pipeline.checkpoint.fingerprint``."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(obj)
 
 
 def prepare_output(root: Path, fp: str) -> None:

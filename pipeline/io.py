@@ -87,6 +87,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def json_digest(obj: Any) -> str:
+    """16 hex digits of the sha256 of ``obj`` as canonical JSON (sorted keys; non-JSON values by ``str``): a short
+    identity for a job's or a checkpoint's inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def json_number(x: float | None, digits: int | None = None) -> float | None:
     """``x`` for a JSON file: NaN/inf (and None) -> None, since JSON has no NaN (DVC and strict readers
     reject the literal); else ``x``, rounded to ``digits`` when given."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import atomic_write_json, json_number, nan_to_null, sha256_file
+from pipeline.io import atomic_write_json, json_digest, json_number, nan_to_null, sha256_file
 
 
 def test_sha256_file_matches_hashlib_across_chunks(tmp_path: Path) -> None:
@@ -35,3 +35,10 @@ def test_nan_to_null_reaches_nested_values_and_keeps_the_rest(tmp_path: Path) ->
     assert out == {"a": None, "b": {"c": [1.0, None, {"d": None}], "e": [2, "x"]}, "f": True, "g": 3}
     atomic_write_json(tmp_path / "m.json", out)
     json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+
+def test_json_digest_is_canonical_json_sha256() -> None:
+    # Key order does not matter; the digest is the first 16 hex digits of sha256 of the sorted-key JSON.
+    assert json_digest({"b": 1, "a": [1, 2]}) == json_digest({"a": [1, 2], "b": 1})
+    assert json_digest({"b": 1, "a": [1, 2]}) == hashlib.sha256(b'{"a": [1, 2], "b": 1}').hexdigest()[:16]
+    assert json_digest({"p": Path("x")}) == json_digest({"p": "x"})  # non-JSON values by str
