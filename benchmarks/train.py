@@ -133,7 +133,7 @@ def topk_step(backend: Backend, d: int, n: int, k: int, dev: torch.device, compi
 def sae_step(arch: str, d: int, n: int, k: int, dev: torch.device, compile_step: bool) -> Callable[[torch.Tensor], None]:
     """One step of ``pipeline.sae``'s ``arch`` following the trainer's protocol (pipeline/sae/base.py)."""
     from pipeline.sae import SAEConfig, make_sae
-    from pipeline.train import kernel_backend
+    from pipeline.train_setup import kernel_backend
 
     extra: dict[str, Any] = {}
     if arch == "dense":

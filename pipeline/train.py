@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import io
 import logging
-import math
 import random
 import sys
 import time
@@ -34,25 +33,30 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.activations import ActivationBatch, ActivationDataset, open_activations
+from pipeline.activations import ActivationDataset, open_activations
 from pipeline.checkpoint import (
     capture_rng,
-    fingerprint,
     load_checkpoint,
     restore_rng,
     same_start,
     save_checkpoint,
 )
-from pipeline.devices import resolve_device
-from pipeline.environment import cpu_has_fast_bf16
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text, nan_to_null
-from pipeline.kernels import resolve_backend
 from pipeline.loader import batches_per_epoch, epoch_seed, train_batches
 from pipeline.params import Params
 from pipeline.params.sae import SAEParams, TrainParams
 from pipeline.sae import SAE, SAEConfig, batch, config_from_params, make_sae, save_sae
+from pipeline.train_setup import (
+    init_from_first_batch,
+    kernel_backend,
+    lr_at,
+    make_optimizer,
+    resolve_auto,
+    train_fingerprint,
+    use_bf16_autocast,
+)
 from pipeline.trainstats import LatentTracker, RunningStats
 
 log = logging.getLogger(__name__)
@@ -62,88 +66,7 @@ CURVE_COLUMNS = ("step", "tokens", "loss", "l0", "fvu", "dead_fraction", "dense_
 # curve's FVU is centred on each batch's mean, dead/dense fractions use the token window.
 SUMMARY_NAMES = {"loss": "loss", "l0": "l0@1", "fvu": "fvu_batch@1", "dead_fraction": "dead_fraction_window@1",
                  "dense_fraction": "dense_fraction_window@1"}
-# Params that cannot change the trained weights: excluded from the resume fingerprint.
-# The number of processes is checked on its own (pipeline.checkpoint: "written by N ranks").
-NOT_FINGERPRINTED = ("device", "log_every", "val_every", "val_tokens", "checkpoint_every", "prefetch", "processes")
-
 LogFn = Callable[[dict[str, Any]], None]
-
-
-KERNEL_ARCHS = ("topk", "batchtopk")  # the architectures pipeline.kernels implements
-
-
-def kernel_backend(choice: str, arch: str, device: torch.device) -> str:
-    """``train.kernels`` -> the SAE's ``kernel_backend``: Triton sparse kernels for topk/batchtopk on CUDA ('auto')."""
-    if arch not in KERNEL_ARCHS:
-        if choice == "triton":
-            raise UserError(f"train.kernels: 'triton' supports sae.arch {' and '.join(KERNEL_ARCHS)}, not {arch!r}")
-        return "torch"
-    try:
-        return resolve_backend(choice, device)  # type: ignore[arg-type]
-    except UserError as e:
-        raise UserError(f"train.kernels: {e}") from None
-
-
-def use_bf16_autocast(dtype: str, device: torch.device) -> bool:
-    """``train.dtype``: 'auto' is bf16 autocast on CUDA and on CPUs with native bf16, else float32."""
-    if dtype == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-    return dtype == "bfloat16"
-
-
-def resolve_auto(cfg: TrainParams, arch: str) -> TrainParams:
-    """``cfg`` with ``dtype`` and ``kernels`` 'auto' decided for this machine (the stage records them, and the
-    trainer, its checkpoint fingerprint and ``cfg.json`` then use exactly these)."""
-    device = resolve_device(cfg.device)
-    return dataclasses.replace(cfg, dtype="bfloat16" if use_bf16_autocast(cfg.dtype, device) else "float32",
-                               kernels=kernel_backend(cfg.kernels, arch, device))
-
-
-def lr_at(step: int, total_steps: int, cfg: TrainParams) -> float:
-    """Learning rate of ``step`` (0-based): linear warm-up, then constant / linear / cosine decay to 0.
-
-    A pure function of the step, so the step is the whole scheduler state. The linear decay over
-    the final 20% of training follows Bricken et al. (2023) / Anthropic's April 2024 update.
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    if cfg.decay == "linear":
-        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
-        return cfg.lr * min(1.0, (total_steps - step) / decay_steps)
-    if cfg.decay == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr
-
-
-def make_optimizer(sae: SAE, cfg: TrainParams, device: torch.device) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    beta1, beta2 = cfg.betas
-    return cls(sae.parameters(), lr=cfg.lr, betas=(beta1, beta2), weight_decay=cfg.weight_decay,
-               fused=device.type == "cuda")
-
-
-def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: ActivationDataset) -> dict[str, str]:
-    """Every input that changes the trained weights: SAE config, loop params, seed, data identity."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
-    m = dataset.manifest
-    data = {"n_tokens": m.n_tokens, "d_model": m.d_model, "hook": m.hook, "dtype": m.dtype,
-            "shards": [s.sha256 for s in m.shards]}
-    return fingerprint(sae=sae_cfg.to_dict(), train=train, seed=seed, data=data)
-
-
-def init_from_first_batch(sae: SAE, first: ActivationBatch, dataset: ActivationDataset, device: torch.device) -> None:
-    """``sae.init_from_data`` on the step-0 batch (``first.acts [B, d_model]``); bad data names the dataset and step."""
-    x = first.acts.to(device)
-    bad = ~torch.isfinite(x).all(dim=1)  # [B]
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise UserError(f"{dataset.root}: non-finite activations (NaN/inf) in the batch at step 0 (init_from_data), "
-                        f"first at context_id {int(first.context_id[i])}, position {int(first.position[i])}")
-    try:
-        sae.init_from_data(x)
-    except UserError as e:
-        raise UserError(f"{dataset.root}: the batch at step 0: {e}") from None
 
 
 def write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -400,4 +323,4 @@ def train_hook(dataset: ActivationDataset, val: ActivationDataset | None, out: P
     return nan_to_null(result.summary)
 
 
-__all__ = ["train_sae", "TrainResult", "train_on_dataset", "train_hook", "sae_config", "lr_at", "resolve_device", "train_fingerprint", "CURVE_COLUMNS"]
+__all__ = ["train_sae", "TrainResult", "train_on_dataset", "train_hook", "sae_config", "CURVE_COLUMNS"]

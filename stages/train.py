@@ -40,7 +40,8 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
     from pipeline.devices import resolve_device
     from pipeline.environment import environment
     from pipeline.numerics import apply_numerics
-    from pipeline.train import resolve_auto, train_hook, train_on_dataset
+    from pipeline.train import train_hook, train_on_dataset
+    from pipeline.train_setup import resolve_auto
 
     if data is None and (val_data or out):
         raise click.UsageError("--val-data and --out need --data")

@@ -295,7 +295,7 @@ def test_train_sae_with_triton_kernels_follows_the_dense_run(tmp_path: Path) -> 
 
 
 def test_triton_kernels_for_an_arch_without_them_is_a_user_error() -> None:
-    from pipeline.train import kernel_backend
+    from pipeline.train_setup import kernel_backend
 
     with pytest.raises(UserError, match="train.kernels: 'triton' supports sae.arch topk and batchtopk, not 'relu_l1'"):
         kernel_backend("triton", "relu_l1", torch.device("cpu"))

@@ -17,7 +17,8 @@ from pipeline.loader import epoch_seed
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAEConfig, load_sae
 from pipeline.synthetic import write_synthetic_activations
-from pipeline.train import CURVE_COLUMNS, lr_at, train_sae
+from pipeline.train import CURVE_COLUMNS, train_sae
+from pipeline.train_setup import lr_at
 
 D, D_SAE, K = 16, 64, 4
 
@@ -181,7 +182,8 @@ def test_reader_errors_surface_from_the_prefetch_thread(data: Path, tmp_path: Pa
 
 
 def test_autocast_choice() -> None:
-    from pipeline.train import cpu_has_fast_bf16, use_bf16_autocast
+    from pipeline.environment import cpu_has_fast_bf16
+    from pipeline.train_setup import use_bf16_autocast
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_bf16_autocast("auto", cuda) and not use_bf16_autocast("float32", cuda)
