@@ -1,4 +1,4 @@
-"""Cost of ``numerics.portable`` (issue 13): the pipeline's two heavy kernels in the default numerics and
+"""Cost of ``numerics.portable``: the pipeline's two heavy kernels in the default numerics and
 in the portable ones, each mode in a fresh process (MKL and ATen read their settings at start-up).
 
     python benchmarks/portable.py                 # SmolLM2-135M forward to layers.9 + default-size SAE step

@@ -1,4 +1,4 @@
-"""Cost of checking every shard's sha256 while streaming (issue 10): verified vs plain reads, same process.
+"""Cost of checking every shard's sha256 while streaming: verified vs plain reads, same process.
 
     python benchmarks/verify.py --gb 1 --dir /tmp/acts-1gb     # generate (once), then measure
     python benchmarks/verify.py --tiny                          # CI smoke run (seconds)

@@ -1,4 +1,4 @@
-"""Trustworthy data (issue 10): every stream checks each shard's sha256 before using a row of it, extract's
+"""Trustworthy data: every stream checks each shard's sha256 before using a row of it, extract's
 resume keeps a shard only if it matches the hash recorded when it was written, a full disk is one line,
 and a missing shard or a non-finite first batch is named with what to do."""
 

@@ -1,4 +1,4 @@
-"""Cross-machine reproduction made explicit (issue 13): every stage records the environment its numbers
+"""Cross-machine reproduction made explicit: every stage records the environment its numbers
 came from, ``sae verify`` compares a rerun with a commit's recorded metrics (bit-exact in the same
 environment, per-metric tolerances otherwise), and ``numerics.portable`` forces the portable path."""
 
