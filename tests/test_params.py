@@ -68,6 +68,31 @@ def test_overrides_parse_yaml_values() -> None:
     assert data == {"train": {"lr": 1e-3}, "extract": {"hooks": ["embed", "layers.0.mlp_out"]}, "model": {"name": "gpt2"}}
 
 
+@pytest.mark.parametrize("raw", ['"2023"', "'2023'", ' "2023" '])
+def test_quoted_override_stays_a_string(tmp_path: Path, raw: str) -> None:
+    # Before: a quoted number became a float ("2023.0 is not allowed").
+    data: dict = {}
+    apply_overrides(data, [f"sae.recipe={raw}", "train.lr=1e-3", "seed=3", "model.revision='1e-3'"])
+    assert data == {"sae": {"recipe": "2023"}, "train": {"lr": 1e-3}, "seed": 3, "model": {"revision": "1e-3"}}
+    assert load_params(_full(tmp_path), [f"sae.recipe={raw}"]).sae.recipe == "2023"
+
+
+def test_unquoted_number_for_a_string_choice_says_to_quote_it(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"sae.recipe: 2023 is not allowed \(allowed: one of '2024', '2023'\); quote it"):
+        load_params(_full(tmp_path), ["sae.recipe=2023"])
+
+
+def test_unknown_and_missing_keys_are_reported_together(tmp_path: Path) -> None:
+    # Before: only the unknown key was named; fixing it then revealed the missing one.
+    data = yaml.safe_load(_full(tmp_path, ("train.lr",)).read_text())
+    data["train"]["lrate"] = 1e-3
+    with pytest.raises(ParamsError) as err:
+        load_params(_write(tmp_path, yaml.safe_dump(data)))
+    msg = str(err.value)
+    assert "train.lrate: unknown key" in msg and "missing keys: train.lr (" in msg and "\n" not in msg
+    assert msg.index("train.lrate") < msg.index("missing keys")
+
+
 def _full(tmp_path: Path, drop: tuple[str, ...] = (), **sections: object) -> Path:
     """A complete params file (schema defaults + ``sections``) with the dotted keys in ``drop`` deleted."""
     data = default_params(**sections)

@@ -42,7 +42,11 @@ class Params:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a nested dict, in place.
+
+    A quoted value (``sae.recipe='"2023"'``) stays a string, as in YAML; an unquoted string that reads as
+    a number (``1e-3``, which PyYAML leaves a string) becomes a float.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -51,7 +55,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):
+        text = raw.strip()
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        if isinstance(value, str) and not quoted:
             try:
                 value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
             except ValueError:
@@ -90,11 +96,17 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     missing = missing_keys(Params, data)
-    apply_overrides(data, list(overrides))
-    params = from_dict(Params, data)
+    absent = (f"{path}: missing keys: {', '.join(missing)} (every key must be listed so DVC tracks it; "
+              "see docs/params.md for each key's default)")
+    try:
+        apply_overrides(data, list(overrides))
+        params = from_dict(Params, data)
+    except ParamsError as e:  # a misspelt key is often also a missing one: name both, still in one line
+        if missing:
+            raise ParamsError(f"{e}; {absent}") from None
+        raise
     for change in apply_portable(params):  # resolved once, here: every stage sees the portable dtypes
         log.info("numerics.portable: %s", change)
     if missing:
-        raise ParamsError(f"{path}: missing keys: {', '.join(missing)} (every key must be listed so DVC tracks it; "
-                          "see docs/params.md for each key's default)")
+        raise ParamsError(absent)
     return params

@@ -67,7 +67,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ParamsError(f"{key}: {value!r} is not allowed (allowed: {_type_name(tp)})")
+        # An unquoted 2023 is a number to YAML and to --set; the allowed value is the string.
+        hint = "; quote it to mean the string" if not isinstance(value, str) and str(value) in get_args(tp) else ""
+        raise ParamsError(f"{key}: {value!r} is not allowed (allowed: {_type_name(tp)}){hint}")
     if origin in (Union, types.UnionType):
         for alt in get_args(tp):
             try:
