@@ -18,6 +18,7 @@ import click
 
 from pipeline import distributed
 from pipeline.activations import open_activations
+from pipeline.errors import UserError
 from pipeline.io import atomic_write_json
 from pipeline.params import Params
 from stages.common import stage_command
@@ -27,6 +28,17 @@ from stages.paths import ACTIVATIONS, METRICS, MODELS, TRAIN_CURVES
 log = logging.getLogger("sae.train")
 
 CHECKPOINTS = Path("checkpoints")
+
+
+def check_validation_data(params: Params) -> None:
+    """``train.val_every`` > 0 asks for validation: a hook without its validation dataset is an error before any
+    hook trains (silently skipping it would drop the val_* entries from ``metrics/train.json``)."""
+    for hook in params.extract.hooks if params.train.val_every > 0 else ():
+        manifest = ACTIVATIONS / "validation" / hook / "manifest.json"
+        if not manifest.is_file():
+            raise UserError(f"{manifest}: missing input (train.val_every is {params.train.val_every}): run `sae extract` "
+                            "with a validation split (corpus.validation_fraction > 0), or set train.val_every: 0 to "
+                            "train without validation")
 
 
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
@@ -45,6 +57,8 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
 
     if data is None and (val_data or out):
         raise click.UsageError("--val-data and --out need --data")
+    if data is None:
+        check_validation_data(params)
     if relaunched("train", params.train.processes, params.train.device):  # train.processes > 1: ran as N processes
         return
     distributed.start(params.train.device, "train.device")  # under torchrun: join now, and only rank 0 logs

@@ -85,6 +85,24 @@ def test_params_file_missing_a_key_stops_before_training(workspace: Path) -> Non
     assert res.exit_code == 2 and res.output.startswith("error: params.yaml: empty (expected every section: "), res.output
 
 
+def test_missing_validation_dataset_is_one_line_error(workspace: Path) -> None:
+    # Before: exit 0, and metrics/train.json silently had no val_* entries although train.val_every was 8.
+    from stages.train import command
+
+    manifest = Path("data/activations/validation") / HOOK / "manifest.json"
+    manifest.unlink()
+    res = CliRunner().invoke(command, [])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert line.startswith(f"error: {manifest}: missing input (train.val_every is 8)") and "\n" not in line, res.output
+    assert not Path("models/sae").exists() and not Path("metrics/train.json").exists()
+    # train.val_every 0 asks for no validation pass before the end: trains, without val_* metrics.
+    res = CliRunner().invoke(command, ["--set", "train.val_every=0"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(Path("metrics/train.json").read_text())[HOOK]
+    assert m["steps"] == 20 and not any(k.startswith("val_") for k in m)
+
+
 def test_changed_params_on_resume_is_one_line_error(workspace: Path) -> None:
     from pipeline.activations import open_activations
     from pipeline.train import sae_config, train_sae
