@@ -58,7 +58,8 @@ DEFINITIONS = {
     "shrinkage": "Mean ||x_hat|| / ||x|| (1 = no shrinkage).",
     "ce_loss_recovered": "(CE with zero-ablation - CE with the SAE spliced in) / (CE zero-ablation - CE clean): "
                          "1 = the SAE loses nothing downstream.",
-    "kl": "KL divergence of the spliced model's next-token distribution from the clean one (nats/token).",
+    "kl": "Steering side effect: KL(clean || steered) of the next-token distributions on the prompt (nats), mean "
+          "over edited positions.",
     "kl_div": "KL divergence of the spliced model's next-token distribution from the clean one (nats/token).",
     "delta_lm_loss": "CE loss with the SAE spliced in minus the clean CE loss (nats/token).",
     "loss": "Training objective at the end of training.",
@@ -78,16 +79,41 @@ DEFINITIONS = {
                                         "shown window (not comparable with @2).",
     "n_special_tokens": "Validation tokens left out of the metrics as BOS/EOS/PAD (evaluate.exclude_special_tokens).",
     # Steering (pipeline/steering/{metrics,verdict}.py).
-    "hm": "Harmonic mean of concept@1 and fluency@1 of one generation (AxBench, Wu et al. 2025); per method: "
+    "hm": "Harmonic mean of concept@2 and fluency@2 of one generation (AxBench, Wu et al. 2025); per method: "
           "mean over test prompts and features at each feature's validation-chosen coefficient.",
     "concept": "Topic probability of the continuation under a naive-Bayes token model (labelled corpora), else "
                "min(1, re-encoded feature activation / m_f).",
     "fluency": "min(1, unsteered perplexity / steered perplexity) on the same prompt.",
+    "scale": "m_f, the steered feature's scale: its max activation (or a quantile of its per-context maxima, "
+             "steer.scale) on the statistics split.",
+    "write_norm": "||m_f * W_dec[f]||: the size of every steering method's perturbation at coefficient 1.",
+    "fire_rate": "Fraction of the statistics split's tokens on which the feature fires.",
+    "concept_act": "Mean re-encoded activation of the steered feature over the continuation, divided by m_f.",
+    "concept_frac": "Fraction of continuation tokens on which the steered feature fires.",
+    "topic_score": "Probability of the feature's topic for the continuation under a naive-Bayes token model.",
+    "perplexity": "Perplexity of the continuation under the unsteered model.",
+    "distinct2": "Distinct bigrams / bigrams of the continuation (flags repetition).",
+    "other_features": "Relative L1 change of all other SAE features at the hook on the prompt.",
+    "ablation_effect": "Next-token loss change when the feature is ablated (SAE error kept), on contexts where it "
+                       "fires minus on contexts where it does not (nats/token).",
+    "unsteered_concept": "Test concept@2 of the unsteered continuations, mean over features.",
     "sae_hm@1": "Retired: test hm@1 of the SAE method with the best *test* hm@1 (chosen on the data it reports).",
-    "sae_hm@2": "Test hm@1 of the SAE method (add or clamp) chosen on validation hm@1.",
-    "sae_concept_gain@2": "Test concept@1 of the validation-chosen SAE method minus the unsteered continuation's.",
-    "test_hm": "Per method: mean test hm@1 over (test prompt, feature) units with a 95% two-way bootstrap interval.",
-    "validation_hm": "Per SAE method: mean validation hm@1 at each feature's chosen coefficient (chooses the SAE method).",
+    "sae_hm": "Test hm@2 of the SAE method (add or clamp) chosen on validation hm@2.",
+    "sae_concept_gain": "Test concept@2 of the validation-chosen SAE method minus the unsteered continuation's.",
+    "test_hm": "Per method: mean test hm@2 over (test prompt, feature) units with a 95% two-way bootstrap interval.",
+    "validation_hm": "Per SAE method: mean validation hm@2 at each feature's chosen coefficient (chooses the SAE method).",
+}
+# Steering values computed from the feature statistics (m_f, firing, the difference-in-means direction,
+# the ablation contexts; pipeline/steering/stats.py) -- nearly all of them, since every method's
+# perturbation is sized by m_f. The current versions leave the tokenizer's BOS/EOS/PAD positions out
+# of those statistics, and ablation keeps those positions' activations, as evaluate does; the previous
+# version counted them. Previous name -> current name.
+STEERING_EXCLUDING_SPECIAL = {
+    **{f"{m}@1": f"{m}@2" for m in (
+        "hm", "concept", "fluency", "concept_act", "concept_frac", "topic_score", "perplexity", "distinct2", "kl",
+        "other_features", "ablation_dloss_fire", "ablation_dloss_nofire", "ablation_effect", "scale",
+        "write_norm", "fire_rate", "unsteered_concept")},
+    "sae_hm@2": "sae_hm@3", "sae_concept_gain@2": "sae_concept_gain@3",
 }
 # Both token sets of each metric, spelled out: the all-token name and the special-tokens-excluded one.
 _ALL_TOKENS = " Over all tokens, BOS/EOS/PAD included."
@@ -100,3 +126,12 @@ for _old, _new in [*EXCLUDING_SPECIAL.items(), ("nmse@1", "nmse@2")]:  # nmse: t
     _all, _excl = (_SPLICE_ALL, _SPLICE_NO_SPECIAL) if _old in _SPLICED else (_ALL_TOKENS, _NO_SPECIAL)
     DEFINITIONS[_old] = DEFINITIONS[_base] + _all
     DEFINITIONS[_new] = DEFINITIONS[_base] + _excl
+# The previous version's text: its own names (concept@1, ...) and the statistics it used.
+_STATS_ALL = (" Retired version: feature statistics (m_f, firing, the difference in means, the ablation contexts) "
+              "over all tokens, BOS/EOS/PAD included (not comparable with the current version).")
+_STATS_NO_SPECIAL = (" Feature statistics (m_f, firing, the difference in means, the ablation contexts) over the "
+                     "tokens that are not BOS/EOS/PAD; ablation keeps those positions' activations.")
+for _old, _new in STEERING_EXCLUDING_SPECIAL.items():
+    _base = _old.split("@")[0]
+    DEFINITIONS[_old] = DEFINITIONS.get(_base, "").replace("@2", "@1") + _STATS_ALL
+    DEFINITIONS[_new] = DEFINITIONS.get(_base, "") + _STATS_NO_SPECIAL

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from tracking_fixtures import FEATURES, HOOK, fabricate_workspace, minimal_params
 
+from pipeline.metric_names import STEERING_EXCLUDING_SPECIAL
 from pipeline.report import build_document, gather
 from pipeline.report.document import Document, Image, Table, to_html, to_markdown
 from pipeline.report.inputs import top_features
@@ -136,6 +137,9 @@ def test_both_special_token_variants_are_defined() -> None:
 
     for old, new in metrics.EXCLUDING_SPECIAL.items():
         assert old in DEFINITIONS and new in DEFINITIONS and DEFINITIONS[old] != DEFINITIONS[new], (old, new)
+    for old, new in STEERING_EXCLUDING_SPECIAL.items():  # steering statistics without BOS/EOS/PAD
+        assert "BOS/EOS/PAD included" in definition(old) and "not BOS/EOS/PAD" in definition(new), (old, new)
+    assert "concept@1" in definition("hm@1") and "concept@2" in definition("hm@2")
     assert fmt(12800.0) == "12800" and fmt(0.123456) == "0.1235" and fmt(None) == "—" and fmt(float("nan")) == "nan"
 
 
@@ -144,22 +148,22 @@ def test_steer_verdict_with_intervals_is_rendered(tmp_path: Path) -> None:
 
     ws = fabricate_workspace(tmp_path / "ws")
     diff = {"mean": -0.0298, "ci95_low": -0.2381, "ci95_high": 0.1786, "verdict": "is indistinguishable from", "wins": "1/3"}
-    overall = {"sae_method": "add", "sae_hm@2": 0.11,
-               "test_hm@1": {"add": {"mean": 0.11, "ci95_low": 0.08, "ci95_high": 0.15},
+    overall = {"sae_method": "add", "sae_hm@3": 0.11,
+               "test_hm@2": {"add": {"mean": 0.11, "ci95_low": 0.08, "ci95_high": 0.15},
                              "clamp": {"mean": 0.2, "ci95_low": 0.1, "ci95_high": 0.3},
                              "dim": {"mean": 0.222, "ci95_low": None, "ci95_high": None}},
-               "sae_minus_dim_hm@2": diff,
+               "sae_minus_dim_hm@3": diff,
                "bootstrap": {"scheme": "two-way percentile bootstrap", "resamples": 10000, "seed": 0,
                              "test_prompts": 10, "features": 3},
-               "summary": "SAE 'add' steering (chosen on validation hm@1): test hm@1 0.110; is indistinguishable "
+               "summary": "SAE 'add' steering (chosen on validation hm@2): test hm@2 0.110; is indistinguishable "
                           "from 'dim' (95% CI of the difference includes 0: difference -0.030, 95% CI [-0.238, +0.179])"}
     (ws / "metrics" / "steer.json").write_text(json.dumps({"features": {"3": {"topic": "music"}}, "overall": overall}))
     md = to_markdown(build_document(gather(ws, {}, [HOOK], top_n=2), top_n=2), "figures")
     section = md[md.index("# Steering against baselines"):]
     assert overall["summary"] in section and section.count("95% CI of the difference includes 0") == 1  # once
-    assert "| hm@1 | add | SAE (chosen on validation) | 0.110 | [0.080, 0.150] |" in section
-    assert "| hm@1 | clamp | SAE | 0.200 | [0.100, 0.300] |" in section
-    assert "| hm@1 | dim | baseline | 0.222 | — (fewer than 2 test prompts) |" in section
-    assert "| hm@1 | add − dim | -0.030 | [-0.238, 0.179] | is indistinguishable from | 1/3 |" in section
+    assert "| hm@2 | add | SAE (chosen on validation) | 0.110 | [0.080, 0.150] |" in section
+    assert "| hm@2 | clamp | SAE | 0.200 | [0.100, 0.300] |" in section
+    assert "| hm@2 | dim | baseline | 0.222 | — (fewer than 2 test prompts) |" in section
+    assert "| hm@2 | add − dim | -0.030 | [-0.238, 0.179] | is indistinguishable from | 1/3 |" in section
     assert "10000 resamples, seed 0, 10 test prompts x 3 features" in section
-    assert "Test hm@1 of the SAE method (add or clamp) chosen on validation" in definition("sae_hm@2")
+    assert "Test hm@2 of the SAE method (add or clamp) chosen on validation" in definition("sae_hm@3")

@@ -135,7 +135,7 @@ def test_ablation_effect_is_zero_where_feature_never_fires(lm) -> None:
         sae.b_enc[0] = -1e4  # feature 0 can never fire
     ctx = [[5, 17, 33, 90, 12, 7, 3, 4], [8, 9, 10, 11, 12, 13, 14, 15]]
     out = ablation_effect(model, sae, LAST, 0, ctx, ctx)
-    assert out["ablation_dloss_fire@1"] == 0.0 and out["ablation_effect@1"] == 0.0
+    assert out["ablation_dloss_fire@2"] == 0.0 and out["ablation_effect@2"] == 0.0
 
 
 def test_generated_only_positions_with_position_counter() -> None:
@@ -215,3 +215,23 @@ def test_generate_left_padding_gpt2_absolute_positions(tiny_gpt2: Path) -> None:
     with steer(model, HOOK, RowSteering(sae, 0, 80.0 * sae.W_dec[:1].clone().expand(2, -1))):
         steered, _ = generate(model, left_pad([a, b], pad), 5)
     assert not torch.equal(steered, new)
+
+
+def test_frozen_positions_are_left_alone() -> None:
+    sae = _sae()
+    frozen = torch.tensor([[True, False, False], [False, False, True]])  # [B, T0]: e.g. BOS positions
+    s = RowSteering(sae, 0, torch.ones(2, 32), frozen=frozen)
+    h = torch.zeros(2, 3, 32)
+    out = s(h)
+    assert out[~frozen].eq(1).all() and out[frozen].eq(0).all()
+    assert s(torch.zeros(2, 1, 32)).eq(1).all()  # a generated position, past the frozen ones
+
+
+def test_ablation_keeps_special_positions(lm) -> None:
+    model, _ = lm
+    sae, _ = _planted(model, 42)
+    ctx = [[5, 17, 33, 90, 12, 7, 3, 4]]
+    # Every position special: nothing is ablated and no prediction is averaged (NaN-free 0 / 0 -> 0).
+    out = ablation_effect(model, sae, LAST, 0, ctx, [], special_ids=set(ctx[0]))
+    assert out["ablation_dloss_fire@2"] == 0.0
+    assert ablation_effect(model, sae, LAST, 0, ctx, [])["ablation_dloss_fire@2"] != 0.0

@@ -119,8 +119,8 @@ def test_bad_judge_param_is_one_line_naming_the_key(tmp_path: Path, value: str) 
 
 
 def test_report_without_judge_columns_is_unchanged() -> None:
-    rows = [{"feature": 1, "topic": "t", "method": m, "coefficient": c, "prompt_id": i, "split": s, "hm@1": h,
-             "concept@1": h, "fluency@1": 1.0}
+    rows = [{"feature": 1, "topic": "t", "method": m, "coefficient": c, "prompt_id": i, "split": s, "hm@2": h,
+             "concept@2": h, "fluency@2": 1.0}
             for i, s in ((0, "validation"), (1, "test"), (2, "test")) for m, c, h in (("none", 0.0, 0.1), ("add", 1.0, 0.5), ("dim", 1.0, 0.3))]
     plain = choose_and_report(pl.DataFrame(rows))
     assert not any("judge" in k for k in plain["overall"]) and "judge_hm" not in plain["methods"]["add"]
@@ -128,7 +128,7 @@ def test_report_without_judge_columns_is_unchanged() -> None:
                "judge_hm": {"none": 0.0, "add": 1.5, "dim": 1.0}[r["method"]]} for r in rows]
     rep = choose_and_report(pl.DataFrame(judged))
     assert rep["methods"]["add"]["judge_hm"] == 1.5 and rep["methods"]["dim"]["judge_hm"] == 1.0
-    d = rep["overall"]["judge_sae_minus_dim_hm@2"]  # constant paired difference 0.5: a zero-width interval
+    d = rep["overall"]["judge_sae_minus_dim_hm@3"]  # constant paired difference 0.5: a zero-width interval
     assert d["mean"] == pytest.approx(0.5) and d["ci95_low"] == pytest.approx(0.5) and d["verdict"] == "beats"
     assert rep["overall"]["summary"].startswith(plain["overall"]["summary"] + ". LLM judge:")
 
@@ -170,7 +170,7 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpo
         assert m["features"][f]["topic"] == concept  # labelled corpus: the topic, shared by all methods
         assert any(f"Concept: {concept}" in c for c in sent)
     assert m["methods"]["add"]["judge_hm"] == pytest.approx(1.5) and m["methods"]["dim"]["judge_hm"] == pytest.approx(1.5)
-    d = m["overall"]["judge_sae_minus_dim_hm@2"]  # a tie: difference 0, interval [0, 0]
+    d = m["overall"]["judge_sae_minus_dim_hm@3"]  # a tie: difference 0, interval [0, 0]
     assert "LLM judge" in m["overall"]["summary"] and d["verdict"] == "is indistinguishable from"
     assert d["mean"] == d["ci95_low"] == d["ci95_high"] == 0.0 and d["wins"] == "0/2"
     # The automatic metrics are untouched by the judge: its columns are added, nothing else changes.

@@ -71,14 +71,14 @@ def _rows() -> pl.DataFrame:
     rows = []
     for pid, split in ((0, "validation"), (1, "test"), (2, "test")):
         rows.append(dict(prompt_id=pid, split=split, feature=3, topic="music", method="none", coefficient=0.0,
-                         **{"topic_score@1": 0.1, "perplexity@1": 10.0, "concept_act@1": 0.0}))
+                         **{"topic_score@2": 0.1, "perplexity@2": 10.0, "concept_act@2": 0.0}))
         for m, c, topic, ppl in (("add", 1.0, 0.3, 10.0), ("add", 2.0, 0.8, 12.5), ("add", 4.0, 1.0, 40.0),
                                  ("random", 1.0, 0.1, 10.0), ("random", 2.0, 0.12, 20.0), ("random", 4.0, 0.15, 50.0)):
             rows.append(dict(prompt_id=pid, split=split, feature=3, topic="music", method=m, coefficient=c,
-                             **{"topic_score@1": topic + (0.05 if split == "test" else 0.0), "perplexity@1": ppl,
-                                "concept_act@1": 0.5}))
+                             **{"topic_score@2": topic + (0.05 if split == "test" else 0.0), "perplexity@2": ppl,
+                                "concept_act@2": 0.5}))
     df = pl.DataFrame(rows)
-    for k in ("concept_frac@1", "distinct2@1", "kl@1", "other_features@1"):
+    for k in ("concept_frac@2", "distinct2@2", "kl@2", "other_features@2"):
         df = df.with_columns(pl.lit(0.0).alias(k))
     return df
 
@@ -86,22 +86,22 @@ def _rows() -> pl.DataFrame:
 def test_coefficient_chosen_on_validation_reported_on_test() -> None:
     df = add_scores(_rows())
     r = df.filter((pl.col("method") == "add") & (pl.col("coefficient") == 2.0) & (pl.col("split") == "validation"))
-    assert r["fluency@1"][0] == pytest.approx(10 / 12.5)
-    assert r["hm@1"][0] == pytest.approx(2 * 0.8 * 0.8 / 1.6)
+    assert r["fluency@2"][0] == pytest.approx(10 / 12.5)
+    assert r["hm@2"][0] == pytest.approx(2 * 0.8 * 0.8 / 1.6)
     rep = choose_and_report(df)
     add = rep["features"]["3"]["methods"]["add"]
     # validation hm: c=1: 2*.3*1/1.3=.4615, c=2: .8, c=4: 2*1*.25/1.25=.4
     assert add["coefficient"] == 2.0
-    assert add["test"]["concept@1"] == pytest.approx(0.85)
-    assert add["test"]["hm@1"] == pytest.approx(2 * 0.85 * 0.8 / 1.65)
+    assert add["test"]["concept@2"] == pytest.approx(0.85)
+    assert add["test"]["hm@2"] == pytest.approx(2 * 0.85 * 0.8 / 1.65)
     # random, validation hm: c=1: 2*.1*1/1.1=.182, c=2: 2*.12*.5/.62=.194, c=4: 2*.15*.2/.35=.171
     assert rep["features"]["3"]["methods"]["random"]["coefficient"] == 2.0
     ov = rep["overall"]
-    assert ov["sae_method"] == "add" and ov["sae_method_choice"] == "the only SAE method with a validation hm@1"
-    d = ov["sae_minus_random_hm@2"]  # the two test prompts agree: a zero-width interval above 0
+    assert ov["sae_method"] == "add" and ov["sae_method_choice"] == "the only SAE method with a validation hm@2"
+    d = ov["sae_minus_random_hm@3"]  # the two test prompts agree: a zero-width interval above 0
     assert d["mean"] == pytest.approx(2 * 0.85 * 0.8 / 1.65 - 2 * 0.17 * 0.5 / 0.67)
     assert d["ci95_low"] == pytest.approx(d["mean"]) and d["ci95_high"] == pytest.approx(d["mean"])
-    assert ov["unsteered_concept@1"] == pytest.approx(0.1) and ov["sae_concept_gain@2"] == pytest.approx(0.75)
+    assert ov["unsteered_concept@2"] == pytest.approx(0.1) and ov["sae_concept_gain@3"] == pytest.approx(0.75)
     assert d["verdict"] == "beats" and d["wins"] == "1/1" and "beats 'random'" in ov["summary"]
 
 
@@ -147,3 +147,34 @@ def test_stats_selection_and_dim_direction(tmp_path: Path) -> None:
         select_features(st, None, [], 2, "score", min_firing=1)
     with pytest.raises(UserError, match="steer.features"):
         select_features(st, None, [7], 2, "topic", min_firing=1)
+
+
+def test_stats_leave_special_token_positions_out(tmp_path: Path) -> None:
+    # Context 10 (topic a) and 11 (topic b), each: BOS (id 1) at position 0, then 3 text tokens. The BOS
+    # rows are the attention-sink outlier: feature 0 fires at 9 there, and the hidden state is large in
+    # dim 2; with them counted, m_f of feature 0 is 9 (no text token gets there) and the topic-a minus
+    # topic-b direction points along dim 2 (a's BOS is larger). Excluded, both come from text alone.
+    contexts = pl.DataFrame({"context_id": [10, 11], "split": ["validation"] * 2,
+                             "token_ids": [[1, 2, 3, 4], [1, 6, 7, 8]], "document_ids": [[1, 1, 1, 1], [2, 2, 2, 2]]})
+    documents = pl.DataFrame({"document_id": [1, 2], "label": ["a", "b"]})
+    acts = np.array([[9, 0, 50], [2, 0, 0], [4, 0, 0], [2, 0, 0],     # topic a: BOS, then feature 0 up to 4
+                     [9, 0, 10], [0, 1, 0], [0, 3, 0], [0, 2, 0]], dtype=np.float32)  # topic b: feature 1
+    write_activations(tmp_path / "ds", acts, context_id=np.repeat([10, 11], 4), position=np.tile(np.arange(4), 2),
+                      token_id=np.array([1, 2, 3, 4, 1, 6, 7, 8]), hook="h", dtype="float32")
+    topics, rows, grid = label_grid(contexts, documents)
+    ds = open_activations(tmp_path / "ds")
+    every = collect_stats(_DiagSAE(), ds, topics, rows, grid, max_tokens=100, batch_size=3)
+    text = collect_stats(_DiagSAE(), ds, topics, rows, grid, max_tokens=100, batch_size=3, special_ids={1, 0})
+    assert every.scale(0, "max", 0.5) == 9.0 and every.n_tokens == 8  # what the BOS rows did
+    assert text.scale(0, "max", 0.5) == 4.0 and text.scale(1, "max", 0.5) == 3.0 and text.n_tokens == 6
+    assert text.scale(0, "quantile", 0.5) == 4.0  # per-context maxima over text positions too
+    np.testing.assert_allclose(text.fire_count, [3, 3, 0])
+    np.testing.assert_allclose(text.topic_tokens, [3, 3])
+    np.testing.assert_allclose(text.context_max, [[4, 0, 0], [0, 3, 0]])
+    # a - b over text tokens: mean a = [8/3, 0, 0], mean b = [0, 2, 0]
+    np.testing.assert_allclose(dim_direction(text, "a"), np.array([4, -3, 0]) / 5, rtol=1e-6)
+    assert abs(dim_direction(every, "a")[2]) > 0.9  # counted, BOS took over the direction
+    # the limit counts the rows read, special ones included: 4 rows = context 10 only, 3 of them text
+    assert collect_stats(_DiagSAE(), ds, topics, rows, grid, max_tokens=4, special_ids={1}).n_tokens == 3
+    with pytest.raises(UserError, match="special token id"):
+        collect_stats(_DiagSAE(), ds, topics, rows, grid, max_tokens=1, special_ids={1})

@@ -63,35 +63,44 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     assert set(gen["method"].unique()) == {"none", "add", "clamp", "dim", "random"}
     assert set(gen["split"].unique()) == {"validation", "test"}
     assert (gen["token_ids"].list.len() == 6).all()
-    for k in ("concept_act@1", "topic_score@1", "perplexity@1", "fluency@1", "hm@1", "kl@1", "other_features@1"):
+    for k in ("concept_act@2", "topic_score@2", "perplexity@2", "fluency@2", "hm@2", "kl@2", "other_features@2"):
         assert gen[k].is_not_null().all() and gen[k].is_finite().all(), k
     none = gen.filter(pl.col("method") == "none")
-    assert (none["kl@1"] == 0).all() and (none["fluency@1"] == 1).all()
+    assert (none["kl@2"] == 0).all() and (none["fluency@2"] == 1).all()
     # A strong additive push changes the prompt's next-token distributions; coefficient 0 does not.
     add = gen.filter(pl.col("method") == "add")
-    assert (add.filter(pl.col("coefficient") == 0.0)["kl@1"] == 0).all()
-    assert (add.filter(pl.col("coefficient") == 6.0)["kl@1"] > 0).all()
+    assert (add.filter(pl.col("coefficient") == 0.0)["kl@2"] == 0).all()
+    assert (add.filter(pl.col("coefficient") == 6.0)["kl@2"] > 0).all()
     m = json.loads(Path("metrics/steer.json").read_text())
     assert len(m["features"]) == 2
     for entry in m["features"].values():
         assert set(entry["methods"]) == {"add", "clamp", "dim", "random"}
         assert entry["methods"]["add"]["coefficient"] in (0.0, 2.0, 6.0)
-        assert "ablation_effect@1" in entry and entry["ablation_dloss_nofire@1"] in (0.0, None)
+        assert "ablation_effect@2" in entry and entry["ablation_dloss_nofire@2"] in (0.0, None)
     assert set(m["methods"]) == {"add", "clamp", "dim", "random"}
     ov = m["overall"]
     assert ov["sae_method"] in ("add", "clamp") and "dim" in ov["summary"]
     assert ov["bootstrap"]["test_prompts"] == 2 and ov["bootstrap"]["features"] == 2
-    assert set(ov["test_hm@1"]) == {"add", "clamp", "dim", "random"}
+    assert set(ov["test_hm@2"]) == {"add", "clamp", "dim", "random"}
     for b in ("dim", "random"):  # every verdict comes with its interval
-        d = ov[f"sae_minus_{b}_hm@2"]
+        d = ov[f"sae_minus_{b}_hm@3"]
         assert d["ci95_low"] <= d["mean"] <= d["ci95_high"]
         assert d["verdict"] in VERDICTS and d["verdict"] in ov["summary"]
     assert "runtime" not in m  # wall-clock numbers would break exact reproduction of metrics
     rt = json.loads(Path("reports/steer/runtime.json").read_text())
     assert rt["generations"] == gen.height and rt["generated_tokens"] == gen.height * 6
     assert 0.0 <= m["topic_model_accuracy@1"] <= 1.0
+    # Only current steering versions: no name the special-token exclusion retired is written anywhere.
+    from pipeline.metric_names import STEERING_EXCLUDING_SPECIAL
+
+    def keys(node: object) -> set[str]:
+        return {k for key, v in node.items() for k in (key, *keys(v))} if isinstance(node, dict) else set()
+
+    written = keys(m) | set(gen.columns) | {c for f in Path("plots/steer").rglob("*.csv") for c in pl.read_csv(f).columns}
+    assert not written & set(STEERING_EXCLUDING_SPECIAL), written & set(STEERING_EXCLUDING_SPECIAL)
+    assert {"scale@2", "write_norm@2", "fire_rate@2", "sae_hm@3", "unsteered_concept@2"} <= written
     assert sorted(p.name for p in Path("plots/steer/frontier").iterdir()) == ["add.csv", "clamp.csv", "dim.csv", "random.csv"]
-    assert pl.read_csv("plots/steer/frontier/add.csv").columns == ["concept@1", "fluency@1", "coefficient"]
+    assert pl.read_csv("plots/steer/frontier/add.csv").columns == ["concept@2", "fluency@2", "coefficient"]
     concept = pl.read_csv("plots/steer/concept.csv")
     assert concept.columns == ["coefficient", "add", "clamp", "dim", "random"]
     assert concept["coefficient"].to_list() == [0.0, 2.0, 6.0] and concept["add"].is_not_null().all()
@@ -127,7 +136,7 @@ def test_steer_stage_listed_features_generated_positions_and_errors(workspace: P
     assert fluency.columns == ["coefficient", "add", "clamp", "dim", "random"] and fluency["dim"].is_null().all()
     assert not Path("plots/steer/frontier/dim.csv").exists()  # no stale series from the previous run
     # 'generated' steers from the last prompt token only: KL averages over that one position.
-    assert gen["kl@1"].is_finite().all()
+    assert gen["kl@2"].is_finite().all()
     res = CliRunner().invoke(main, ["steer", "--set", "steer.hook=layers.0.resid_post"])
     assert res.exit_code == 2 and "steer.hook" in res.output
     res = CliRunner().invoke(main, ["steer", *_sets(FAST + ["steer.features=[9999]"])])

@@ -68,9 +68,9 @@ def _hm(c: float) -> float:
 
 def _frame(concept: dict[tuple[str, str], list[float]], judge: dict[tuple[str, str], list[float]] | None = None,
            features: tuple[int, ...] = (3,)) -> pl.DataFrame:
-    """Rows at one coefficient: ``concept[(method, split)]`` is topic_score@1 per prompt of that split.
+    """Rows at one coefficient: ``concept[(method, split)]`` is topic_score@2 per prompt of that split.
 
-    Perplexity equals the unsteered row's, so fluency@1 = 1 and hm@1 = 2c / (1 + c).
+    Perplexity equals the unsteered row's, so fluency@2 = 1 and hm@2 = 2c / (1 + c).
     """
     n = {s: len(next(v for (m, sp), v in concept.items() if sp == s)) for s in ("validation", "test")}
     prompts = [(i, "validation") for i in range(n["validation"])] + [(100 + i, "test") for i in range(n["test"])]
@@ -82,8 +82,8 @@ def _frame(concept: dict[tuple[str, str], list[float]], judge: dict[tuple[str, s
                 c = 0.1 if m == "none" else concept[(m, split)][k]
                 row = dict(prompt_id=pid, split=split, feature=f, topic="music", method=m,
                            coefficient=0.0 if m == "none" else 1.0,
-                           **{"topic_score@1": c, "perplexity@1": 10.0, "concept_act@1": 0.5, "concept_frac@1": 0.0,
-                              "distinct2@1": 1.0, "kl@1": 0.0, "other_features@1": 0.0})
+                           **{"topic_score@2": c, "perplexity@2": 10.0, "concept_act@2": 0.5, "concept_frac@2": 0.0,
+                              "distinct2@2": 1.0, "kl@2": 0.0, "other_features@2": 0.0})
                 if judge is not None:
                     j = 0.0 if m == "none" else judge[(m, split)][k]
                     row.update(judge_concept=2, judge_instruction=2, judge_fluency=2, judge_hm=j)
@@ -101,19 +101,19 @@ def test_sae_method_is_chosen_on_validation_not_test() -> None:
              ("dim", "validation"): [1.0, 1.0], ("dim", "test"): [1.0, 1.0, 1.0]}
     ov = choose_and_report(_frame(concept, judge, features=(3, 4)))["overall"]
     assert ov["sae_method"] == "add"
-    assert ov["validation_hm@1"] == {"add": pytest.approx(_hm(0.8)), "clamp": pytest.approx(_hm(0.6))}
+    assert ov["validation_hm@2"] == {"add": pytest.approx(_hm(0.8)), "clamp": pytest.approx(_hm(0.6))}
     assert "'add' 0.889 vs 'clamp' 0.750" in ov["sae_method_choice"]
-    assert ov["sae_hm@2"] == pytest.approx(_hm(0.4))
-    assert ov["test_hm@1"]["clamp"]["mean"] == pytest.approx(_hm(0.9))  # reported, not chosen
+    assert ov["sae_hm@3"] == pytest.approx(_hm(0.4))
+    assert ov["test_hm@2"]["clamp"]["mean"] == pytest.approx(_hm(0.9))  # reported, not chosen
     # Constant paired differences: a zero-width interval below 0, so add loses to dim.
-    d = ov["sae_minus_dim_hm@2"]
+    d = ov["sae_minus_dim_hm@3"]
     assert d["mean"] == pytest.approx(_hm(0.4) - _hm(0.5))
     assert d["ci95_low"] == pytest.approx(d["mean"]) and d["ci95_high"] == pytest.approx(d["mean"])
     assert d["verdict"] == "loses to" and d["wins"] == "0/2" and "loses to 'dim'" in ov["summary"]
     # The judge's verdict chooses its SAE method on validation judge_hm too.
     assert ov["judge_sae_method"] == "add" and ov["validation_judge_hm"] == {"add": 2.0, "clamp": 1.0}
-    assert ov["judge_sae_hm@2"] == 0.5 and ov["judge_sae_minus_dim_hm@2"]["mean"] == -0.5
-    assert ov["judge_sae_minus_dim_hm@2"]["verdict"] == "loses to"
+    assert ov["judge_sae_hm@3"] == 0.5 and ov["judge_sae_minus_dim_hm@3"]["mean"] == -0.5
+    assert ov["judge_sae_minus_dim_hm@3"]["verdict"] == "loses to"
     assert ov["bootstrap"]["test_prompts"] == 3 and ov["bootstrap"]["features"] == 2
 
 
@@ -123,7 +123,7 @@ def test_verdict_says_indistinguishable_when_the_interval_includes_zero() -> Non
     concept = {("add", "validation"): [0.5, 0.5], ("add", "test"): [0.6, 0.2],
                ("random", "validation"): [0.4, 0.4], ("random", "test"): [0.4, 0.4]}
     ov = choose_and_report(_frame(concept))["overall"]
-    d = ov["sae_minus_random_hm@2"]
+    d = ov["sae_minus_random_hm@3"]
     hi, lo = _hm(0.6) - _hm(0.4), _hm(0.2) - _hm(0.4)
     assert d["mean"] == pytest.approx((hi + lo) / 2)
     assert d["ci95_low"] == pytest.approx(lo) and d["ci95_high"] == pytest.approx(hi)
@@ -133,7 +133,7 @@ def test_verdict_says_indistinguishable_when_the_interval_includes_zero() -> Non
     assert "beats" not in ov["summary"] and "loses" not in ov["summary"]
     # The same point estimate with a constant difference would be a stated loss.
     flat = choose_and_report(_frame({**concept, ("add", "test"): [0.4 - 0.02, 0.4 - 0.02]}))["overall"]
-    assert flat["sae_minus_random_hm@2"]["verdict"] == "loses to"
+    assert flat["sae_minus_random_hm@3"]["verdict"] == "loses to"
 
 
 def test_bootstrap_resamples_and_seed_are_recorded_and_repeat() -> None:
@@ -144,4 +144,4 @@ def test_bootstrap_resamples_and_seed_are_recorded_and_repeat() -> None:
     assert a == choose_and_report(df, seed=1, n_resamples=500)["overall"]
     assert a["bootstrap"]["resamples"] == 500 and a["bootstrap"]["seed"] == 1
     b = choose_and_report(df, seed=2, n_resamples=500)["overall"]
-    assert b["sae_minus_dim_hm@2"]["mean"] == a["sae_minus_dim_hm@2"]["mean"]  # the seed moves only the bounds
+    assert b["sae_minus_dim_hm@3"]["mean"] == a["sae_minus_dim_hm@3"]["mean"]  # the seed moves only the bounds

@@ -117,7 +117,7 @@ class SteerParams:
     judge: str = knob(
         "none", help="LLM judge of every generation (AxBench, Wu et al. 2025): 'none', 'local:<model>' "
         "(transformers chat model) or 'openai:<model>' (the endpoint of the llm section). Rates concept, "
-        "instruction and fluency 0-2 and reports their harmonic mean next to hm@1; off by default (a tiny "
+        "instruction and fluency 0-2 and reports their harmonic mean next to hm@2; off by default (a tiny "
         "local model is a weak judge).")
 
     def check(self, prefix: str) -> None:

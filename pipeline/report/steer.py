@@ -30,7 +30,7 @@ def verdict_blocks(overall: dict[str, Any]) -> list[Para | Table]:
     if isinstance(overall.get("summary"), str):
         out.append(Para(overall["summary"]))
     means = []
-    for metric, pre in (("hm@1", ""), ("judge_hm", "judge_")):
+    for metric, pre in (("hm@2", ""), ("judge_hm", "judge_")):
         test = overall.get(f"test_{metric}")
         if not isinstance(test, dict):
             continue
@@ -46,7 +46,7 @@ def verdict_blocks(overall: dict[str, Any]) -> list[Para | Table]:
         hit = _DIFF.match(key)
         if hit and isinstance(d, dict):
             sae = overall.get(f"{hit.group(1) or ''}sae_method", "SAE")
-            diffs.append(["judge_hm" if hit.group(1) else "hm@1", f"{sae} − {hit.group(2)}", _num(d.get("mean")),
+            diffs.append(["judge_hm" if hit.group(1) else "hm@2", f"{sae} − {hit.group(2)}", _num(d.get("mean")),
                           _ci(d), str(d.get("verdict", "")), str(d.get("wins", ""))])
     if diffs:
         out.append(Table(["metric", "paired difference", "test mean", "95% CI", "verdict", "better on features"], diffs))

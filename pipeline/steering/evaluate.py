@@ -38,6 +38,7 @@ from pipeline.steering.protocol import (
 )
 from pipeline.steering.stats import collect_stats, label_grid
 from pipeline.steering.summary import add_scores, choose_and_report
+from pipeline.tokens import special_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _topic_model(contexts: pl.DataFrame, rows: dict[int, int], grid: np.ndarray,
 def judge_concepts(features: list[int], feat_topic: dict[int, str | None], interp: pl.DataFrame | None) -> dict[int, str]:
     """The concept the judge looks for in every method's generations of a feature.
 
-    The feature's topic when it has one: that is what ``dim`` steers towards and what ``concept@1``
+    The feature's topic when it has one: that is what ``dim`` steers towards and what ``concept@2``
     measures, so all methods are judged on the same question. Else interpretation's explanation.
     """
     expl: dict[int, str] = {}
@@ -89,10 +90,14 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
                       p: SteerParams, seed: int, bos: bool = True, judge: TextBackend | None = None,
                       model_info: Mapping[str, str] | None = None) -> SteeringResult:
     """Run the protocol of ``p`` (see ``SteerParams``) for the SAE at ``hook``; ``judge``: the LLM judge's
-    backend (``steer.judge``), or None to leave it out; ``model_info``: recorded as ``model`` in the metrics."""
+    backend (``steer.judge``), or None to leave it out; ``model_info``: recorded as ``model`` in the metrics.
+
+    The tokenizer's BOS/EOS/PAD positions enter no feature statistic (m_f, firing, the difference in
+    means, the ablation contexts) and are not ablated, as ``evaluate`` leaves them out of its metrics."""
     t_start = time.perf_counter()
+    special = special_token_ids(tokenizer)
     topics, rows, grid = label_grid(contexts, documents)
-    stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens)
+    stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens, special_ids=special)
     if not topics and "dim" in p.methods:
         raise UserError("steer.methods: 'dim' needs a labelled corpus (corpus.label_column); remove it")
     features = select_features(stats, interp, p.features, p.n_features, p.select_by, p.min_firing)
@@ -144,9 +149,10 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
         quiet_pool = stats.context_ids[cmax == 0]
         rng = np.random.default_rng(seed + f)
         quiet_ids = [int(c) for c in rng.permutation(quiet_pool)[: p.ablation_contexts]]
-        abl = ablation_effect(model, sae, hook, f, [ctx_tokens[c] for c in fire_ids], [ctx_tokens[c] for c in quiet_ids])
+        abl = ablation_effect(model, sae, hook, f, [ctx_tokens[c] for c in fire_ids], [ctx_tokens[c] for c in quiet_ids],
+                              special_ids=special)
         t_ablate += time.perf_counter() - t0
-        per_feature_extra[str(f)] = {"scale@1": scale, "write_norm@1": norm, "fire_rate@1": float(stats.fire_count[f] / stats.n_tokens),
+        per_feature_extra[str(f)] = {"scale@2": scale, "write_norm@2": norm, "fire_rate@2": float(stats.fire_count[f] / stats.n_tokens),
                                      "ablation_contexts": [len(fire_ids), len(quiet_ids)], **abl}
     df = pl.DataFrame(all_rows, infer_schema_length=None)
     if judge is not None:  # fixed dtypes even when every answer of a column was unparseable (all None)

@@ -69,18 +69,23 @@ class RowSteering:
     Positions are counted across calls (prefill of T tokens, then one per generation step); call
     :meth:`reset` before each new forward/generation. The first call's input and output are kept
     (``first_in``, ``first_out``) so side effects on the prompt can be measured without another pass.
+    ``frozen`` marks single positions left alone as well (ablation keeps special tokens' activations,
+    as ``evaluate`` does when it splices).
     """
 
     def __init__(self, sae: SAELike | None, feature: int | None, add: Tensor | None = None,
-                 clamp: Tensor | None = None, start: int = 0):
+                 clamp: Tensor | None = None, start: int = 0, frozen: Tensor | None = None):
         """
         :param add: additive vectors (shape: [B, d_in]) or None
         :param clamp: clamp values (shape: [B], NaN = row not clamped) or None
         :param start: first position (in padded coordinates) that is edited
+        :param frozen: positions never edited (shape: [B, T0], bool, padded coordinates; positions past
+            T0, e.g. generated ones, are not frozen) or None
         """
         if clamp is not None and (sae is None or feature is None):
             raise ValueError("clamping needs an SAE and a feature")
         self.sae, self.feature, self.add, self.clamp, self.start = sae, feature, add, clamp, start
+        self.frozen = frozen
         self.offset = 0
         self.first_in: Tensor | None = None
         self.first_out: Tensor | None = None
@@ -94,8 +99,11 @@ class RowSteering:
     def __call__(self, h: Tensor) -> Tensor:
         B, T, _ = h.shape
         pos = torch.arange(self.offset, self.offset + T, device=h.device)  # [T]
+        mask = (pos >= self.start)[None].expand(B, T)  # [B, T]
+        if self.frozen is not None and self.offset < self.frozen.shape[1]:
+            fz = self.frozen[:, self.offset: self.offset + T].to(h.device)  # [B, <= T]
+            mask = mask & ~torch.cat([fz, fz.new_zeros(B, T - fz.shape[1])], 1)
         self.offset += T
-        mask = pos >= self.start  # [T]
         if not bool(mask.any()):
             out = h
         else:
@@ -108,7 +116,7 @@ class RowSteering:
                 if bool(rows.any()):
                     y = y.clone()
                     y[rows] = clamp_feature(self.sae, y[rows], self.feature, self.clamp[rows].to(x.device))  # type: ignore[arg-type]
-            out = torch.where(mask[None, :, None], y, x).to(h.dtype)
+            out = torch.where(mask[:, :, None], y, x).to(h.dtype)
         if self.first_in is None:
             self.first_in, self.first_out = h.detach(), out.detach()
         return out

@@ -2,25 +2,25 @@
 
 Per (feature, method, coefficient, prompt):
 
-- ``concept_act@1``  mean activation of the steered feature over the continuation's tokens, re-encoded
+- ``concept_act@2``  mean activation of the steered feature over the continuation's tokens, re-encoded
   by the SAE on the *unsteered* model, divided by the feature's scale m_f;
-- ``concept_frac@1`` fraction of continuation tokens where that feature fires (> 0);
-- ``topic_score@1``  probability of the feature's topic under a naive-Bayes token model of the corpus
+- ``concept_frac@2`` fraction of continuation tokens where that feature fires (> 0);
+- ``topic_score@2``  probability of the feature's topic under a naive-Bayes token model of the corpus
   (:class:`TopicModel`), labelled corpora only;
-- ``concept@1``      the concept score used for model selection: ``topic_score@1`` when the corpus is
-  labelled (it is blind to the SAE, so it is fair to the baselines), else ``min(concept_act@1, 1)``;
-- ``perplexity@1``   exp of the mean NLL of the continuation under the unsteered model;
-- ``fluency@1``      ``min(1, ppl_ref / ppl)`` with ppl_ref the unsteered continuation's perplexity on
+- ``concept@2``      the concept score used for model selection: ``topic_score@2`` when the corpus is
+  labelled (it is blind to the SAE, so it is fair to the baselines), else ``min(concept_act@2, 1)``;
+- ``perplexity@2``   exp of the mean NLL of the continuation under the unsteered model;
+- ``fluency@2``      ``min(1, ppl_ref / ppl)`` with ppl_ref the unsteered continuation's perplexity on
   the same prompt: 1 = as fluent as not steering;
-- ``hm@1``           harmonic mean of ``concept@1`` and ``fluency@1`` (AxBench, Wu et al. 2025, combine
+- ``hm@2``           harmonic mean of ``concept@2`` and ``fluency@2`` (AxBench, Wu et al. 2025, combine
   their judge scores the same way so that neither can be traded away for the other);
-- ``distinct2@1``    distinct bigrams / bigrams of the continuation (flags repetition);
-- ``kl@1``           KL(clean || steered) of next-token distributions on the prompt, nats, mean over
+- ``distinct2@2``    distinct bigrams / bigrams of the continuation (flags repetition);
+- ``kl@2``           KL(clean || steered) of next-token distributions on the prompt, nats, mean over
   edited positions;
-- ``other_features@1`` relative L1 change of all *other* SAE features at the hook on the prompt.
+- ``other_features@2`` relative L1 change of all *other* SAE features at the hook on the prompt.
 
-Per feature: ``ablation_dloss_fire@1`` / ``ablation_dloss_nofire@1`` (mean change of next-token loss
-when the feature is ablated, on contexts where it fires / does not fire) and ``ablation_effect@1``
+Per feature: ``ablation_dloss_fire@2`` / ``ablation_dloss_nofire@2`` (mean change of next-token loss
+when the feature is ablated, on contexts where it fires / does not fire) and ``ablation_effect@2``
 (their difference).
 """
 
@@ -100,12 +100,12 @@ def kl_divergence(clean_logits: Tensor, steered_logits: Tensor, mask: Tensor) ->
 
 
 def concept_stats(acts: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(``concept_act@1``, ``concept_frac@1``) per row from the feature's activations ``acts [B, N]``."""
+    """(``concept_act@2``, ``concept_frac@2``) per row from the feature's activations ``acts [B, N]``."""
     return acts.float().mean(-1) / scale, (acts > 0).float().mean(-1)
 
 
 def other_features_change(f_clean: Tensor, f_steered: Tensor, feature: int, mask: Tensor) -> Tensor:
-    """``other_features@1``: sum |f' - f| / sum |f| over all features but ``feature`` and masked positions.
+    """``other_features@2``: sum |f' - f| / sum |f| over all features but ``feature`` and masked positions.
 
     :param f_clean: SAE features of the clean hidden state (shape: [B, T, d_sae]); same for ``f_steered``
     :param mask: (shape: [B, T], bool) :return: (shape: [B])
@@ -119,17 +119,17 @@ def other_features_change(f_clean: Tensor, f_steered: Tensor, feature: int, mask
 
 
 def perplexity(nll: Tensor) -> Tensor:
-    """``perplexity@1`` from per-token NLL (shape: [B, N]) -> (shape: [B])."""
+    """``perplexity@2`` from per-token NLL (shape: [B, N]) -> (shape: [B])."""
     return nll.float().mean(-1).exp()
 
 
 def fluency(ppl: np.ndarray, ppl_ref: np.ndarray) -> np.ndarray:
-    """``fluency@1`` = min(1, ppl_ref / ppl)."""
+    """``fluency@2`` = min(1, ppl_ref / ppl)."""
     return np.minimum(1.0, np.asarray(ppl_ref, dtype=np.float64) / np.asarray(ppl, dtype=np.float64))
 
 
 def distinct_n(tokens: np.ndarray, n: int = 2) -> np.ndarray:
-    """``distinct2@1`` (n=2): distinct n-grams / n-grams per row of ``tokens [B, N]``.
+    """``distinct2@2`` (n=2): distinct n-grams / n-grams per row of ``tokens [B, N]``.
 
     Reported next to fluency because perplexity rewards degenerate repetition ("200 words. 200
     words. ..." has a low perplexity); a low distinct-2 flags it (Li et al. 2016).
@@ -142,7 +142,7 @@ def distinct_n(tokens: np.ndarray, n: int = 2) -> np.ndarray:
 
 
 def harmonic_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``hm@1`` = 2ab / (a + b), 0 where both are 0; inputs in [0, 1]."""
+    """``hm@2`` = 2ab / (a + b), 0 where both are 0; inputs in [0, 1]."""
     a = np.clip(np.asarray(a, dtype=np.float64), 0.0, 1.0)
     b = np.clip(np.asarray(b, dtype=np.float64), 0.0, 1.0)
     s = a + b

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.hooks import intervene
+from pipeline.metrics import special_mask
 from pipeline.steering.generate import Batch, continuation_nll, generate, left_pad
 from pipeline.steering.interventions import RowSteering, SAELike, steer
 from pipeline.steering.metrics import (
@@ -149,21 +151,24 @@ def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan,
                 "topic": plan.topic, "method": m, "coefficient": c,
                 "text": tokenizer.decode(new_np[i].tolist(), skip_special_tokens=True),
                 "token_ids": new_np[i].tolist(),
-                "concept_act@1": float(c_act[i]), "concept_frac@1": float(c_frac[i]),
-                "topic_score@1": float(topic_p[i]) if topic_p is not None else math.nan,
-                "perplexity@1": float(ppl[i]), "distinct2@1": float(distinct[i]), "kl@1": float(kl[i]), "other_features@1": float(other[i]),
+                "concept_act@2": float(c_act[i]), "concept_frac@2": float(c_frac[i]),
+                "topic_score@2": float(topic_p[i]) if topic_p is not None else math.nan,
+                "perplexity@2": float(ppl[i]), "distinct2@2": float(distinct[i]), "kl@2": float(kl[i]), "other_features@2": float(other[i]),
             })
     return rows, timing
 
 
 @torch.no_grad()
 def ablation_effect(model: nn.Module, sae: SAELike, hook: str, feature: int, fire_ids: list[list[int]],
-                    quiet_ids: list[list[int]], batch_size: int = 8) -> dict[str, float]:
+                    quiet_ids: list[list[int]], batch_size: int = 8, special_ids: Collection[int] = ()
+                    ) -> dict[str, float]:
     """Change of mean next-token loss when ``feature`` is ablated (set to 0, SAE error kept).
 
     :param fire_ids: token ids of contexts where the feature fires; ``quiet_ids`` where it does not.
-    Returns ``ablation_dloss_fire@1``, ``ablation_dloss_nofire@1`` (nats/token) and their difference
-    ``ablation_effect@1``. On contexts where the feature never fires ablation changes nothing by
+    :param special_ids: token ids (BOS/EOS/PAD) whose positions keep their activation and whose
+        predictions are not averaged: the statistics that chose the contexts leave them out too.
+    Returns ``ablation_dloss_fire@2``, ``ablation_dloss_nofire@2`` (nats/token) and their difference
+    ``ablation_effect@2``. On contexts where the feature never fires ablation changes nothing by
     construction, so the 'nofire' number is a check that the intervention is local.
     """
     device = next(model.parameters()).device
@@ -177,15 +182,17 @@ def ablation_effect(model: nn.Module, sae: SAELike, hook: str, feature: int, fir
             n = batch.width - 1
             clean = continuation_nll(model, batch, n)  # [b, n]
             zero = torch.zeros(batch.input_ids.shape[0], device=device)
-            with steer(model, hook, RowSteering(sae, feature, None, zero, 0)):
+            special = special_mask(batch.input_ids, special_ids) & batch.attention_mask.bool()  # [b, T]
+            with steer(model, hook, RowSteering(sae, feature, None, zero, 0, frozen=special)):
                 ablated = continuation_nll(model, batch, n)
-            m = batch.attention_mask[:, 1:].float()  # positions whose target is a real token
+            # positions whose target is a real token, predicted from a non-special one
+            m = (batch.attention_mask[:, 1:].bool() & ~special[:, :-1]).float()
             out.append(((ablated - clean) * m).sum(-1) / m.sum(-1).clamp(min=1))
         return float(torch.cat(out).mean())
 
     fire, quiet = dloss(fire_ids), dloss(quiet_ids)
-    return {"ablation_dloss_fire@1": fire, "ablation_dloss_nofire@1": quiet,
-            "ablation_effect@1": fire - quiet if not (math.isnan(fire) or math.isnan(quiet)) else math.nan}
+    return {"ablation_dloss_fire@2": fire, "ablation_dloss_nofire@2": quiet,
+            "ablation_effect@2": fire - quiet if not (math.isnan(fire) or math.isnan(quiet)) else math.nan}
 
 
 def seeded_prompts(texts: list[str], tokenizer: Any, validation_fraction: float, seed: int,

@@ -5,11 +5,19 @@ each feature's max activation (its scale m_f), its per-context maxima (for quant
 ablation contexts), its mean activation per topic (for automatic selection when interpretation
 output lacks topic statistics), and the mean *hidden state* per topic (for the difference-in-means
 baseline). Memory is O(d_sae * (n_topics + n_contexts)), independent of the dataset size.
+
+Rows whose token is special (``special_ids``: BOS/EOS/PAD, as ``evaluate`` leaves them out) count
+towards ``max_tokens`` but enter no statistic: the BOS position's hidden state is typically an
+outlier of much larger norm (an attention sink), so a feature firing there would take its scale m_f,
+and its topic-less hidden state the difference-in-means direction, from a position no prompt text
+steers. The metrics computed from these statistics carry versions that say so
+(:mod:`pipeline.metric_names`, steering).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +25,8 @@ import polars as pl
 import torch
 
 from pipeline.activations import ActivationDataset
+from pipeline.errors import UserError
+from pipeline.metrics import special_mask
 from pipeline.steering.interventions import SAELike
 
 log = logging.getLogger(__name__)
@@ -26,7 +36,7 @@ __all__ = ["FeatureStats", "collect_stats", "label_grid"]
 
 @dataclass
 class FeatureStats:
-    n_tokens: int
+    n_tokens: int  # rows the statistics average over (special-token rows excluded)
     max_act: np.ndarray  # [d_sae]
     fire_count: np.ndarray  # [d_sae] tokens with f > 0
     mean: np.ndarray  # [d_sae]
@@ -77,8 +87,10 @@ def label_grid(contexts: pl.DataFrame, documents: pl.DataFrame) -> tuple[list[st
 
 @torch.no_grad()
 def collect_stats(sae: SAELike, ds: ActivationDataset, topics: list[str], ctx_rows: dict[int, int],
-                  grid: np.ndarray, max_tokens: int, batch_size: int = 4096) -> FeatureStats:
-    """Stream ``ds`` (in storage order, first ``max_tokens`` rows) through the SAE's encoder."""
+                  grid: np.ndarray, max_tokens: int, batch_size: int = 4096,
+                  special_ids: Collection[int] = ()) -> FeatureStats:
+    """Stream ``ds`` (in storage order, first ``max_tokens`` rows) through the SAE's encoder; rows whose
+    token id is in ``special_ids`` are read (they count towards ``max_tokens``) but not counted."""
     d_sae, d_in, nt = sae.W_dec.shape[0], sae.W_dec.shape[1], len(topics)
     mx = torch.zeros(d_sae)
     fire = torch.zeros(d_sae, dtype=torch.float64)
@@ -89,17 +101,26 @@ def collect_stats(sae: SAELike, ds: ActivationDataset, topics: list[str], ctx_ro
     tcount = torch.zeros(nt, dtype=torch.float64)
     ctx_index: dict[int, int] = {}
     cm = torch.zeros(0, d_sae)  # [n_ctx, d_sae]
-    n = 0
+    n = n_read = 0
     for b in ds.iter_batches(batch_size, dtype=torch.float32):
-        x = b.acts[: max_tokens - n]  # [N, d_in]
-        cid = b.context_id[: len(x)].numpy()
+        x = b.acts[: max_tokens - n_read]  # [N, d_in]
+        cid_t, pos_t = b.context_id[: len(x)], b.position[: len(x)]  # [N]
+        n_read += len(x)
+        if special_ids:
+            keep = ~special_mask(b.token_id[: len(x)], special_ids)  # [N]
+            x, cid_t, pos_t = x[keep], cid_t[keep], pos_t[keep]
+        if len(x) == 0:  # a batch of special tokens only
+            if n_read >= max_tokens:
+                break
+            continue
+        cid = cid_t.numpy()
         f = sae.encode(x).float()  # [N, d_sae]
         mx = torch.maximum(mx, f.max(0).values)
         fire += (f > 0).sum(0)
         s1 += f.sum(0)
         s2 += f.double().pow(2).sum(0)
         rows = np.array([ctx_rows.get(int(c), -1) for c in cid])
-        pos = b.position[: len(x)].numpy()
+        pos = pos_t.numpy()
         ok = (rows >= 0) & (pos < grid.shape[1]) if grid.size else np.zeros(len(x), bool)
         lab = np.full(len(x), -1)
         lab[ok] = grid[rows[ok], pos[ok]]
@@ -119,14 +140,18 @@ def collect_stats(sae: SAELike, ds: ActivationDataset, topics: list[str], ctx_ro
         local = torch.tensor([ctx_index[int(c)] for c in cid], dtype=torch.long)
         cm.scatter_reduce_(0, local[:, None].expand_as(f), f, "amax", include_self=True)
         n += len(x)
-        if n >= max_tokens:
+        if n_read >= max_tokens:
             break
-    if n == 0:
+    if n_read == 0:
         raise ValueError("activation dataset is empty")
+    if n == 0:
+        raise UserError(f"{ds.root}: all {n_read} rows read have a special token id ({sorted(special_ids)}); "
+                        "were the activations written without token ids?")
     mean = (s1 / n).numpy()
     std = np.sqrt(np.maximum((s2 / n).numpy() - mean**2, 0.0))
     tc = tcount.numpy()
-    log.info("feature statistics over %d tokens, %d contexts, %d labelled tokens", n, len(ctx_index), int(tc.sum()))
+    log.info("feature statistics over %d tokens (%d special left out), %d contexts, %d labelled tokens",
+             n, n_read - n, len(ctx_index), int(tc.sum()))
     return FeatureStats(
         n_tokens=n, max_act=mx.numpy(), fire_count=fire.numpy(), mean=mean, std=std, topics=list(topics),
         topic_tokens=tc, topic_mean=(tsum / tcount.clamp(min=1)[:, None]).numpy(),

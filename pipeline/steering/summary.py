@@ -1,7 +1,7 @@
 """From raw generation rows to the protocol's verdict: fluency, coefficient choice, test scores, baselines.
 
 Protocol (AxBench-like, Wu et al. 2025): for each feature and method the coefficient with the highest
-mean ``hm@1`` over *validation* prompts is chosen; the numbers reported are the means over *test*
+mean ``hm@2`` over *validation* prompts is chosen; the numbers reported are the means over *test*
 prompts at that coefficient, so the choice never sees the prompts it is judged on. The SAE method
 (add or clamp) that the verdict speaks for is chosen on validation prompts too, and the verdict
 against each baseline rests on a bootstrap interval of the paired test difference
@@ -24,24 +24,24 @@ from pipeline.steering.verdict import metric_verdict
 
 __all__ = ["add_scores", "choose_and_report", "REPORTED", "JUDGED"]
 
-REPORTED = ("hm@1", "concept@1", "fluency@1", "concept_act@1", "concept_frac@1", "topic_score@1",
-            "perplexity@1", "distinct2@1", "kl@1", "other_features@1")
+REPORTED = ("hm@2", "concept@2", "fluency@2", "concept_act@2", "concept_frac@2", "topic_score@2",
+            "perplexity@2", "distinct2@2", "kl@2", "other_features@2")
 JUDGED = ("judge_hm", "judge_concept", "judge_instruction", "judge_fluency")  # only when steer.judge is on
 
 
 def add_scores(df: pl.DataFrame) -> pl.DataFrame:
-    """Add ``fluency@1`` (vs the same prompt's unsteered row), ``concept@1`` and ``hm@1``."""
+    """Add ``fluency@2`` (vs the same prompt's unsteered row), ``concept@2`` and ``hm@2``."""
     ref = (df.filter(pl.col("method") == "none")
-             .select("feature", "prompt_id", pl.col("perplexity@1").alias("_ref")))
+             .select("feature", "prompt_id", pl.col("perplexity@2").alias("_ref")))
     df = df.join(ref, on=["feature", "prompt_id"], how="left")
-    flu = fluency(df["perplexity@1"].to_numpy(), df["_ref"].to_numpy())
-    topic = df["topic_score@1"].to_numpy()
+    flu = fluency(df["perplexity@2"].to_numpy(), df["_ref"].to_numpy())
+    topic = df["topic_score@2"].to_numpy()
     # Labelled corpora: the topic score (blind to the SAE, fair to baselines); else the feature itself.
-    concept = np.where(np.isnan(topic), np.minimum(df["concept_act@1"].to_numpy(), 1.0), topic)
+    concept = np.where(np.isnan(topic), np.minimum(df["concept_act@2"].to_numpy(), 1.0), topic)
     concept = np.clip(concept, 0.0, 1.0)
     return df.drop("_ref").with_columns(
-        pl.Series("fluency@1", flu), pl.Series("concept@1", concept),
-        pl.Series("hm@1", harmonic_mean(concept, flu)),
+        pl.Series("fluency@2", flu), pl.Series("concept@2", concept),
+        pl.Series("hm@2", harmonic_mean(concept, flu)),
     )
 
 
@@ -72,9 +72,9 @@ def choose_and_report(df: pl.DataFrame, seed: int = 0, n_resamples: int = 10_000
         for m in [m for m in fd["method"].unique(maintain_order=True).to_list() if m != "none"]:
             md = fd.filter(pl.col("method") == m)
             val = md.filter(pl.col("split") == "validation")
-            by_c = val.group_by("coefficient").agg(pl.col("hm@1").mean()).sort("coefficient")
-            # Highest validation hm@1; ties go to the smaller coefficient (the gentler intervention).
-            best = max(zip(by_c["hm@1"].to_list(), by_c["coefficient"].to_list(), strict=True), key=lambda t: (t[0], -t[1]))[1]
+            by_c = val.group_by("coefficient").agg(pl.col("hm@2").mean()).sort("coefficient")
+            # Highest validation hm@2; ties go to the smaller coefficient (the gentler intervention).
+            best = max(zip(by_c["hm@2"].to_list(), by_c["coefficient"].to_list(), strict=True), key=lambda t: (t[0], -t[1]))[1]
             at_best = md.filter(pl.col("coefficient") == best)
             chosen.append(at_best)
             test = _means(at_best.filter(pl.col("split") == "test"), keys)
@@ -91,24 +91,24 @@ def choose_and_report(df: pl.DataFrame, seed: int = 0, n_resamples: int = 10_000
 
 def _overall(df: pl.DataFrame, chosen: pl.DataFrame, per_feature: dict[str, Any], per_method: dict[str, dict[str, float]],
              seed: int, n_resamples: int) -> dict[str, Any]:
-    """Does the SAE method chosen on validation beat each baseline on test hm@1 (and under the judge)?"""
+    """Does the SAE method chosen on validation beat each baseline on test hm@2 (and under the judge)?"""
     if not any(m in per_method for m in SAE_METHODS):
         return {"summary": "no SAE steering method was run"}
     features = sorted(df["feature"].unique().to_list())
     prompts = {s: sorted(df.filter(pl.col("split") == s)["prompt_id"].unique().to_list()) for s in ("validation", "test")}
     rs = Resamples.draw(len(prompts["test"]), len(features), n_resamples, seed)
-    out, lines = metric_verdict(chosen, "hm@1", "", per_feature, rs, prompts, features)
+    out, lines = metric_verdict(chosen, "hm@2", "", per_feature, rs, prompts, features)
     if not lines:
-        return {"summary": "no SAE steering method has a validation hm@1"}
+        return {"summary": "no SAE steering method has a validation hm@2"}
     sae = out["sae_method"]
-    unsteered = float(np.nanmean([e["unsteered"]["test"]["concept@1"] for e in per_feature.values()]))
-    out["unsteered_concept@1"] = unsteered
-    out["sae_concept_gain@2"] = per_method[sae]["concept@1"] - unsteered
+    unsteered = float(np.nanmean([e["unsteered"]["test"]["concept@2"] for e in per_feature.values()]))
+    out["unsteered_concept@2"] = unsteered
+    out["sae_concept_gain@3"] = per_method[sae]["concept@2"] - unsteered
     for b in BASELINES:
         if b in per_method:
-            out[f"sae_minus_{b}_concept@2"] = per_method[sae]["concept@1"] - per_method[b]["concept@1"]
-    lines[0] += (f" (concept@1 {per_method[sae]['concept@1']:.3f} vs {unsteered:.3f} unsteered, "
-                 f"fluency@1 {per_method[sae]['fluency@1']:.3f})")
+            out[f"sae_minus_{b}_concept@3"] = per_method[sae]["concept@2"] - per_method[b]["concept@2"]
+    lines[0] += (f" (concept@2 {per_method[sae]['concept@2']:.3f} vs {unsteered:.3f} unsteered, "
+                 f"fluency@2 {per_method[sae]['fluency@2']:.3f})")
     out["bootstrap"] = {"scheme": "two-way percentile bootstrap over (test prompt, feature) units (Owen 2007); "
                                   "differences paired on the same units",
                         "level": LEVEL, "resamples": n_resamples, "seed": seed,

@@ -1,4 +1,4 @@
-"""The protocol's verdict on one headline metric (``hm@1``, or ``judge_hm`` when the LLM judge ran).
+"""The protocol's verdict on one headline metric (``hm@2``, or ``judge_hm`` when the LLM judge ran).
 
 1. **SAE method** (``add`` or ``clamp``): the one with the highest mean *validation* value at each
    feature's chosen coefficient; ties go to ``add`` (the simpler intervention). Test prompts never
@@ -10,10 +10,12 @@
    interval includes 0): a difference within noise, e.g. one a different CPU's rounding could flip,
    is never stated as a win or a loss.
 
-Keys (in ``overall`` of ``metrics/steer.json``; ``P`` = ``""`` for hm@1, ``"judge_"`` for the judge):
+Keys (in ``overall`` of ``metrics/steer.json``; ``P`` = ``""`` for hm@2, ``"judge_"`` for the judge):
 ``{P}sae_method``, ``{P}sae_method_choice`` (why), ``validation_<metric>`` and ``test_<metric>`` (per
-method), ``{P}sae_minus_<baseline>_hm@2`` (mean, ci95_low, ci95_high, verdict, wins). Version 2 of the
-``sae_*`` summaries: version 1 picked the SAE method on test means and had no interval.
+method), ``{P}sae_minus_<baseline>_hm@3`` (mean, ci95_low, ci95_high, verdict, wins). Version 3 of the
+``sae_*`` summaries: version 2 took the feature statistics from every token, BOS included
+(:data:`pipeline.metric_names.STEERING_EXCLUDING_SPECIAL`); version 1 picked the SAE method on test
+means and had no interval.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def metric_verdict(chosen: pl.DataFrame, metric: str, prefix: str, per_feature: 
     out: dict[str, Any] = {f"{prefix}sae_method": sae, f"{prefix}sae_method_choice": why,
                            f"validation_{metric}": {m: val[m] for m in methods if m in SAE_METHODS},
                            f"test_{metric}": {m: iv.as_dict() for m, iv in ivs.items()},
-                           f"{prefix}sae_hm@2": ivs[sae].mean if sae in ivs else math.nan}
+                           f"{prefix}sae_hm@3": ivs[sae].mean if sae in ivs else math.nan}
     clauses = []
     for b in BASELINES:
         if b not in ivs or sae not in ivs:
@@ -108,7 +110,7 @@ def metric_verdict(chosen: pl.DataFrame, metric: str, prefix: str, per_feature: 
                  if sae in e["methods"] and b in e["methods"]]
         wins = f"{sum(1 for s, o in pairs if s > o)}/{len(pairs)}"  # NaN compares False: not a win
         verdict, clause = _clause(b, metric, diff, ivs[b], wins)
-        out[f"{prefix}sae_minus_{b}_hm@2"] = {**diff.as_dict(), "verdict": verdict, "wins": wins}
+        out[f"{prefix}sae_minus_{b}_hm@3"] = {**diff.as_dict(), "verdict": verdict, "wins": wins}
         clauses.append(clause)
     head = (f"SAE '{sae}' steering (chosen on validation {metric}): test {metric} "
             + (f"{ivs[sae].mean:.3f}, {_ci(ivs[sae])}" if sae in ivs else "n/a"))
