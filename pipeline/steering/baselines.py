@@ -41,17 +41,42 @@ def _col(df: pl.DataFrame | None, names: tuple[str, ...]) -> str | None:
 
 
 def read_interpret(path: Path) -> pl.DataFrame | None:
-    """``data/interpret/<hook>/features.parquet`` if present (one row per feature), else None."""
+    """``data/interpret/<hook>/features.parquet`` if present (one row per feature), else None.
+
+    Absent (``sae steer`` run without ``sae interpret``), the stage falls back to its own statistics for
+    what interpretation would have given (which features ``select_by`` topic/auroc picks, each feature's
+    topic): the run works, with possibly other features, so it says so in a one-line warning. A file
+    without a ``feature`` column is not interpretation's output: an error.
+    """
     if not path.is_file():
-        log.info("%s not found: selecting features from this stage's own statistics", path)
+        log.warning("%s not found (run `sae interpret` first): feature selection (steer.select_by topic/auroc) and "
+                    "feature topics come from this stage's own statistics", path)
         return None
     df = pl.read_parquet(path)
-    return df if "feature" in df.columns else None
+    if "feature" not in df.columns:
+        raise UserError(f"{path}: no 'feature' column, not written by `sae interpret` (rerun it)")
+    return df
+
+
+def _warn_if_lacking(stats: FeatureStats, interp: pl.DataFrame | None, listed: bool, select_by: str) -> None:
+    """One warning line when interpretation's output is there but lacks the topic columns this run would take
+    from it (selection by topic AUROC, each feature's topic), so that this stage's own statistics stand in.
+    An absent output was reported by :func:`read_interpret`; an unlabelled corpus uses no topics at all."""
+    if interp is None or not stats.topics:
+        return
+    selects = not listed and select_by in ("topic", "auroc")
+    wanted = (_AUROC_COLS, _TOPIC_COLS) if selects else (_TOPIC_COLS,)
+    lacking = [names[0] for names in wanted if _col(interp, names) is None]
+    if lacking:
+        what = [w for w, used in (("feature selection", selects), ("feature topics", _TOPIC_COLS[0] in lacking)) if used]
+        log.warning("steer: the interpretation output has no %s column: %s from this stage's own statistics",
+                    " or ".join(lacking), " and ".join(what))
 
 
 def select_features(stats: FeatureStats, interp: pl.DataFrame | None, listed: list[int], n: int,
                     select_by: str, min_firing: int) -> list[int]:
     """The features to steer: ``listed`` if given, else the top ``n`` by ``select_by``."""
+    _warn_if_lacking(stats, interp, bool(listed), select_by)
     d_sae = len(stats.max_act)
     if listed:
         bad = [f for f in listed if f >= d_sae]
