@@ -106,11 +106,40 @@ class Verification:
     exact_stages: list[str] = field(default_factory=list)
 
     @property
+    def causes(self) -> list[str]:
+        """The environment differences named as causes, e.g. "world size differs (2 vs 1)"; see :func:`causes`."""
+        return causes(self.environment)
+
+    @property
     def ok(self) -> bool:
         return all(r.status != "out" for r in self.rows)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.rows)
+
+
+def _cause(key: str, recorded: str, now: str) -> tuple[int, str]:
+    """(rank, text) of one differing environment key: a resolved dtype first (the largest legitimate cause)."""
+    rec, cur = ("not recorded" if v == repr(MISSING) else v for v in (recorded, now))
+    if key == "environment":
+        return 3, f"environment {recorded} vs {now}"
+    if key.endswith("dtype"):
+        return 0, f"resolved dtype differs: {key} ({rec} vs {cur})"
+    if key == "train.world_size":
+        return 1, f"world size differs ({rec} vs {cur})"
+    if key in ("cpu", "cpu_flags"):
+        return 2, "CPU differs"
+    if key == "threads":
+        return 2, f"thread count differs ({rec} vs {cur})"
+    if key == "python" or key.startswith("versions."):
+        return 2, f"library versions differ: {key.removeprefix('versions.')} ({rec} vs {cur})"
+    return 2, f"{key} differs ({rec} vs {cur})"
+
+
+def causes(environment: list[tuple[str, str, str, str]]) -> list[str]:
+    """Each cause once, in rank order, from ``Verification.environment`` (keys the portable path ignores left out)."""
+    named = sorted({_cause(k, a, b) for _, k, a, b in environment if not k.endswith("(portable: ignored)")})
+    return list(dict.fromkeys(text for _, text in named))
 
 
 def comparable(env: Mapping[str, str]) -> dict[str, str]:
@@ -229,6 +258,8 @@ def format_report(v: Verification, show_all: bool = False) -> str:
                    "Environment differences (the stages from the first one on are held to tolerances):"),
                   *_table(["stage", "key", "recorded", "now"], [[s, k, _show(a, 40), _show(b, 40)]
                                                                  for s, k, a, b in v.environment]), ""]
+        if v.causes:
+            lines += [f"Cause: {'; '.join(v.causes)}.", ""]
     verdict = {"identical": "yes (identical)", "within": "yes ({})", "out": "NO ({})", "unchecked": "not checked"}
     shown = [r for r in v.rows if show_all or r.status != "identical"]
     if shown:

@@ -80,6 +80,8 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
         metrics[hook] = train_hook(dataset, val, MODELS / hook, CHECKPOINTS / hook, TRAIN_CURVES / f"{hook}.csv",
                                    params.sae, train_p, params.seed)
     metrics["environment"] = environment({"train.device": resolve_device(train_p.device), "train.dtype": train_p.dtype,
-                                          "train.kernels": train_p.kernels, "numerics.portable": params.numerics.portable})
+                                          "train.kernels": train_p.kernels, "numerics.portable": params.numerics.portable,
+                                          # data-parallel processes: they sum gradients in another order
+                                          "train.world_size": distributed.current().world})
     if distributed.current().is_main:  # under torchrun, rank 0 writes
         atomic_write_json(METRICS / "train.json", metrics)

@@ -7,6 +7,10 @@ its DVC cache and its MLflow store are left alone; ``--no-rerun`` compares the w
 ``metrics/`` instead (after a ``git checkout <rev> && dvc repro --force`` of your own). The
 comparison and its tolerances are :mod:`pipeline.verify`; exit code 1 when a metric is out of
 tolerance, 2 on a usage error.
+
+First the commit itself is checked (:mod:`pipeline.lockcheck`): when its ``params.yaml`` or code differs
+from what its ``dvc.lock`` says the stages ran with, its metrics are not the results of its params, the
+drift is named and verify stops with exit code 1 before any rerun.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import click
 
 from pipeline.errors import UserError
+from pipeline.lockcheck import LockDrift, lock_drift
 from pipeline.numerics import child_environ
 from pipeline.verify import compare, format_report, format_tolerances
 from stages.common import log, run_user_errors
@@ -45,6 +50,29 @@ def recorded_metrics(root: Path, rev: str) -> tuple[str, dict[str, Any]]:
         raise UserError(f"--rev {rev}: commit {commit[:7]} has no {METRICS}/*.json (commit the metrics files "
                         "that `dvc repro` writes, then verify)")
     return commit, {Path(n).stem: json.loads(_git(root, "show", f"{commit}:{n}")) for n in names}
+
+
+def _git_bytes(root: Path, commit: str, path: str) -> bytes | None:
+    res = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
+    return res.stdout if res.returncode == 0 else None
+
+
+def commit_drift(root: Path, commit: str, stages: list[str]) -> LockDrift | None:
+    """How the commit's params and code differ from its ``dvc.lock`` (for ``stages``); None without a dvc.lock."""
+    import yaml
+
+    lock = _git_bytes(root, commit, "dvc.lock")
+    if lock is None:
+        return None
+
+    def read_params(file: str) -> Any:
+        data = _git_bytes(root, commit, file)
+        return None if data is None else yaml.safe_load(data)
+
+    def list_dir(path: str) -> list[str]:
+        return _git(root, "ls-tree", "-r", "--name-only", commit, f"{path.rstrip('/')}/").splitlines()
+
+    return lock_drift(yaml.safe_load(lock) or {}, read_params, lambda p: _git_bytes(root, commit, p), list_dir, stages)
 
 
 def read_metrics(directory: Path) -> dict[str, Any]:
@@ -98,10 +126,18 @@ def command(rev: str, no_rerun: bool, show_all: bool, keep: bool, tolerances: bo
             return
         root = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel").strip())
         commit, recorded = recorded_metrics(root, rev)
+        drift = commit_drift(root, commit, list(recorded))
+        if drift is not None and not drift.ok:  # the recorded metrics are not the results of this commit
+            click.echo(f"sae verify: commit {commit[:12]} records metrics of other params or code than it holds:")
+            click.echo("\n".join(f"  {line}" for line in drift.describe()))
+            click.echo("Nothing compared: its metrics are not the results of its params and code.")
+            sys.exit(1)
         now = read_metrics(root / METRICS) if no_rerun else rerun(root, commit, list(recorded), keep)
         result = compare(recorded, now)
         click.echo(f"sae verify: metrics recorded at {commit[:12]} vs "
-                   f"{'the workspace' if no_rerun else 'a rerun of that commit'}\n")
+                   f"{'the workspace' if no_rerun else 'a rerun of that commit'}")
+        click.echo("params and code: as its dvc.lock records them\n" if drift is not None else
+                   "params and code: not checked (the commit has no dvc.lock)\n")
         click.echo(format_report(result, show_all))
         if not result.ok:
             sys.exit(1)
