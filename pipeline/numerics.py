@@ -27,9 +27,10 @@ import os
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["MKL_CBWR", "PORTABLE_ENV", "request_reproducible_blas", "mkl_cbwr_mode", "portable_requested",
-           "apply_numerics", "child_environ"]
+           "apply_numerics", "numerics_fingerprint", "child_environ"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,30 @@ def apply_numerics(portable: bool, threads: int | None) -> None:
                     "the portable settings; run through the `sae` command or export %s): results are not portable",
                     mode, capability, PORTABLE_ENV["MKL_CBWR"],
                     " ".join(f"{k}={v}" for k, v in PORTABLE_ENV.items() if k != "CUBLAS_WORKSPACE_CONFIG"))
+
+
+def numerics_fingerprint(device: Any) -> dict[str, Any]:
+    """The numerics in force in this process that change a computation's bits on ``device`` (a torch device or
+    its name): part of every resume fingerprint (extract's job digest, the training checkpoint), so that a run
+    started under other numerics (``numerics.portable`` switched, another ``numerics.threads``) is redone rather
+    than continued.
+
+    Read from the libraries, as :func:`pipeline.environment.environment` does, so a setting made outside params
+    (``OMP_NUM_THREADS``, ``MKL_CBWR``, ``ATEN_CPU_CAPABILITY``) counts too: deterministic algorithms everywhere;
+    on CPU the intra-op thread count (ATen splits a reduction by thread), MKL's CNR mode, ATen's kernel set and
+    oneDNN; on CUDA TF32. A setting :func:`apply_numerics` gains that changes bits belongs here too.
+    """
+    import torch
+
+    fp: dict[str, Any] = {"deterministic": torch.are_deterministic_algorithms_enabled()}
+    kind = torch.device(device).type
+    if kind == "cpu":
+        fp.update(threads=torch.get_num_threads(), mkl_cbwr=mkl_cbwr_mode(),
+                  cpu_capability=torch.backends.cpu.get_cpu_capability(), mkldnn=torch.backends.mkldnn.enabled)
+    elif kind == "cuda":
+        fp.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                  float32_matmul_precision=torch.get_float32_matmul_precision())
+    return fp
 
 
 def child_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -130,7 +130,7 @@ def train_sae(
     emit = (log_fn if ranks.is_main else None) or (lambda row: None)
 
     # Fresh state, then overwrite it from a checkpoint if there is a compatible one.
-    fp = train_fingerprint(sae_cfg, cfg, seed, dataset)
+    fp = train_fingerprint(sae_cfg, cfg, seed, dataset, device)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

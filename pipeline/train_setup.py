@@ -16,6 +16,7 @@ from pipeline.devices import resolve_device
 from pipeline.environment import cpu_has_fast_bf16
 from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
+from pipeline.numerics import numerics_fingerprint
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAE, SAEConfig
 
@@ -78,13 +79,15 @@ def make_optimizer(sae: SAE, cfg: TrainParams, device: torch.device) -> torch.op
                fused=device.type == "cuda")
 
 
-def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: ActivationDataset) -> dict[str, str]:
-    """Every input that changes the trained weights: SAE config, loop params, seed, data identity."""
+def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: ActivationDataset,
+                      device: torch.device) -> dict[str, str]:
+    """Every input that changes the trained weights: SAE config, loop params, seed, data identity, and the
+    numerics in force on ``device`` (``numerics.portable``, threads, ...: :func:`pipeline.numerics.numerics_fingerprint`)."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     m = dataset.manifest
     data = {"n_tokens": m.n_tokens, "d_model": m.d_model, "hook": m.hook, "dtype": m.dtype,
             "shards": [s.sha256 for s in m.shards]}
-    return fingerprint(sae=sae_cfg.to_dict(), train=train, seed=seed, data=data)
+    return fingerprint(sae=sae_cfg.to_dict(), train=train, seed=seed, data=data, numerics=numerics_fingerprint(device))
 
 
 def init_from_first_batch(sae: SAE, first: ActivationBatch, dataset: ActivationDataset, device: torch.device) -> None:

@@ -27,7 +27,7 @@ from pipeline.extract import (
 from pipeline.hooks import validate_hooks
 from pipeline.io import atomic_write_json
 from pipeline.models import load_config, load_model
-from pipeline.numerics import apply_numerics
+from pipeline.numerics import apply_numerics, numerics_fingerprint
 from stages.common import Params, log, stage_command
 from stages.launch import relaunched
 from stages.paths import ACTIVATIONS, CONTEXTS
@@ -58,9 +58,12 @@ def command(params: Params) -> None:
     ranks, device = distributed.start(m.device, "model.device")  # under torchrun: the GPU of this process
     contexts = pl.read_parquet(CONTEXTS).sort("context_id")
     lm = load_model(m.name, m.revision, m.dtype, str(device) if ranks.parallel else m.device)
+    on = next(lm.model.parameters()).device
+    # The numerics in force (numerics.portable, threads, ...) change the shards' bits: shards written under
+    # other numerics are not kept.
     fp = job_digest({"model": [lm.model_id, lm.revision, lm.weights_hash, m.dtype],
                       "extract": [sorted(x.hooks), x.batch_size, x.contexts_per_shard, x.dtype],
-                      "contexts": sha256_file(CONTEXTS), "device": str(next(lm.model.parameters()).device)})
+                      "contexts": sha256_file(CONTEXTS), "device": str(on), "numerics": numerics_fingerprint(on)})
     if ranks.is_main:
         prepare_output(OUT, fp)
     distributed.barrier()  # the others write into the directory rank 0 kept or cleared

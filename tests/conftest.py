@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,23 @@ def tiny_workspace(tmp_path: Path, tiny_llama: Path, labelled_corpus: Path, monk
     write_params(tmp_path / "params.yaml", tiny_params(tiny_llama, labelled_corpus))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture()
+def restore_numerics() -> Iterator[None]:
+    """For a test that runs a stage with ``numerics.portable`` (``apply_numerics`` changes this process's torch
+    state): put threads, deterministic algorithms and TF32 back afterwards, for the tests that follow."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    matmul, cublas = torch.get_float32_matmul_precision(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = cudnn
+    torch.set_float32_matmul_precision(matmul)
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas

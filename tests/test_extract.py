@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,29 @@ def test_killed_extract_resumes_to_identical_bytes(tiny_workspace: Path, monkeyp
     after = {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert after == reference
     assert written_before >= 2  # shards 0 and 1 were done before the kill and were not recomputed
+
+
+def test_switching_numerics_mode_rewrites_the_shards(tiny_workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      restore_numerics: None) -> None:
+    # Before: numerics.portable was no part of the job's fingerprint, so a rerun under the other mode kept every
+    # shard written under the first (and metrics/extract.json said portable).
+    sae("prepare")
+    sae("extract")
+    root = tiny_workspace / "data/activations"
+    first = json.loads((root / "_extract_state.json").read_text())["fingerprint"]
+    real = activations.ActivationWriter.write_shard
+    calls = {"n": 0}
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(activations.ActivationWriter, "write_shard", counted)
+    sae("extract")
+    assert calls["n"] == 0  # same job: every shard kept
+    sae("extract", "--set", "numerics.portable=true")
+    assert json.loads((root / "_extract_state.json").read_text())["fingerprint"] != first
+    assert calls["n"] == len(list(root.rglob("shard-*.parquet")))  # every shard rewritten under the new mode
 
 
 def test_failed_shard_write_is_never_dropped(tiny_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -132,6 +132,29 @@ def test_changed_params_on_resume_is_one_line_error(workspace: Path) -> None:
     assert json.loads(Path("metrics/train.json").read_text())[HOOK]["steps"] == 20
 
 
+def test_resume_under_other_numerics_is_refused(workspace: Path, restore_numerics: None) -> None:
+    # Before: the checkpoint's fingerprint had no numerics, so a run killed under one mode resumed under the other.
+    from stages.train import command
+
+    def kill(step: int) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:  # the stage's run is killed after step 7
+        import pipeline.train as train
+
+        real = train.train_sae
+        mp.setattr(train, "train_sae", lambda *a, **k: real(*a, **k, on_step=kill))
+        assert CliRunner().invoke(command, []).exit_code != 0
+    assert (Path("checkpoints") / HOOK / "state.pt").is_file()
+    res = CliRunner().invoke(command, ["--set", "numerics.portable=true"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert line.startswith("error: ") and "cannot resume, params changed since the checkpoint" in line, res.output
+    assert "numerics.deterministic (false -> true)" in line and "\n" not in line
+    assert not Path("metrics/train.json").exists()
+
+
 def test_train_on_your_own_activations(workspace: Path, tmp_path: Path) -> None:
     from pipeline.train import train_on_dataset
     from stages.train import command
