@@ -80,21 +80,21 @@ def test_portable_runs_on_another_cpu_are_held_to_bit_exact() -> None:
 
 def test_steer_verdict_is_checked_by_its_interval_and_reversals() -> None:
     def steer(mean: float, verdict: str, per_feature: float) -> dict:
-        return {"environment": {"cpu": "A"}, "features": {"7": {"hm@1": per_feature}}, "overall": {
-            "test_hm@1": {"add": {"mean": mean, "ci95_low": 0.1, "ci95_high": 0.3}},
-            "sae_minus_dim_hm@2": {"mean": -0.05, "ci95_low": -0.2, "ci95_high": 0.1, "verdict": verdict}}}
+        return {"environment": {"cpu": "A"}, "features": {"7": {"hm@2": per_feature}}, "overall": {
+            "test_hm@2": {"add": {"mean": mean, "ci95_low": 0.1, "ci95_high": 0.3}},
+            "sae_minus_dim_hm@3": {"mean": -0.05, "ci95_low": -0.2, "ci95_high": 0.1, "verdict": verdict}}}
 
     rec = {"steer": steer(0.2, "is indistinguishable from", 0.5)}
     other = {"steer": {**steer(0.28, "loses to", 0.9), "environment": {"cpu": "B"}}}
     rows = {r.metric: r for r in compare(rec, other).rows}
-    assert rows["steer/overall/test_hm@1/add"].status == "within"  # 0.28 inside the recorded [0.1, 0.3]
-    assert rows["steer/overall/sae_minus_dim_hm@2/verdict"].status == "within"  # weaker, not reversed
-    assert rows["steer/features/7/hm@1"].status == "unchecked"
+    assert rows["steer/overall/test_hm@2/add"].status == "within"  # 0.28 inside the recorded [0.1, 0.3]
+    assert rows["steer/overall/sae_minus_dim_hm@3/verdict"].status == "within"  # weaker, not reversed
+    assert rows["steer/features/7/hm@2"].status == "unchecked"
     rec_beats = {"steer": steer(0.2, "beats", 0.5)}
     outside = {"steer": {**steer(0.35, "loses to", 0.5), "environment": {"cpu": "B"}}}
     rows = {r.metric: r for r in compare(rec_beats, outside).rows}
-    assert rows["steer/overall/test_hm@1/add"].status == "out"
-    assert rows["steer/overall/sae_minus_dim_hm@2/verdict"].status == "out"  # beats -> loses to
+    assert rows["steer/overall/test_hm@2/add"].status == "out"
+    assert rows["steer/overall/sae_minus_dim_hm@3/verdict"].status == "out"  # beats -> loses to
 
 
 def test_a_metric_that_disappears_is_out_of_tolerance() -> None:
