@@ -4,7 +4,7 @@ A checkpoint is one ``torch.save`` dict (see :func:`save_checkpoint`) holding th
 the optimizer state, the LR-schedule position, the RNG states (torch, CUDA, numpy, python), the
 data cursor (the number of batches consumed from the seeded stream), the loop's counters and
 statistics accumulators, the training curve so far, and a *fingerprint*: a flat dict of every
-param that affects the trained weights. Resuming with a different fingerprint is refused with a
+param that affects the trained weights, and of the numerics in force (``pipeline.numerics.numerics_fingerprint``). Resuming with a different fingerprint is refused with a
 one-line error naming the changed keys, because silently continuing would mix two experiments.
 
 Written like every persistent file here: temp name in the same directory -> fsync -> ``os.replace``,
@@ -112,11 +112,8 @@ def load_checkpoint(directory: str | Path, expected: dict[str, str], world_size:
         # changed (or with --force), and then a fresh run is what is wanted.
         log.info("%s: previous run finished; training from scratch", path)
         return None
-    if changed:
-        shown = ", ".join(f"{k} ({old.get(k, 'absent')} -> {expected.get(k, 'absent')})" for k in changed[:6])
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-        raise UserError(f"{path}: cannot resume, params changed since the checkpoint: {shown}{more}; "
-                        f"delete {Path(directory)} to start over")
+    # Checked first: another process count usually brings another thread count per process (in the
+    # fingerprint's numerics), and the count is the cause to name.
     written_by = int(state.get("cursor", {}).get("world_size", 1))
     if written_by != world_size:
         # The data stream is the same for any world size, but the float summation order is not: resuming on
@@ -124,6 +121,11 @@ def load_checkpoint(directory: str | Path, expected: dict[str, str], world_size:
         raise UserError(f"{path}: written by {written_by} ranks, this run has {world_size}; resume with "
                         f"{written_by} processes (train.processes or torchrun --nproc-per-node), or delete "
                         f"{Path(directory)} to start over")
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k, 'absent')} -> {expected.get(k, 'absent')})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise UserError(f"{path}: cannot resume, params changed since the checkpoint: {shown}{more}; "
+                        f"delete {Path(directory)} to start over")
     log.info("resuming from %s at step %d", path, state["step"])
     return state
 
