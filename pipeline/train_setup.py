@@ -29,15 +29,19 @@ KERNEL_ARCHS = ("topk", "batchtopk")  # the architectures pipeline.kernels imple
 
 
 def kernel_backend(choice: str, arch: str, device: torch.device) -> str:
-    """``train.kernels`` -> the SAE's ``kernel_backend``: Triton sparse kernels for topk/batchtopk on CUDA ('auto')."""
+    """``train.kernels`` -> the SAE's ``kernel_backend``. 'auto' for topk/batchtopk: the Triton sparse kernels on
+    CUDA, the plain-PyTorch sparse step on CPU (several times the dense step's tokens/s: benchmarks/README.md)."""
     if arch not in KERNEL_ARCHS:
-        if choice == "triton":
-            raise UserError(f"train.kernels: 'triton' supports sae.arch {' and '.join(KERNEL_ARCHS)}, not {arch!r}")
+        if choice in ("triton", "sparse"):
+            raise UserError(f"train.kernels: {choice!r} supports sae.arch {' and '.join(KERNEL_ARCHS)}, not {arch!r}")
         return "torch"
+    if choice == "sparse":
+        return "sparse"
     try:
-        return resolve_backend(choice, device)  # type: ignore[arg-type]
+        resolved = resolve_backend(choice, device)  # type: ignore[arg-type]
     except UserError as e:
         raise UserError(f"train.kernels: {e}") from None
+    return "sparse" if choice == "auto" and resolved == "torch" and device.type == "cpu" else resolved
 
 
 def use_bf16_autocast(dtype: str, device: torch.device) -> bool:
@@ -73,10 +77,12 @@ def lr_at(step: int, total_steps: int, cfg: TrainParams) -> float:
 
 
 def make_optimizer(sae: SAE, cfg: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    """Adam(W) over the fp32 masters, fused: one pass per parameter (on CPU ~3x the default foreach step, whose
+    many small parallel ops also suffer most when other processes share the cores); elementwise, so deterministic."""
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     beta1, beta2 = cfg.betas
-    return cls(sae.parameters(), lr=cfg.lr, betas=(beta1, beta2), weight_decay=cfg.weight_decay,
-               fused=device.type == "cuda")
+    fused = device.type in ("cuda", "cpu")
+    return cls(sae.parameters(), lr=cfg.lr, betas=(beta1, beta2), weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: ActivationDataset,

@@ -66,9 +66,10 @@ class TrainParams:
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
         "auto", help="Compute dtype: 'auto' = bfloat16 autocast on GPU and on CPUs with native bf16 (AMX/AVX512-BF16), "
         "else float32. Weights and optimizer stay float32.")
-    kernels: Literal["auto", "triton", "torch"] = knob(
-        "auto", help="topk/batchtopk training step: 'triton' = sparse Triton kernels (Gao et al. 2024), 'torch' = dense "
-        "PyTorch, 'auto' = triton on CUDA when Triton is installed, else torch. Other archs always use torch.")
+    kernels: Literal["auto", "triton", "sparse", "torch"] = knob(
+        "auto", help="topk/batchtopk training step: 'triton' = sparse Triton kernels (Gao et al. 2024), 'sparse' = "
+        "sparse step in plain PyTorch (gathers and sparse matmuls; made for the CPU), 'torch' = dense PyTorch, "
+        "'auto' = triton on CUDA when Triton is installed, sparse on CPU, else torch. Other archs always use torch.")
     prefetch: int = knob(4, help="Batches read ahead by a background thread (pinned memory + non-blocking copy on CUDA; 0: read inline).", ge=0, le=64)
     processes: int | Literal["auto"] = knob(
         1, help="Data-parallel training processes `sae train` starts on this machine (as torchrun --standalone "

@@ -107,8 +107,9 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        #: how ``training_loss`` computes: "torch" (dense, every arch) or "triton" (the sparse kernels of
-        #: pipeline.kernels; topk and batchtopk only). Set by the trainer from ``train.kernels``.
+        #: how ``training_loss`` computes: "torch" (dense, every arch), "triton" (the sparse GPU kernels of
+        #: pipeline.kernels) or "sparse" (the plain-PyTorch sparse step for the CPU); the last two for topk and
+        #: batchtopk only. Set by the trainer from ``train.kernels``.
         self.kernel_backend = "torch"
         self._init_dtype = TORCH_DTYPES[cfg.dtype]  # parameters are created in this dtype
 

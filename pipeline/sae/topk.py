@@ -53,10 +53,12 @@ class TopKSAE(SAE):
         return self._activate(self.pre_acts(xs), self.training)
 
     def training_loss(self, x: Tensor, step: int, total_steps: int, dead: Tensor | None = None) -> LossOutput:
-        if self.kernel_backend == "triton":  # the same loss through the sparse kernels (train.kernels)
-            from pipeline.kernels.sae_step import sparse_topk_training_loss  # needs Triton: imported on use
+        if self.kernel_backend in ("triton", "sparse"):  # the same loss through the sparse kernels (train.kernels)
+            from pipeline.kernels import sae_step
 
-            return sparse_topk_training_loss(self, x, self._dead_or_none(dead))
+            step_fn = sae_step.sparse_topk_training_loss if self.kernel_backend == "triton" \
+                else sae_step.sparse_cpu_training_loss
+            return step_fn(self, x, self._dead_or_none(dead))
         return super().training_loss(x, step, total_steps, dead)
 
     def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
