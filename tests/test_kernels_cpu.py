@@ -100,8 +100,8 @@ def test_sparse_products_do_not_depend_on_the_thread_count() -> None:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            idx, val, aux_idx, aux_val = topk_encode_cpu(x, W_enc, b_enc, 16, torch.float32, dead, 24, b_pre)
-            y = sparse_decode_cpu(idx, val, W_dec, b_dec) + sparse_decode_cpu(aux_idx, aux_val, W_dec, b_dec)
+            idx, val, aux_idx, aux_val, layout = topk_encode_cpu(x, W_enc, b_enc, 16, torch.float32, dead, 24, b_pre)
+            y = sparse_decode_cpu(idx, val, W_dec, b_dec, layout) + sparse_decode_cpu(aux_idx, aux_val, W_dec, b_dec)
             return list(torch.autograd.grad((y - target).pow(2).sum(), [W_enc, b_enc, b_pre, W_dec, b_dec]))
         finally:
             torch.set_num_threads(before)

@@ -44,7 +44,7 @@ def _w_g(d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _project_ref(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    return G - (G * W).sum(-1, keepdim=True) * W  # the formula of ops.remove_parallel_grad_
+    return G.addcmul(W, torch.linalg.vecdot(G, W).unsqueeze(1), value=-1)  # the formula of ops.remove_parallel_grad_
 
 
 def _normalize_ref(W: torch.Tensor) -> torch.Tensor:

@@ -64,11 +64,12 @@ def sparse_cpu_training_loss(sae: Any, x: Tensor, dead_before: Tensor) -> LossOu
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else sae.dtype
     with torch.autocast(dev, enabled=False):  # the functions cast explicitly
         xs = sae.scale_in(x)  # [B, d_in]
-        idx, val, aux_idx, aux_val = topk_encode_cpu(
+        idx, top_val, aux_idx, aux_val, layout = topk_encode_cpu(
             xs, sae.W_enc, sae.b_enc, sae._sparse_width(), cdt, dead_before, sae.k_aux,
             b_pre=sae.b_dec if sae.apply_b_dec else None)
-        val = sae._sparse_keep(val)
-        xs_hat = sparse_decode_cpu(idx, val, sae.W_dec, sae.b_dec)  # [B, d_in] float32
+        val = sae._sparse_keep(top_val)
+        # A code kept whole (TopK) decodes on the encoder's layout; BatchTopK's decodes its non-zeros only.
+        xs_hat = sparse_decode_cpu(idx, val, sae.W_dec, sae.b_dec, layout if val is top_val else None)  # fp32
         recon = sae._recon_loss(xs, xs_hat)
         _, l0 = code_firing(idx, val, sae.cfg.d_sae)
         sae._on_train_latents(val.detach())

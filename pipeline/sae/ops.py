@@ -56,8 +56,8 @@ def remove_parallel_grad_(W: torch.nn.Parameter, *, backend: Backend = "auto") -
 
         project_out_parallel_(W, W.grad)
         return
-    along = (W.grad * W).sum(-1, keepdim=True)  # [d_sae, 1]
-    W.grad.sub_(along * W)
+    along = torch.linalg.vecdot(W.grad, W)  # [d_sae]; with addcmul_: two passes, no [d_sae, d_in] temporaries
+    W.grad.addcmul_(W, along.unsqueeze(1), value=-1)
 
 
 def topk_activation(pre: Tensor, k: int) -> Tensor:
