@@ -1,10 +1,12 @@
-"""benchmarks/train.py: the tiny CPU mode runs and writes a complete JSON report; the roofline model by hand."""
+"""benchmarks/train.py: the tiny CPU mode runs and writes a complete JSON report; the roofline model by hand.
+benchmarks/peers.py: its tiny run (a stand-in peer, nothing installed) and its error without the peers."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -87,3 +89,44 @@ def test_numerics_benchmark_compares_both_mkl_modes(tmp_path: Path) -> None:
         assert _positive(report[w]["default"]) and _positive(report[w]["strict"])
         assert report[w]["strict_over_default"] == pytest.approx(report[w]["strict"] / report[w]["default"])
     assert json.loads((tmp_path / "r.json").read_text()) == report
+
+
+def _load_peers() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_peers", REPO_ROOT / "benchmarks" / "peers.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_peers_benchmark_tiny_run_records_machine_and_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No install, no network: a stand-in peer (our own dense step) takes the place of sae-lens / sparsify.
+    mod = _load_peers()
+    monkeypatch.setattr(mod, "peers_importable", lambda: True)
+    monkeypatch.setitem(mod.VARIANTS, "stand_in", partial(mod.ours, kernels="torch"))
+    out = tmp_path / "peers.json"
+    report = mod.main(["--tiny", "--peers", "stand_in", "--rounds", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    m = report["machine"]
+    assert m["threads"] == 2 and m["cpu_model"] and len(m["load_average"]) == 3
+    assert [r["dtype"] for r in report["results"]] == ["fp32", "bf16"]
+    for row in report["results"]:
+        assert set(row["variants"]) == {"ours", "ours_dense", "stand_in"}
+        assert all(_positive(v["tok_s"]) and len(v["tok_s_rounds"]) == 2 for v in row["variants"].values())
+        assert row["best_peer"] == "stand_in"
+        tok = {k: v["tok_s"] for k, v in row["variants"].items()}
+        assert row["ratio_ours_to_best_peer"] == pytest.approx(tok["ours"] / tok["stand_in"])
+
+
+def test_peers_benchmark_without_peers_and_no_install_is_one_error_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load_peers()
+    monkeypatch.setattr(mod, "peers_importable", lambda: False)
+    monkeypatch.setattr(mod, "VENV", tmp_path / "no-venv")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--tiny", "--no-install", "--out", "-"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-venv: no environment with sae-lens, eai-sparsify" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "no-venv").exists()  # nothing installed

@@ -11,15 +11,18 @@ active latents per token (Gao et al. 2024, *Scaling and evaluating sparse autoen
   code sorted by latent) times a dense ``[N, d]`` matrix, so only touched rows get work;
 * AuxK selects among the dead latents' pre-activations only (``n_dead`` columns), none when no latent is dead.
 
-Inactive slots (value 0: ReLU'd or dropped by BatchTopK) are dropped before any of it, so a BatchTopK code of width
-``4k`` costs what its ``~k`` non-zeros cost. Reductions are in fp32 and in a fixed order: each output row of the CSR
-products is one thread's sum over that latent's tokens in token order (a stable sort), so results do not depend on
-the thread count; ``tests/test_kernels_cpu.py`` checks that and the match with the dense step.
+A TopK code is used whole (its rare ReLU'd zeros add nothing), one layout shared by the decoder and the encoder
+backward; a BatchTopK code of width ``4k`` keeps only its ``~k`` non-zeros. Reductions are in fp32 and in a fixed
+order: each output row of the CSR products is one thread's sum over that latent's tokens in token order (a stable
+sort), so results do not depend on the thread count; ``tests/test_kernels_cpu.py`` checks that and the match with
+the dense step. The small bookkeeping ops run on one thread (:func:`serial`), the heavy kernels on all.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
@@ -28,7 +31,43 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-__all__ = ["SparseCodeCSR", "sparse_decode_cpu", "topk_encode_cpu"]
+__all__ = ["SparseCodeCSR", "serial", "sparse_decode_cpu", "topk_encode_cpu"]
+
+_full_threads: int | None = None  # the caller's thread count while ``serial()`` is active
+
+
+@contextmanager
+def serial() -> Iterator[None]:
+    """Run the enclosed ops on one thread, except inside :func:`parallel` (the heavy kernels: the caller's count).
+
+    A parallel op synchronises its threads; on cores shared with other processes each wait can cost a time slice
+    (measured on 2 cores under load: a ReLU over a ``[4096, 32]`` code 9 ms on two threads, 12 µs on one). So the
+    bookkeeping over ``[N, k]`` codes and ``[N, d]`` rows runs serially, the matmuls, top-k and gathers in parallel.
+    Thread counts change the speed, not the numbers: each op always runs with the same count.
+    """
+    global _full_threads
+    outer, prev = torch.get_num_threads(), _full_threads
+    _full_threads = outer if prev is None else prev
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(outer)
+        _full_threads = prev
+
+
+@contextmanager
+def parallel() -> Iterator[None]:
+    """Inside :func:`serial`: the caller's thread count again (elsewhere: nothing changes)."""
+    now = torch.get_num_threads()
+    if _full_threads is None or _full_threads == now:
+        yield
+        return
+    torch.set_num_threads(_full_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(now)
 
 
 
@@ -120,14 +159,16 @@ class SparseDecodeCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, idx: Tensor, val: Tensor, W_dec: Tensor, b_dec: Tensor,
                 code: SparseCodeCSR | None) -> Tensor:
-        if code is None:  # drop the inactive slots (BatchTopK's dropped candidates: most of its code)
-            code = SparseCodeCSR(idx, W_dec.shape[0], val.detach() != 0)
-        nz = code.entries(val).float()  # [nnz]
-        W = W_dec.float()
-        out = F.embedding_bag(code.col, W, code.crow[:-1], mode="sum", per_sample_weights=nz)  # [N, d]
-        ctx.save_for_backward(nz, W)
-        ctx.code, ctx.dtypes = code, (val.dtype, W_dec.dtype, b_dec.dtype)  # type: ignore[attr-defined]
-        return out + b_dec.float()
+        with serial():
+            if code is None:  # drop the inactive slots (BatchTopK's dropped candidates: most of its code)
+                code = SparseCodeCSR(idx, W_dec.shape[0], val.detach() != 0)
+            nz = code.entries(val).float()  # [nnz]
+            W = W_dec.float()
+            with parallel():
+                out = F.embedding_bag(code.col, W, code.crow[:-1], mode="sum", per_sample_weights=nz)  # [N, d]
+            ctx.save_for_backward(nz, W)
+            ctx.code, ctx.dtypes = code, (val.dtype, W_dec.dtype, b_dec.dtype)  # type: ignore[attr-defined]
+            return out + b_dec.float()
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -135,17 +176,21 @@ class SparseDecodeCPU(torch.autograd.Function):
         code: SparseCodeCSR = ctx.code  # type: ignore[attr-defined]
         val_dt, w_dt, b_dt = ctx.dtypes  # type: ignore[attr-defined]
         _, need_val, need_w, need_b, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
-        g = grad_out.float().contiguous()  # [N, d]
-        grad_val = grad_W = grad_b = None
-        if need_val:  # <g[n], W[idx]> at the entries only (0 at slots not kept, whose gradient no caller uses),
-            # sampled in latent order: W is read as it lies and only g [N, d] is transposed, not W [d_sae, d]
-            dots = torch.sparse.sampled_addmm(code.by_latent_t(torch.zeros_like(nz), permuted=True), W, g.t(),
-                                              beta=0.0)
-            grad_val = code.scatter_back(code.to_token_order(dots.values()), val_dt)
-        if need_w:  # Sᵀ @ g: rows of latents not in the code come out 0
-            grad_W = (code.by_latent_t(nz) @ g).to(w_dt)
-        if need_b:
-            grad_b = g.sum(0).to(b_dt)
+        with serial():
+            g = grad_out.float().contiguous()  # [N, d]
+            grad_val = grad_W = grad_b = None
+            if need_val:  # <g[n], W[idx]> at the entries only (0 at slots not kept, whose gradient no caller uses),
+                # sampled in latent order: W is read as it lies and only g [N, d] is transposed, not W [d_sae, d]
+                st = code.by_latent_t(torch.zeros_like(nz), permuted=True)
+                with parallel():
+                    dots = torch.sparse.sampled_addmm(st, W, g.t(), beta=0.0)
+                grad_val = code.scatter_back(code.to_token_order(dots.values()), val_dt)
+            if need_w:  # Sᵀ @ g: rows of latents not in the code come out 0
+                st = code.by_latent_t(nz)
+                with parallel():
+                    grad_W = (st @ g).to(w_dt)
+            if need_b:
+                grad_b = g.sum(0).to(b_dt)
         return None, grad_val, grad_W, grad_b, None
 
 
@@ -161,13 +206,15 @@ def sparse_decode_cpu(idx: Tensor, val: Tensor, W_dec: Tensor, b_dec: Tensor,
 
 def _select(pre: Tensor, k: int, dead: Tensor | None, k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """TopK code and the AuxK code among ``dead`` latents of pre-activations ``pre [n, d_sae]``, values ReLU'd."""
-    val, idx = pre.topk(k, dim=-1, sorted=False)  # [n, k]
+    with parallel():
+        val, idx = pre.topk(k, dim=-1, sorted=False)  # [n, k]
     n_dead = 0 if dead is None else int(dead.sum())  # a host sync: free on the CPU
     if n_dead == 0:
         empty = pre.new_zeros(pre.shape[0], 0)
         return idx, val.relu(), empty.long(), empty
     dead_ids = dead.nonzero().flatten()  # type: ignore[union-attr]
-    aux_val, pos = pre.index_select(1, dead_ids).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    with parallel():
+        aux_val, pos = pre.index_select(1, dead_ids).topk(min(k_aux, n_dead), dim=-1, sorted=False)
     return idx, val.relu(), dead_ids[pos], aux_val.relu()
 
 
@@ -185,11 +232,13 @@ class TopKEncodeCPU(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_pre: Tensor | None, k: int,
                 cdt: torch.dtype, dead: Tensor | None, k_aux: int, layout: list[SparseCodeCSR]
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        xin = (x if b_pre is None else x - b_pre).float()  # [N, d]
-        pre = torch.addmm(b_enc.to(cdt), xin.to(cdt), W_enc.to(cdt))  # [N, d_sae]: the one dense tensor
-        idx, val, aux_idx, aux_val = _select(pre, k, dead, k_aux)
-        del pre
-        code = SparseCodeCSR(idx, W_enc.shape[1])  # every entry of the TopK code
+        with serial():
+            xin = (x if b_pre is None else x - b_pre).float()  # [N, d]
+            with parallel():
+                pre = torch.addmm(b_enc.to(cdt), xin.to(cdt), W_enc.to(cdt))  # [N, d_sae]: the one dense tensor
+            idx, val, aux_idx, aux_val = _select(pre, k, dead, k_aux)
+            del pre
+            code = SparseCodeCSR(idx, W_enc.shape[1])  # every entry of the TopK code
         layout.append(code)
         if aux_idx.shape[1] == 0:
             ctx.code = code  # type: ignore[attr-defined]
@@ -204,29 +253,34 @@ class TopKEncodeCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: FunctionCtx, _gi: Tensor | None, grad_val: Tensor | None, _ga: Tensor | None,
                  grad_aux: Tensor | None) -> tuple[Tensor | None, ...]:
-        xin, W_enc, idx, val = ctx.saved_tensors  # type: ignore[attr-defined]
-        k = ctx.k  # type: ignore[attr-defined]
-        x_dt, pre_dt = ctx.dtypes  # type: ignore[attr-defined]
-        gv = torch.zeros_like(val[:, :k]) if grad_val is None else grad_val
-        ga = torch.zeros_like(val[:, k:]) if grad_aux is None else grad_aux
-        g_all = torch.where(val > 0, torch.cat([gv, ga], 1).float(), 0.0)  # [N, k + k_a]: ReLU' · dL/dval
-        code: SparseCodeCSR | None = ctx.code  # type: ignore[attr-defined]
-        if code is None or 2 * int((g_all != 0).sum()) < g_all.numel():
-            # The entries with a gradient only (BatchTopK's dropped candidates have none). A latent in both codes
-            # of a token appears twice; the products add both terms.
-            code = SparseCodeCSR(idx, W_enc.shape[1], g_all != 0)
-        g = code.entries(g_all)  # [nnz]
-        need_x, need_w, need_b, need_pre = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
-        grad_x = grad_W = grad_b = grad_pre = None
-        if need_x:
-            grad_x = (code.by_token(g) @ W_enc.float().t()).to(x_dt)
-        if need_w:
-            grad_W = (code.by_latent_t(g) @ xin).t()  # [d, d_sae] view of a [d_sae, d] product
-        if need_b or need_pre:
-            sums = code.latent_sums(g)  # [d_sae]
-            grad_b = sums if need_b else None
-            if need_pre:
-                grad_pre = -torch.mv(W_enc.float(), sums).to(pre_dt)  # [d]
+        with serial():
+            xin, W_enc, idx, val = ctx.saved_tensors  # type: ignore[attr-defined]
+            k = ctx.k  # type: ignore[attr-defined]
+            x_dt, pre_dt = ctx.dtypes  # type: ignore[attr-defined]
+            gv = torch.zeros_like(val[:, :k]) if grad_val is None else grad_val
+            ga = torch.zeros_like(val[:, k:]) if grad_aux is None else grad_aux
+            g_all = torch.where(val > 0, torch.cat([gv, ga], 1).float(), 0.0)  # [N, k + k_a]: ReLU' · dL/dval
+            code: SparseCodeCSR | None = ctx.code  # type: ignore[attr-defined]
+            if code is None or 2 * int((g_all != 0).sum()) < g_all.numel():
+                # The entries with a gradient only (BatchTopK's dropped candidates have none). A latent in both codes
+                # of a token appears twice; the products add both terms.
+                code = SparseCodeCSR(idx, W_enc.shape[1], g_all != 0)
+            g = code.entries(g_all)  # [nnz]
+            need_x, need_w, need_b, need_pre = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
+            grad_x = grad_W = grad_b = grad_pre = None
+            if need_x:
+                s_tok = code.by_token(g)
+                with parallel():
+                    grad_x = (s_tok @ W_enc.float().t()).to(x_dt)
+            if need_w:
+                s_lat = code.by_latent_t(g)
+                with parallel():
+                    grad_W = (s_lat @ xin).t()  # [d, d_sae] view of a [d_sae, d] product
+            if need_b or need_pre:
+                sums = code.latent_sums(g)  # [d_sae]
+                grad_b = sums if need_b else None
+                if need_pre:
+                    grad_pre = -torch.mv(W_enc.float(), sums).to(pre_dt)  # [d]
         return grad_x, grad_W, grad_b, grad_pre, None, None, None, None, None
 
 

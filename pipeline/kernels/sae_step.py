@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.kernels.cpu_sparse import sparse_decode_cpu, topk_encode_cpu
+from pipeline.kernels.cpu_sparse import serial, sparse_decode_cpu, topk_encode_cpu
 from pipeline.sae import ops
 from pipeline.sae.base import LossOutput, code_firing
 
@@ -62,7 +62,7 @@ def sparse_cpu_training_loss(sae: Any, x: Tensor, dead_before: Tensor) -> LossOu
     """
     dev = x.device.type
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else sae.dtype
-    with torch.autocast(dev, enabled=False):  # the functions cast explicitly
+    with torch.autocast(dev, enabled=False), serial():  # the functions cast explicitly; small ops on one thread
         xs = sae.scale_in(x)  # [B, d_in]
         idx, top_val, aux_idx, aux_val, layout = topk_encode_cpu(
             xs, sae.W_enc, sae.b_enc, sae._sparse_width(), cdt, dead_before, sae.k_aux,
