@@ -277,4 +277,5 @@ def test_verify_reruns_a_commit_in_a_clone_bit_exact(tmp_path: Path, tiny_llama:
     res = run(["sae", "verify"], repo, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "every metric must be bit-exact" in res.stdout and "0 out of tolerance" in res.stdout, res.stdout
+    assert "params and code: as its dvc.lock records them" in res.stdout  # a real dvc.lock: no false drift
     assert not (repo / "mlflow.db").exists()  # nothing logged: report is not rerun
