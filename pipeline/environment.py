@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.numerics import mkl_cbwr_mode
+from pipeline.numerics import mkl_cbwr_mode, onednn_isa
 
 __all__ = ["environment", "cpu_flags", "cpu_model", "cpu_has_fast_bf16", "KEY"]
 
@@ -87,7 +87,8 @@ def environment(resolved: Mapping[str, Any] | None = None, compute: bool = True)
 
     Read from the libraries themselves (``mkl_cbwr``: MKL's own mode; ``cpu_capability``: the ATen
     kernel set; ``threads``, ``deterministic``: torch's state), so the record says what ran, not
-    what was asked for. ``compute=False`` (a stage without floating-point work, e.g. tokenisation):
+    what was asked for; ``onednn_isa`` (oneDNN's kernels: the bf16 matmuls) is derived from the CPU's
+    flags and the ``ONEDNN_MAX_CPU_ISA`` cap, oneDNN having no getter (:func:`pipeline.numerics.onednn_isa`). ``compute=False`` (a stage without floating-point work, e.g. tokenisation):
     the library versions only.
     """
     env = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in (resolved or {}).items()}
@@ -102,6 +103,7 @@ def environment(resolved: Mapping[str, Any] | None = None, compute: bool = True)
         "cpu_flags": " ".join(f for f in RELEVANT_FLAGS if f in flags),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": mkl_cbwr_mode() or "none",
+        "onednn_isa": onednn_isa(flags) if torch.backends.mkldnn.is_available() else "none",
         "threads": str(torch.get_num_threads()),
         "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

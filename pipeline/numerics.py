@@ -11,6 +11,17 @@ of the number of threads (Intel oneMKL developer guide, "Obtaining Numerically R
 Results"). It must be chosen before MKL's first call, i.e. before ``torch`` is imported, which is
 why the ``sae`` console script calls :func:`request_reproducible_blas` first thing.
 
+MKL's CNR mode does not govern oneDNN, which does PyTorch's bfloat16 matmuls on CPUs with native bf16.
+On a CPU with AMX its AMX matmul kernel (``brg_matmul:avx10_1_512_amx``) picks its blocking from
+the thread count, so 10 of 90 common shapes (e.g. 1024 x 576 @ 576 x 1536, the default model's MLP
+on 8 x 128 tokens) gave different bits with one and two threads (with threads taken away at run
+time, ``OMP_DYNAMIC=true`` under load, a new result nearly every call): the suspect for ``ce_clean``
+and the steer metrics moving between runs on a loaded Intel Xeon with AMX. Its AVX512-BF16 kernel
+gave the same bits for every shape and thread count tried, so
+:data:`ONEDNN_MAX_CPU_ISA` caps oneDNN there: a no-op on CPUs without AMX (AMD EPYC, older Xeons),
+up to ~4x slower bf16 GEMMs on AMX CPUs (see README, "Reproducibility"). oneDNN reads the cap at its
+first use, so it is set with ``MKL_CBWR``.
+
 The portable path (``numerics.portable``) goes further, so that *another* machine gets the same bits:
 MKL's ``COMPATIBLE`` branch (one SSE2-level code path on every x86 CPU, Intel or AMD), ATen's
 baseline kernels (vectorised reductions sum in a different order on AVX2 and AVX512 CPUs), a fixed
@@ -24,23 +35,31 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
 import sys
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MKL_CBWR", "PORTABLE_ENV", "request_reproducible_blas", "mkl_cbwr_mode", "portable_requested",
-           "apply_numerics", "numerics_fingerprint", "child_environ"]
+__all__ = ["MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "PORTABLE_ENV", "request_reproducible_blas", "mkl_cbwr_mode",
+           "portable_requested", "onednn_isa", "apply_numerics", "numerics_fingerprint", "child_environ"]
 
 log = logging.getLogger(__name__)
 
 #: The CNR mode the pipeline runs with unless ``MKL_CBWR`` is already set (then the user's wins).
 MKL_CBWR = "AUTO,STRICT"
+#: The highest instruction set oneDNN may use (its ``ONEDNN_MAX_CPU_ISA``; x86 only): AVX512-BF16, not
+#: AMX, whose kernels' summation order depends on the number of threads (module docstring).
+ONEDNN_MAX_CPU_ISA = "AVX512_CORE_BF16"
 #: Start-up settings of the portable path (each kept if the user set it): MKL's vendor-neutral branch,
 #: strict so that it does not depend on the thread count either; ATen's non-vectorised kernels
 #: (``torch.backends.cpu.get_cpu_capability()`` then says DEFAULT); deterministic cuBLAS (PyTorch's
-#: "Reproducibility" notes: needed by ``torch.use_deterministic_algorithms`` on CUDA >= 10.2).
-PORTABLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+#: "Reproducibility" notes: needed by ``torch.use_deterministic_algorithms`` on CUDA >= 10.2); on x86 the
+#: oneDNN cap of the default path too.
+# oneDNN's ISA names are x86 ones; elsewhere (Arm) the variable is not set.
+_ONEDNN_CAP = {"ONEDNN_MAX_CPU_ISA": ONEDNN_MAX_CPU_ISA} if platform.machine().lower() in ("x86_64", "amd64") else {}
+PORTABLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                **_ONEDNN_CAP}
 # The values these variables had before this process changed them (child_environ restores them).
 _BEFORE: dict[str, str | None] = {}
 
@@ -53,12 +72,13 @@ _STRICT = 0x10000
 def request_reproducible_blas(environ: MutableMapping[str, str] | None = None, portable: bool = False) -> bool:
     """Ask MKL for reproducible results in this process (and the processes it starts).
 
-    Sets ``MKL_CBWR`` to :data:`MKL_CBWR` (with ``portable``: every :data:`PORTABLE_ENV` variable)
-    unless it is set already. Returns False when ``torch`` is already imported: MKL may have read its
-    settings, so this process keeps whatever it has (:func:`mkl_cbwr_mode` tells which).
+    Sets ``MKL_CBWR`` to :data:`MKL_CBWR` (with ``portable``: every :data:`PORTABLE_ENV` variable) and,
+    on x86, ``ONEDNN_MAX_CPU_ISA`` to :data:`ONEDNN_MAX_CPU_ISA`, each unless it is set already. Returns
+    False when ``torch`` is already imported: MKL and oneDNN may have read their settings, so this
+    process keeps whatever it has (:func:`mkl_cbwr_mode` tells which).
     """
     env = os.environ if environ is None else environ
-    wanted = PORTABLE_ENV if portable else {"MKL_CBWR": MKL_CBWR}
+    wanted = PORTABLE_ENV if portable else {"MKL_CBWR": MKL_CBWR, **_ONEDNN_CAP}
     for key, value in wanted.items():
         if environ is None:
             _BEFORE.setdefault(key, env.get(key))
@@ -85,6 +105,37 @@ def mkl_cbwr_mode() -> str | None:
     word = int(getter(-1))  # -1: the whole mode word
     name = _BRANCHES.get(word & 0xFF, hex(word & 0xFF))
     return f"{name},STRICT" if word & _STRICT else name
+
+
+# oneDNN's x86 instruction sets, lowest first, each with the /proc/cpuinfo flags it needs (oneDNN's names,
+# as ONEDNN_MAX_CPU_ISA spells them; AVX10_1_512 is AVX512_CORE_FP16, AVX10_1_512_AMX is AVX512_CORE_AMX).
+_ONEDNN_ISAS = (("SSE41", ("sse4_1",)), ("AVX", ("avx",)), ("AVX2", ("avx2",)),
+                ("AVX512_CORE", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+                ("AVX512_CORE_VNNI", ("avx512_vnni",)), ("AVX512_CORE_BF16", ("avx512_bf16",)),
+                ("AVX10_1_512", ("avx512_fp16",)), ("AVX10_1_512_AMX", ("amx_tile", "amx_bf16", "amx_int8")))
+_ONEDNN_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX"}
+
+
+def onednn_isa(flags: Collection[str], environ: Mapping[str, str] | None = None) -> str:
+    """The instruction set oneDNN's kernels use here, e.g. ``"AVX512_CORE_BF16"``: the highest one the CPU's
+    ``flags`` support, at most the ``ONEDNN_MAX_CPU_ISA`` cap in ``environ`` (``os.environ``; oneDNN read it at
+    its first use); ``"unknown"`` off x86 or for a cap this table does not know. oneDNN exports no getter
+    for it, hence the derivation; ``ONEDNN_VERBOSE=1`` shows it in each kernel's name (``brg_matmul:...``).
+    """
+    env = os.environ if environ is None else environ
+    cap = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    cap = _ONEDNN_ALIASES.get(cap, cap)
+    names = [name for name, _ in _ONEDNN_ISAS]
+    if cap != "ALL" and cap not in names:
+        return "unknown"
+    best = "unknown"
+    for name, needs in _ONEDNN_ISAS:  # each level needs the flags of every level below it too
+        if not set(needs) <= set(flags):
+            break
+        best = name
+        if name == cap:
+            break
+    return best
 
 
 def portable_requested(argv: Sequence[str]) -> bool:
@@ -166,11 +217,18 @@ def numerics_fingerprint(device: Any) -> dict[str, Any]:
     kind = torch.device(device).type
     if kind == "cpu":
         fp.update(threads=torch.get_num_threads(), mkl_cbwr=mkl_cbwr_mode(),
-                  cpu_capability=torch.backends.cpu.get_cpu_capability(), mkldnn=torch.backends.mkldnn.enabled)
+                  cpu_capability=torch.backends.cpu.get_cpu_capability(), mkldnn=torch.backends.mkldnn.enabled,
+                  onednn_isa=onednn_isa(_cpu_flags()))
     elif kind == "cuda":
         fp.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
                   float32_matmul_precision=torch.get_float32_matmul_precision())
     return fp
+
+
+def _cpu_flags() -> frozenset[str]:
+    from pipeline.environment import cpu_flags  # which imports this module
+
+    return cpu_flags()
 
 
 def child_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Bit-repeatable CPU numerics in `sae` processes: MKL's reproducible mode (pipeline/numerics.py)."""
+"""Bit-repeatable CPU numerics in `sae` processes: MKL's reproducible mode and oneDNN's ISA cap (pipeline/numerics.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.numerics import MKL_CBWR, mkl_cbwr_mode, request_reproducible_blas
+from pipeline.environment import cpu_flags
+from pipeline.numerics import (
+    MKL_CBWR,
+    ONEDNN_MAX_CPU_ISA,
+    mkl_cbwr_mode,
+    onednn_isa,
+    request_reproducible_blas,
+)
 
 # A fresh process that starts like the `sae` console script (stages.cli first), then runs the
 # steer stage's first forward -- a left-padded batch through SDPA attention -- with MKL threaded
@@ -49,6 +56,43 @@ def test_sae_process_forward_does_not_depend_on_mkl_threading(tiny_llama: Path) 
     assert out["mode"] == MKL_CBWR
 
 
+# The same in bf16, at the widths where oneDNN's AMX matmul kernels change their blocking (hence the
+# summation order) with the thread count: a one-layer Llama with the default model's widths (d_model
+# 576, MLP 1536) on 8 x 128 tokens, as `sae evaluate`'s forwards, and a 64 x 4096 @ 4096 x 576 product.
+PROBE_BF16 = r"""
+import hashlib, json
+import stages.cli  # noqa: F401  (what `sae` imports first)
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                  num_attention_heads=9, num_key_value_heads=3)
+model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+ids = torch.randint(0, 512, (8, 128))
+x, w = torch.randn(64, 4096).bfloat16(), torch.randn(4096, 576).bfloat16()
+digests = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        out = [model(input_ids=ids).logits, x @ w]
+    digests.append([hashlib.sha256(t.float().numpy().tobytes()).hexdigest() for t in out])
+print(json.dumps({"digests": digests}))
+"""
+
+
+@pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the CPU has no AMX (amx_bf16): oneDNN's AMX kernels, whose "
+                    "blocking depends on the thread count, cannot run here")
+def test_sae_process_bf16_forward_does_not_depend_on_threads_on_amx() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")}
+    res = subprocess.run([sys.executable, "-c", PROBE_BF16], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = json.loads(res.stdout.strip().splitlines()[-1])["digests"]
+    assert one[0] == two[0], "bf16 logits differ between 1 and 2 intra-op threads"
+    assert one[1] == two[1], "bf16 64x4096 @ 4096x576 differs between 1 and 2 intra-op threads"
+
+
 def test_request_keeps_a_users_mode_and_says_when_too_late() -> None:
     env = {"MKL_CBWR": "COMPATIBLE"}
     request_reproducible_blas(env)
@@ -68,3 +112,26 @@ def test_mode_is_read_from_mkl_itself(variable: str | None, expected: str) -> No
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.stdout.strip() == expected
+
+
+def test_onednn_isa_is_the_cpus_best_up_to_the_cap() -> None:
+    avx512 = {"sse4_1", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+    amx = avx512 | {"avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}
+    assert onednn_isa(amx, {}) == "AVX10_1_512_AMX"
+    assert onednn_isa(amx, {"ONEDNN_MAX_CPU_ISA": ONEDNN_MAX_CPU_ISA}) == "AVX512_CORE_BF16"
+    assert onednn_isa(amx, {"DNNL_MAX_CPU_ISA": "avx512_core_amx"}) == "AVX10_1_512_AMX"  # old name, lower case
+    assert onednn_isa(avx512, {"ONEDNN_MAX_CPU_ISA": ONEDNN_MAX_CPU_ISA}) == "AVX512_CORE_VNNI"  # a cap is no floor
+    assert onednn_isa({"sse4_1", "avx", "avx2"}, {}) == "AVX2"
+    assert onednn_isa(amx, {"ONEDNN_MAX_CPU_ISA": "NO_SUCH_ISA"}) == onednn_isa({"asimd"}, {}) == "unknown"
+
+
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="no AVX512-BF16: bf16 matmuls do not run in oneDNN here")
+def test_recorded_onednn_isa_is_the_one_its_kernels_ran() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    code = ("import stages.cli, torch; x = torch.ones(64, 64, dtype=torch.bfloat16); x @ x; "
+            "from pipeline.environment import environment; print('isa=' + environment()['onednn_isa'])")
+    res = subprocess.run([sys.executable, "-c", code], env={**env, "ONEDNN_VERBOSE": "1"}, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    isa = res.stdout.split("isa=")[-1].strip()
+    assert isa == "AVX512_CORE_BF16"
+    assert f"brg_matmul:{isa.lower()}," in res.stdout
