@@ -230,12 +230,16 @@ class TopKEncodeCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_pre: Tensor | None, k: int,
-                cdt: torch.dtype, dead: Tensor | None, k_aux: int, layout: list[SparseCodeCSR]
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                cdt: torch.dtype, dead: Tensor | None, k_aux: int, layout: list[SparseCodeCSR],
+                workspace: dict[str, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         with serial():
             xin = (x if b_pre is None else x - b_pre).float()  # [N, d]
-            with parallel():
-                pre = torch.addmm(b_enc.to(cdt), xin.to(cdt), W_enc.to(cdt))  # [N, d_sae]: the one dense tensor
+            shape = (x.shape[0], W_enc.shape[1])
+            buf = None if workspace is None else workspace.get("pre")
+            if workspace is not None and (buf is None or buf.shape != shape or buf.dtype != cdt):
+                buf = workspace["pre"] = torch.empty(shape, dtype=cdt, device=x.device)
+            with parallel():  # [N, d_sae]: the one dense tensor
+                pre = torch.addmm(b_enc.to(cdt), xin.to(cdt), W_enc.to(cdt), out=buf)
             idx, val, aux_idx, aux_val = _select(pre, k, dead, k_aux)
             del pre
             code = SparseCodeCSR(idx, W_enc.shape[1])  # every entry of the TopK code
@@ -281,14 +285,19 @@ class TopKEncodeCPU(torch.autograd.Function):
                 grad_b = sums if need_b else None
                 if need_pre:
                     grad_pre = -torch.mv(W_enc.float(), sums).to(pre_dt)  # [d]
-        return grad_x, grad_W, grad_b, grad_pre, None, None, None, None, None
+        return grad_x, grad_W, grad_b, grad_pre, None, None, None, None, None, None
 
 
 def topk_encode_cpu(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cdt: torch.dtype, dead: Tensor | None = None,
-                    k_aux: int = 0, b_pre: Tensor | None = None
+                    k_aux: int = 0, b_pre: Tensor | None = None, workspace: dict[str, Tensor] | None = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, SparseCodeCSR]:
     """TopK code and the dead latents' AuxK code from one encoder matmul; see :class:`TopKEncodeCPU`. The last
-    item is the TopK code's layout, for :func:`sparse_decode_cpu` when it decodes that code whole."""
+    item is the TopK code's layout, for :func:`sparse_decode_cpu` when it decodes that code whole.
+
+    ``workspace``: a dict kept by the caller across steps; the ``[N, d_sae]`` pre-activations are written into the
+    buffer it holds instead of fresh memory (a fresh 400 MB block costs ~150 ms of page faults per step at
+    768→24,576 fp32, batch 4,096, measured on one core).
+    """
     layout: list[SparseCodeCSR] = []
-    idx, val, aux_idx, aux_val = TopKEncodeCPU.apply(x, W_enc, b_enc, b_pre, k, cdt, dead, k_aux, layout)
+    idx, val, aux_idx, aux_val = TopKEncodeCPU.apply(x, W_enc, b_enc, b_pre, k, cdt, dead, k_aux, layout, workspace)
     return idx, val, aux_idx, aux_val, layout[0]

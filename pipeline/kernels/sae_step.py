@@ -66,7 +66,8 @@ def sparse_cpu_training_loss(sae: Any, x: Tensor, dead_before: Tensor) -> LossOu
         xs = sae.scale_in(x)  # [B, d_in]
         idx, top_val, aux_idx, aux_val, layout = topk_encode_cpu(
             xs, sae.W_enc, sae.b_enc, sae._sparse_width(), cdt, dead_before, sae.k_aux,
-            b_pre=sae.b_dec if sae.apply_b_dec else None)
+            b_pre=sae.b_dec if sae.apply_b_dec else None,
+            workspace=sae.__dict__.setdefault("_sparse_workspace", {}))  # the SAE's, reused step to step
         val = sae._sparse_keep(top_val)
         # A code kept whole (TopK) decodes on the encoder's layout; BatchTopK's decodes its non-zeros only.
         xs_hat = sparse_decode_cpu(idx, val, sae.W_dec, sae.b_dec, layout if val is top_val else None)  # fp32
