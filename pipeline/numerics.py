@@ -14,9 +14,8 @@ why the ``sae`` console script calls :func:`request_reproducible_blas` first thi
 MKL's CNR mode does not govern oneDNN, which does PyTorch's bfloat16 matmuls on CPUs with native bf16.
 On a CPU with AMX its AMX matmul kernel (``brg_matmul:avx10_1_512_amx``) picks its blocking from
 the thread count, so 10 of 90 common shapes (e.g. 1024 x 576 @ 576 x 1536, the default model's MLP
-on 8 x 128 tokens) gave different bits with one and two threads (with threads taken away at run
-time, ``OMP_DYNAMIC=true`` under load, a new result nearly every call): the suspect for ``ce_clean``
-and the steer metrics moving between runs on a loaded Intel Xeon with AMX. Its AVX512-BF16 kernel
+on 8 x 128 tokens) gave different bits with one and two threads: the suspect for ``ce_clean`` and
+the steer metrics moving between runs on a loaded Intel Xeon with AMX. Its AVX512-BF16 kernel
 gave the same bits for every shape and thread count tried, so
 :data:`ONEDNN_MAX_CPU_ISA` caps oneDNN there: a no-op on CPUs without AMX (AMD EPYC, older Xeons),
 up to ~4x slower bf16 GEMMs on AMX CPUs (see README, "Reproducibility"). oneDNN reads the cap at its
