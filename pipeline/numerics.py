@@ -18,7 +18,7 @@ on 8 x 128 tokens) gave different bits with one and two threads: the suspect for
 the steer metrics moving between runs on a loaded Intel Xeon with AMX. Its AVX512-BF16 kernel
 gave the same bits for every shape and thread count tried, so
 :data:`ONEDNN_MAX_CPU_ISA` caps oneDNN there: a no-op on CPUs without AMX (AMD EPYC, older Xeons),
-up to ~4x slower bf16 GEMMs on AMX CPUs (see README, "Reproducibility"). oneDNN reads the cap at its
+~4x slower bf16 forwards and 5-6x slower bf16 GEMMs on AMX CPUs (README, "Reproducibility"). oneDNN reads the cap at its
 first use, so it is set with ``MKL_CBWR``.
 
 The portable path (``numerics.portable``) goes further, so that *another* machine gets the same bits:
