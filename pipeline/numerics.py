@@ -16,10 +16,10 @@ On a CPU with AMX its AMX matmul kernel (``brg_matmul:avx10_1_512_amx``) picks i
 the thread count, so 10 of 90 common shapes (e.g. 1024 x 576 @ 576 x 1536, the default model's MLP
 on 8 x 128 tokens) gave different bits with one and two threads: the suspect for ``ce_clean`` and
 the steer metrics moving between runs on a loaded Intel Xeon with AMX. Its AVX512-BF16 kernel
-gave the same bits for every shape and thread count tried, so
-:data:`ONEDNN_MAX_CPU_ISA` caps oneDNN there: a no-op on CPUs without AMX (AMD EPYC, older Xeons),
-~4x slower bf16 forwards and 5-6x slower bf16 GEMMs on AMX CPUs (README, "Reproducibility"). oneDNN reads the cap at its
-first use, so it is set with ``MKL_CBWR``.
+gave the same bits for every shape and thread count tried, so :data:`ONEDNN_MAX_CPU_ISA` caps oneDNN
+there: a no-op on CPUs without AMX (AMD EPYC, older Xeons), ~4x slower bf16 forwards and 5-6x slower
+bf16 GEMMs on AMX CPUs (README, "Reproducibility"). oneDNN reads the cap at its first use, so it is
+set with ``MKL_CBWR``.
 
 The portable path (``numerics.portable``) goes further, so that *another* machine gets the same bits:
 MKL's ``COMPATIBLE`` branch (one SSE2-level code path on every x86 CPU, Intel or AMD), ATen's
