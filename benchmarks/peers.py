@@ -174,7 +174,9 @@ def compare(makers: dict[str, Callable[[], Step]], x: torch.Tensor, rounds: int,
 def machine(dev: torch.device) -> dict[str, Any]:
     """CPU model (lscpu), flags that pick the kernels, threads, load average; the GPU's name on CUDA."""
     info: dict[str, Any] = {"device": dev.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                            "python": platform.python_version(), "load_average": list(os.getloadavg())}
+                            "python": platform.python_version(), "load_average": list(os.getloadavg()),
+                            # as set (or not) by the caller; `sae` caps oneDNN's ISA, this script does not
+                            "env": {v: os.environ.get(v) for v in ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}}
     try:
         lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
         fields = dict(line.split(":", 1) for line in lines if ":" in line)
