@@ -236,7 +236,8 @@ class TopKEncodeCPU(torch.autograd.Function):
             xin = (x if b_pre is None else x - b_pre).float()  # [N, d]
             shape = (x.shape[0], W_enc.shape[1])
             buf = None if workspace is None else workspace.get("pre")
-            if workspace is not None and (buf is None or buf.shape != shape or buf.dtype != cdt):
+            if workspace is not None and (buf is None or buf.shape != shape or buf.dtype != cdt
+                                          or buf.device != x.device):
                 buf = workspace["pre"] = torch.empty(shape, dtype=cdt, device=x.device)
             with parallel():  # [N, d_sae]: the one dense tensor
                 pre = torch.addmm(b_enc.to(cdt), xin.to(cdt), W_enc.to(cdt), out=buf)
