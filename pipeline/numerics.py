@@ -14,12 +14,14 @@ why the ``sae`` console script calls :func:`request_reproducible_blas` first thi
 MKL's CNR mode does not govern oneDNN, which does PyTorch's bfloat16 matmuls on CPUs with native bf16.
 On a CPU with AMX its AMX matmul kernel (``brg_matmul:avx10_1_512_amx``) picks its blocking from
 the thread count, so 10 of 90 common shapes (e.g. 1024 x 576 @ 576 x 1536, the default model's MLP
-on 8 x 128 tokens) gave different bits with one and two threads: the suspect for ``ce_clean`` and
-the steer metrics moving between runs on a loaded Intel Xeon with AMX. Its AVX512-BF16 kernel
-gave the same bits for every shape and thread count tried, so :data:`ONEDNN_MAX_CPU_ISA` caps oneDNN
-there: a no-op on CPUs without AMX (AMD EPYC, older Xeons), ~4x slower bf16 forwards and 5-6x slower
-bf16 GEMMs on AMX CPUs (README, "Reproducibility"). oneDNN reads the cap at its first use, so it is
-set with ``MKL_CBWR``.
+on 8 x 128 tokens) gave different bits with one and two threads; its AVX512-BF16 kernel gave the same
+bits for every shape and thread count tried. Capping oneDNN there (:data:`ONEDNN_MAX_CPU_ISA`) costs
+~4.5x on bf16 forwards and 5-6x on bf16 GEMMs of an AMX CPU, so the default path keeps AMX: a run's
+thread count is fixed on a machine (``numerics.threads``), recorded with the ISA in every resume
+fingerprint and environment block, so bits repeat run to run and a run with another thread count is
+never mixed with this one's shards or checkpoint. The portable path caps oneDNN (README,
+"Reproducibility"); so does exporting ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` before ``sae`` starts.
+oneDNN reads the cap at its first use, so it is set with ``MKL_CBWR``.
 
 The portable path (``numerics.portable``) goes further, so that *another* machine gets the same bits:
 MKL's ``COMPATIBLE`` branch (one SSE2-level code path on every x86 CPU, Intel or AMD), ATen's
@@ -47,14 +49,14 @@ log = logging.getLogger(__name__)
 
 #: The CNR mode the pipeline runs with unless ``MKL_CBWR`` is already set (then the user's wins).
 MKL_CBWR = "AUTO,STRICT"
-#: The highest instruction set oneDNN may use (its ``ONEDNN_MAX_CPU_ISA``; x86 only): AVX512-BF16, not
-#: AMX, whose kernels' summation order depends on the number of threads (module docstring).
+#: The highest instruction set oneDNN may use on the portable path (its ``ONEDNN_MAX_CPU_ISA``; x86 only):
+#: AVX512-BF16, not AMX, whose kernels' summation order depends on the number of threads (module docstring).
 ONEDNN_MAX_CPU_ISA = "AVX512_CORE_BF16"
 #: Start-up settings of the portable path (each kept if the user set it): MKL's vendor-neutral branch,
 #: strict so that it does not depend on the thread count either; ATen's non-vectorised kernels
 #: (``torch.backends.cpu.get_cpu_capability()`` then says DEFAULT); deterministic cuBLAS (PyTorch's
 #: "Reproducibility" notes: needed by ``torch.use_deterministic_algorithms`` on CUDA >= 10.2); on x86 the
-#: oneDNN cap of the default path too.
+#: oneDNN cap (bf16 matmuls that do not depend on the thread count).
 # oneDNN's ISA names are x86 ones; elsewhere (Arm) the variable is not set.
 _ONEDNN_CAP = {"ONEDNN_MAX_CPU_ISA": ONEDNN_MAX_CPU_ISA} if platform.machine().lower() in ("x86_64", "amd64") else {}
 PORTABLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
@@ -71,13 +73,13 @@ _STRICT = 0x10000
 def request_reproducible_blas(environ: MutableMapping[str, str] | None = None, portable: bool = False) -> bool:
     """Ask MKL for reproducible results in this process (and the processes it starts).
 
-    Sets ``MKL_CBWR`` to :data:`MKL_CBWR` (with ``portable``: every :data:`PORTABLE_ENV` variable) and,
-    on x86, ``ONEDNN_MAX_CPU_ISA`` to :data:`ONEDNN_MAX_CPU_ISA`, each unless it is set already. Returns
+    Sets ``MKL_CBWR`` to :data:`MKL_CBWR` (with ``portable``: every :data:`PORTABLE_ENV` variable, which on
+    x86 includes the oneDNN cap), each unless it is set already. Returns
     False when ``torch`` is already imported: MKL and oneDNN may have read their settings, so this
     process keeps whatever it has (:func:`mkl_cbwr_mode` tells which).
     """
     env = os.environ if environ is None else environ
-    wanted = PORTABLE_ENV if portable else {"MKL_CBWR": MKL_CBWR, **_ONEDNN_CAP}
+    wanted = PORTABLE_ENV if portable else {"MKL_CBWR": MKL_CBWR}
     for key, value in wanted.items():
         if environ is None:
             _BEFORE.setdefault(key, env.get(key))
