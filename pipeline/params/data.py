@@ -35,7 +35,7 @@ class CorpusParams:
         help="BOS policy: 'context' puts BOS at position 0 of every context; 'document' puts BOS before "
         "every document in the token stream; 'none' never adds BOS.",
     )
-    n_tokens: int = knob(262144, help="Token budget over both splits (context_length * number of contexts).", ge=2)
+    n_tokens: int = knob(1048576, help="Token budget over both splits (context_length * number of contexts).", ge=2)
     validation_fraction: float = knob(0.1, help="Fraction of documents held out for validation (split by document).", ge=0.0, lt=1.0)
 
 

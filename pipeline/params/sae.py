@@ -55,12 +55,12 @@ class TrainParams:
         "linear", help="LR decay after warm-up: 'linear' to 0 over the last decay_fraction of steps, 'cosine' to 0, or 'none'.")
     decay_fraction: float = knob(0.2, help="For 'linear': fraction of steps at the end over which LR falls to 0 (Bricken et al. 2023 use 0.2).", gt=0.0, le=1.0)
     grad_clip: float | None = knob(1.0, help="Clip the global gradient norm to this value (null: no clipping).", gt=0.0)
-    n_tokens: int | None = knob(131072, help="Training tokens (null: one pass over the training split; more than the split loops over it, reshuffled).", ge=1)
+    n_tokens: int | None = knob(2097152, help="Training tokens (null: one pass over the training split; more than the split loops over it, reshuffled).", ge=1)
     log_every: int = knob(8, help="Steps between progress/curve rows; the only host syncs of the loop.", ge=1)
-    val_every: int = knob(64, help="Steps between validation passes on the held-out split (0: only at the end). "
+    val_every: int = knob(256, help="Steps between validation passes on the held-out split (0: only at the end). "
                          "> 0 needs each hook's validation dataset (`sae train` stops without it); 0 with none: no validation.", ge=0)
     val_tokens: int = knob(16384, help="Validation tokens per validation pass.", ge=1)
-    checkpoint_every: int = knob(32, help="Steps between checkpoints (0: only at the end); a killed run resumes from the last.", ge=0)
+    checkpoint_every: int = knob(256, help="Steps between checkpoints (0: only at the end); a killed run resumes from the last.", ge=0)
     dead_window_tokens: int = knob(65536, help="A latent that has not fired in this many training tokens counts as dead (Gao et al. 2024 use 10M); "
                                    "also the SAE's AuxK/resampling cut-off. Dense = fired on >10% of a window's tokens.", ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
