@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         over = [*args.overrides, f"train.n_tokens={n}"]
         times = {stage: sae(ws, stage, over) for stage in ("train", "evaluate", "interpret")}
         stages = {s: read_hook_metrics(ws, s) for s in ("train", "evaluate", "interpret")}
-        for hook in stages["evaluate"]:
+        for hook in (h for h, m in stages["evaluate"].items() if h != "environment" and isinstance(m, dict)):
             per_stage = {s: m.get(hook, {}) for s, m in stages.items()}
             rows.append({"train_tokens": n, "hook": hook, "seconds": times, "headline": headline(per_stage),
                          "metrics": per_stage})
