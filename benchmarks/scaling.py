@@ -98,6 +98,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o")
         ax.set_xscale("log")
+        ticks = sorted({r["train_tokens"] for r in rows})
+        ax.set_xticks(ticks, [f"{t / 1e6:.3g}M" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("training tokens")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
