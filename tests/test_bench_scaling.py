@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench_load import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_scaling", REPO_ROOT / "benchmarks" / "scaling.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("scaling")
 
 
 def test_latest_version_wins_and_prefix_is_exact(bench: ModuleType) -> None:

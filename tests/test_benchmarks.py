@@ -3,7 +3,6 @@ benchmarks/peers.py: its tiny run (a stand-in peer, nothing installed) and its e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from functools import partial
@@ -11,17 +10,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench_load import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_train", REPO_ROOT / "benchmarks" / "train.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("train")
 
 
 def _positive(v: object) -> bool:
@@ -63,10 +57,7 @@ def test_tiny_cpu_run_writes_json_with_positive_numbers(bench: ModuleType, tmp_p
 
 
 def test_verify_benchmark_tiny_run(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_verify", REPO_ROOT / "benchmarks" / "verify.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("verify")
     report = mod.main(["--tiny", "--out", str(tmp_path / "verify.json")])
     assert json.loads((tmp_path / "verify.json").read_text()) == report
     assert _positive(report["sha256_gb_s"]) and report["shards"] == 4
@@ -75,10 +66,7 @@ def test_verify_benchmark_tiny_run(tmp_path: Path) -> None:
 
 
 def test_numerics_benchmark_compares_both_mkl_modes(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_numerics", REPO_ROOT / "benchmarks" / "numerics.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("numerics")
     from pipeline.numerics import mkl_cbwr_mode
 
     if mkl_cbwr_mode() is None:
@@ -92,11 +80,7 @@ def test_numerics_benchmark_compares_both_mkl_modes(tmp_path: Path) -> None:
 
 
 def _load_peers() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_peers", REPO_ROOT / "benchmarks" / "peers.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("peers")
 
 
 def test_peers_benchmark_tiny_run_records_machine_and_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bench_load import load_benchmark
 from click.testing import CliRunner
 
 from pipeline.lockcheck import dvc_hash, lock_drift
@@ -182,12 +183,7 @@ def test_world_size_is_recorded_and_named_as_the_cause(repo: Path) -> None:
 
 
 def test_calibration_script_writes_both_runs_and_the_room(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("verify_calibration", CALIBRATION.parents[1] / "verify_calibration.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("verify_calibration")
     cal = json.loads(CALIBRATION.read_text())
     for run in ("bfloat16", "float32"):
         (tmp_path / run).mkdir()
