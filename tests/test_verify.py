@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from verify_repo import HOOK, make_verify_repo
 
 from pipeline.environment import cpu_has_fast_bf16, environment
 from pipeline.numerics import (
@@ -22,12 +23,7 @@ from pipeline.numerics import (
     request_reproducible_blas,
 )
 from pipeline.params import Params, load_params, to_dict
-from pipeline.synthetic import write_synthetic_activations
 from pipeline.verify import TOLERANCES, compare, format_report
-
-HOOK = "layers.1.resid_post"
-D = 16
-
 
 # ---- the comparison, on hand-made metrics ------------------------------------------------------------
 
@@ -191,20 +187,7 @@ def test_apply_numerics_pins_threads_and_determinism() -> None:
 @pytest.fixture()
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git repository with synthetic activations and train params (float32 forced), nothing committed yet."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        monkeypatch.setenv(name, "t@t")
-    for split, n, sample in (("train", 1280, 0), ("validation", 320, 1)):
-        write_synthetic_activations(Path("data/activations") / split / HOOK, n, D, n_features=24, k_true=2, seed=4,
-                                    sample_seed=sample, hook=HOOK, dtype="float16", shard_rows=640, split=split)
-    p = to_dict(Params())
-    p["extract"]["hooks"] = [HOOK]
-    p["sae"].update(arch="topk", expansion=4, k=4)
-    p["train"].update(device="cpu", dtype="float32", batch_size=64, n_tokens=None, log_every=4, val_every=8,
-                      val_tokens=256, checkpoint_every=0, dead_window_tokens=1024)
-    Path("params.yaml").write_text(yaml.safe_dump(p))
-    subprocess.run(["git", "init", "-q"], check=True)
-    return tmp_path
+    return make_verify_repo(tmp_path, monkeypatch, "float32")
 
 
 def _commit(message: str) -> None:

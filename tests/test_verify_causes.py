@@ -15,13 +15,11 @@ import pytest
 import yaml
 from bench_load import load_benchmark
 from click.testing import CliRunner
+from verify_repo import make_verify_repo
 
 from pipeline.lockcheck import dvc_hash, lock_drift
-from pipeline.params import Params, to_dict
-from pipeline.synthetic import write_synthetic_activations
 from pipeline.verify import compare, format_report
 
-HOOK = "layers.1.resid_post"
 CALIBRATION = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
                / "cpu-xeon-amx-2core-2026-12-05-verify-calibration.json")
 
@@ -29,20 +27,7 @@ CALIBRATION = (Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 @pytest.fixture()
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git repository with synthetic activations and small train params (bf16 autocast), nothing committed."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        monkeypatch.setenv(name, "t@t")
-    for split, n, sample in (("train", 1280, 0), ("validation", 320, 1)):
-        write_synthetic_activations(Path("data/activations") / split / HOOK, n, 16, n_features=24, k_true=2, seed=4,
-                                    sample_seed=sample, hook=HOOK, dtype="float16", shard_rows=640, split=split)
-    p = to_dict(Params())
-    p["extract"]["hooks"] = [HOOK]
-    p["sae"].update(arch="topk", expansion=4, k=4)
-    p["train"].update(device="cpu", dtype="bfloat16", batch_size=64, n_tokens=None, log_every=4, val_every=8,
-                      val_tokens=256, checkpoint_every=0, dead_window_tokens=1024)
-    Path("params.yaml").write_text(yaml.safe_dump(p))
-    subprocess.run(["git", "init", "-q"], check=True)
-    return tmp_path
+    return make_verify_repo(tmp_path, monkeypatch, "bfloat16")
 
 
 def _commit(message: str, *paths: str) -> None:
