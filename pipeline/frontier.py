@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import metrics
-from stages.paths import METRICS
+from pipeline.paths import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.params import Params
+from pipeline.paths import ACTIVATIONS, CONTEXTS, MODELS
 from stages.common import stage_command
-from stages.paths import ACTIVATIONS, CONTEXTS, MODELS
 
 log = logging.getLogger("sae.evaluate")
 

@@ -28,9 +28,9 @@ from pipeline.hooks import validate_hooks
 from pipeline.io import atomic_write_json
 from pipeline.models import load_config, load_model
 from pipeline.numerics import apply_numerics, numerics_fingerprint
+from pipeline.paths import ACTIVATIONS, CONTEXTS
 from stages.common import Params, log, stage_command
 from stages.launch import relaunched
-from stages.paths import ACTIVATIONS, CONTEXTS
 
 OUT = ACTIVATIONS
 METRICS = Path("metrics/extract.json")

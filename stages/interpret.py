@@ -19,8 +19,8 @@ from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.params import Params
+from pipeline.paths import ACTIVATIONS, DASHBOARD, INTERPRET, MODELS, TOKENS
 from stages.common import stage_command
-from stages.paths import ACTIVATIONS, DASHBOARD, INTERPRET, MODELS, TOKENS
 
 log = logging.getLogger("sae.interpret")
 

@@ -1,19 +1,20 @@
-"""Where stages hand data to each other (the layout dvc.yaml declares), relative to the repository root.
+"""The data locations, re-exported from their home in the library, :mod:`pipeline.paths`.
 
-The locations one stage writes and others read live here, once: the stages, and the report and
-tracking readers that gather every stage's outputs (``pipeline.report.inputs``,
-``pipeline.tracking.record``). A file only its own stage touches keeps its name next to that stage.
+Kept so that ``from stages.paths import X`` keeps working; new code imports ``pipeline.paths``.
 """
 
-from pathlib import Path
+from pipeline.paths import (
+    ACTIVATIONS,
+    CONTEXTS,
+    DASHBOARD,
+    INTERPRET,
+    METRICS,
+    MODELS,
+    PLOTS,
+    STEER_FIGURES,
+    TOKENS,
+    TRAIN_CURVES,
+)
 
-TOKENS = Path("data/tokens")  # prepare -> contexts.parquet, documents.parquet
-CONTEXTS = TOKENS / "contexts.parquet"
-ACTIVATIONS = Path("data/activations")  # extract -> <split>/<hook>/ (manifest.json + shards)
-MODELS = Path("models/sae")  # train -> <hook>/sae.safetensors + cfg.json
-INTERPRET = Path("data/interpret")  # interpret -> <hook>/features.parquet, examples.parquet
-METRICS = Path("metrics")  # every stage -> <stage>.json
-PLOTS = Path("plots")  # DVC plots: train/<hook>.csv (training curves), evaluate/, steer/
-TRAIN_CURVES = PLOTS / "train"
-DASHBOARD = Path("reports/features")  # interpret -> index.html
-STEER_FIGURES = Path("reports/steer")  # steer -> *.png
+__all__ = ["ACTIVATIONS", "CONTEXTS", "DASHBOARD", "INTERPRET", "METRICS", "MODELS", "PLOTS", "STEER_FIGURES",
+           "TOKENS", "TRAIN_CURVES"]

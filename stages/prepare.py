@@ -11,9 +11,9 @@ from pipeline.corpus import describe_source, iter_documents
 from pipeline.environment import environment
 from pipeline.io import atomic_write_json, atomic_write_parquet
 from pipeline.models import load_tokenizer
+from pipeline.paths import TOKENS
 from pipeline.tokens import ContextSpec, build_contexts
 from stages.common import Params, log, stage_command
-from stages.paths import TOKENS
 
 OUT = TOKENS
 METRICS = Path("metrics/prepare.json")

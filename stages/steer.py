@@ -18,8 +18,8 @@ import polars as pl
 from pipeline.activations import open_activations
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from pipeline.paths import ACTIVATIONS, INTERPRET, MODELS, STEER_FIGURES, TOKENS
 from stages.common import Params, log, stage_command
-from stages.paths import ACTIVATIONS, INTERPRET, MODELS, STEER_FIGURES, TOKENS
 
 OUT = Path("data/steer")
 METRICS = Path("metrics/steer.json")

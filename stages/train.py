@@ -21,9 +21,9 @@ from pipeline.activations import open_activations
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json
 from pipeline.params import Params
+from pipeline.paths import ACTIVATIONS, METRICS, MODELS, TRAIN_CURVES
 from stages.common import stage_command
 from stages.launch import relaunched
-from stages.paths import ACTIVATIONS, METRICS, MODELS, TRAIN_CURVES
 
 log = logging.getLogger("sae.train")
 

@@ -11,11 +11,11 @@ also feed it a deliberately broken copy and check that the problem is reported.
   (``pkgutil.iter_modules(__path__)``, the architecture registry of ``pipeline/sae``) imports them
   all; any other import by a computed name is reported, so the trace cannot silently miss one.
   A folder dep is allowed only when the stage runs every file in it.
-- **Data**: the locations of ``stages/paths.py`` a run file imports (the one home of what stages hand
-  each other) are what the stage reads or writes. One related to the stage's own outputs (equal,
-  inside or containing one) is taken as written; every other must be covered by a data dep, and every
-  data dep must be an output of another stage (or a location read whole, like ``metrics``) that the
-  stage reads.
+- **Data**: the locations of ``pipeline/paths.py`` a run file imports (the one home of what stages hand
+  each other; ``stages/paths.py`` re-exports them) are what the stage reads or writes. One related to
+  the stage's own outputs (equal, inside or containing one) is taken as written; every other must be
+  covered by a data dep, and every data dep must be an output of another stage (or a location read
+  whole, like ``metrics``) that the stage reads.
 - **Params**: see :class:`ParamReads`. A listed section must be read whole (handed to code the analysis
   does not follow) or key by key entirely; ``params.yaml:`` (the whole file) only where the whole
   ``Params`` object is read.
@@ -32,13 +32,15 @@ from pathlib import Path, PurePosixPath
 import tomllib
 import yaml
 
-import stages.paths as paths
+import pipeline.paths as paths
 from pipeline.params import Params
 from stages.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("pipeline", "stages")
 ALL = "*"  # the whole params object
+# The modules that name the data locations: their home in the library, and the stages' re-export of it.
+LOCATION_MODULES = {"pipeline.paths": "pipeline/paths.py", "stages.paths": "stages/paths.py"}
 
 # Files a stage imports that are not deps, each because it cannot change what a finished stage writes.
 # Their own imports are still followed.
@@ -198,15 +200,19 @@ def _entries(stage: dict, *keys: str) -> list[str]:
 
 
 def locations_used(files: set[str]) -> set[str]:
-    """The ``stages/paths.py`` locations imported by ``files``."""
+    """The ``pipeline/paths.py`` locations imported by ``files`` (directly or through the
+    ``stages/paths.py`` re-export)."""
     out = set()
     for f in sorted(files):
+        if f in LOCATION_MODULES.values():
+            continue  # the home (and its re-export) define the locations: importing one is not a read
         for node in ast.walk(ast.parse((ROOT / f).read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "stages.paths":
+            if isinstance(node, ast.ImportFrom) and node.module in LOCATION_MODULES:
                 out.update(PurePosixPath(getattr(paths, a.name)).as_posix() for a in node.names
                            if isinstance(getattr(paths, a.name, None), Path))
-            elif isinstance(node, ast.ImportFrom) and node.module == "stages" and any(a.name == "paths" for a in node.names):
-                raise AssertionError(f"{f}: import the locations by name (from stages.paths import X) so they can be traced")
+            elif (isinstance(node, ast.ImportFrom) and f"{node.module}.paths" in LOCATION_MODULES
+                  and any(a.name == "paths" for a in node.names)):
+                raise AssertionError(f"{f}: import the locations by name (from pipeline.paths import X) so they can be traced")
     return out
 
 
@@ -228,10 +234,10 @@ def data_problems(name: str, stages: dict[str, dict]) -> list[str]:
     out = []
     missing = sorted(r for r in reads if not covered(r, deps))
     if missing:
-        out.append(f"{name}: reads {missing} (stages/paths.py locations its code imports) but does not list them in deps")
+        out.append(f"{name}: reads {missing} (pipeline/paths.py locations its code imports) but does not list them in deps")
     for d in deps:
         if not any(covered(r, [d]) for r in reads):
-            out.append(f"{name}: data dep {d} is read by none of its code (no stages/paths.py location it imports)")
+            out.append(f"{name}: data dep {d} is read by none of its code (no pipeline/paths.py location it imports)")
         elif d not in others and d not in reads:
             out.append(f"{name}: data dep {d} is broader than what it reads: list the upstream outputs "
                        f"{sorted(o for o in others if covered(o, [d]) and any(_related(o, r) for r in reads))}")

@@ -1,4 +1,4 @@
-"""stages/paths.py is the one home of the locations stages hand to each other, and dvc.yaml declares them."""
+"""pipeline/paths.py is the one home of the locations stages hand to each other, and dvc.yaml declares them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-import stages.paths as paths
+import pipeline.paths as paths
 
 ROOT = Path(__file__).resolve().parents[1]
 # Locations one stage writes and another reads. (plots/train is one too, but stages/train.py still
@@ -45,12 +45,12 @@ def test_the_scan_finds_locations_spelled_out() -> None:
     assert _shared_locations('"""Reads data/tokens/."""\nraise E(f"run prepare: {p} not in data/tokens")\n') == []
 
 
-def test_shared_locations_are_spelled_only_in_stages_paths() -> None:
+def test_shared_locations_are_spelled_only_in_pipeline_paths() -> None:
     found = {}
     for f in sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py")]):
-        if f != ROOT / "stages" / "paths.py" and (hits := _shared_locations(f.read_text())):
+        if f != ROOT / "pipeline" / "paths.py" and (hits := _shared_locations(f.read_text())):
             found[str(f.relative_to(ROOT))] = hits
-    assert not found, f"use stages.paths instead: {found}"
+    assert not found, f"use pipeline.paths instead: {found}"
 
 
 def test_every_location_is_a_dvc_output_or_dependency() -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from stages.paths import ACTIVATIONS, MODELS, TOKENS
+from pipeline.paths import ACTIVATIONS, MODELS, TOKENS
 
 TOKEN_FEATURE, TOPIC_FEATURE = 0, 1
 CODE_DIMS = 16

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.paths import ACTIVATIONS, DASHBOARD, INTERPRET, METRICS, MODELS, STEER_FIGURES, TRAIN_CURVES
 from pipeline.tracking.record import headline_metrics, read_curve, read_manifest, read_stage_metrics
 from pipeline.tracking.store import RunPoint
-from stages.paths import ACTIVATIONS, DASHBOARD, INTERPRET, METRICS, MODELS, STEER_FIGURES, TRAIN_CURVES
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.environment import KEY as ENVIRONMENT_KEY
+from pipeline.paths import ACTIVATIONS, METRICS, MODELS, PLOTS, TRAIN_CURVES
 from pipeline.tracking.names import MAX_TAG_VALUE, iter_numeric, metric_base, metric_key, param_value
 from pipeline.tracking.workspace import git_info, package_versions
-from stages.paths import ACTIVATIONS, METRICS, MODELS, PLOTS, TRAIN_CURVES
 
 log = logging.getLogger(__name__)
 
