@@ -68,6 +68,16 @@ DEFINITIONS = {
     "ce_sae": "Next-token cross-entropy with the SAE reconstruction spliced in at the hook (nats/token).",
     "ce_zero_ablation": "Next-token cross-entropy with the hook's output zeroed (nats/token).",
     "alive_features": "Latents that fired at least once on the interpretation tokens.",
+    # Dead/dense fractions of the other stages, each its own name: a different token set or window is a
+    # different number (evaluate's dead_fraction is over the validation tokens it evaluates).
+    "interpret_dead_fraction": "Fraction of latents that never fired on the interpret stage's tokens (all tokens of "
+                               "interpret.split): 1 - alive_features / d_sae.",
+    "dead_fraction_window": "Training, at its end: fraction of latents silent for the last train.dead_window_tokens "
+                            "training tokens (the dead set AuxK and resampling use).",
+    "dense_fraction_window": f"Training, at its end: fraction of latents firing on more than {DENSE_THRESHOLD:.0%} of "
+                             "the tokens of the last complete train.dead_window_tokens window.",
+    "fvu_batch": "Training, at its end: FVU of the last training batches, each centred on its own mean (running mean "
+                 "since the previous log row).",
     "explained_variance": "1 - FVU.",
     "tokens_per_s": "Throughput in tokens per second.",
     "median_topic_auroc": "Median over features of the best topic AUROC.",
@@ -135,3 +145,38 @@ for _old, _new in STEERING_EXCLUDING_SPECIAL.items():
     _base = _old.split("@")[0]
     DEFINITIONS[_old] = DEFINITIONS.get(_base, "").replace("@2", "@1") + _STATS_ALL
     DEFINITIONS[_new] = DEFINITIONS.get(_base, "") + _STATS_NO_SPECIAL
+
+# SAEBench-comparable evaluation (pipeline/saebench/, the bench stage). Sparse probing names are
+# SAEBench's (sae_top_{k}_test_accuracy, ...) with a version; ``versioned`` adds it.
+SPARSE_PROBING_VERSION = 1
+ABSORPTION_LETTERS = "absorption_letters@1"
+MEAN_ABSORPTION_FRACTION = "mean_absorption_fraction@1"
+MEAN_FULL_ABSORPTION = "mean_full_absorption@1"
+MEAN_SPLIT_FEATURES = "mean_num_split_features@1"
+
+
+def versioned(probing_name: str) -> str:
+    """``sae_top_1_test_accuracy`` -> ``sae_top_1_test_accuracy@1``."""
+    return f"{probing_name}@{SPARSE_PROBING_VERSION}"
+
+
+_PROBE = ("Sparse probing (SAEBench recipe) on the corpus's topic labels: one-vs-rest tasks, documents mean-pooled "
+          "over non-special tokens, document-level train/validation/test split by seed; test accuracy, mean over labels. ")
+for _src, _what in (("sae", "SAE latents"), ("llm", "raw activation channels (baseline)")):
+    DEFINITIONS[f"{_src}_test_accuracy"] = _PROBE + f"Logistic regression on all {_what}, C chosen on validation."
+    for _k in (1, 2, 5, 10, 20, 50, 100):
+        DEFINITIONS[f"{_src}_top_{_k}_test_accuracy"] = (
+            _PROBE + f"Logistic regression on the {_k} {_what} with the largest |mean(pos) - mean(neg)| on train.")
+        DEFINITIONS[f"{_src}_l1_top_{_k}_test_accuracy"] = (
+            _PROBE + f"Logistic regression on the first {_k} {_what} an L1-penalised probe admits on train.")
+DEFINITIONS.update({
+    "absorption_letters": "First letters whose ground-truth probe has test F1 > 0.6 (absorption needs 20, "
+                          "bench.absorption_min_letters).",
+    "mean_absorption_fraction": "Feature absorption (Chanin et al. 2024, SAEBench first-letter task): mean over present "
+                                "letters of the share of the probe projection carried by absorbing latents instead of "
+                                "the letter's main latents. Lower is better.",
+    "mean_full_absorption": "Mean over present letters of the fraction of words where the main latents are silent and "
+                            "one other latent carries >= 40% of the probe projection. Lower is better.",
+    "mean_num_split_features": "Mean over present letters of the main latents per letter (feature splitting: k grows "
+                               "while the k-sparse probe's F1 gains > 0.03).",
+})

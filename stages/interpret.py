@@ -74,8 +74,9 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
         m = interpret_hook(dataset, sae, table, lm.tokenizer, norm, W_U, cfg, root / OUT / hook, root / DASHBOARD / hook,
                            backend=backend, device=device, seed=params.seed)
         metrics[hook] = m
+        med = m["median_topic_auroc@1"]  # None without topic labels
         entries.append((hook, f"{hook}/index.html", f"{m['alive_features@1']} alive features, "
-                                                    f"median topic AUROC {m['median_topic_auroc@1']}"))
+                                                    f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}"))
     write_hooks_page(root / DASHBOARD, entries)
     # A declared DVC output must exist even when no LM ran ('stats' explainer).
     atomic_write_text(root / CACHE / "README.txt", "LM call cache of `sae interpret` (one JSONL per backend); "

@@ -65,3 +65,52 @@ def test_feature_view_highlights_tokens(dashboard, tmp_path):
     assert f'id="feature-title">Feature {TOKEN_FEATURE}<' in dom
     assert len(re.findall(r'class="tok hl"', dom)) >= 8  # one highlighted token per top example at least
     assert "Logit lens" in dom and "Topic alignment" in dom and "fires on" in dom
+
+
+def _index_rows(dom: str) -> list[list[str]]:
+    """The index table's visible cells, row by row, in the order shown."""
+    body = dom[dom.index('<tr class="row"'):]
+    return [re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in re.findall(r'<tr class="row"[^>]*>(.*?)</tr>', body)]
+
+
+def test_first_screen_opens_on_the_interpretability_ranking(dashboard, tmp_path):
+    import polars as pl
+
+    from pipeline.interpret.ranking import MIN_SUPPORT
+
+    world, root = dashboard
+    dom, console = browse((root / world.hook / "index.html").as_uri(), tmp_path / "profile")
+    assert console == []
+    head = re.findall(r'<th data-col="(\w+)"', dom)
+    assert head[:3] == ["feature", "rank", "fires"] and "tier" not in head and "why" not in head  # hidden columns
+    rows = _index_rows(dom)
+    assert [int(r[1]) for r in rows] == list(range(1, len(rows) + 1))  # opens sorted by rank
+    feats = pl.read_parquet(world.root / "data" / "interpret" / world.hook / "features.parquet")
+    fire = dict(zip(feats["feature"].to_list(), feats["fire_count"].to_list(), strict=True))
+    assert fire[int(rows[0][0])] >= MIN_SUPPORT and int(rows[0][2]) == fire[int(rows[0][0])]
+    assert rows[0][5] != ""  # the first row has a detection score
+    # The rows without enough support come after every supported one.
+    supported = [fire[int(r[0])] >= MIN_SUPPORT for r in rows]
+    assert supported == sorted(supported, reverse=True)
+    # A blank detection cell says why instead.
+    for r in rows:
+        if fire[int(r[0])] == 0:
+            assert r[5] == "dead: never fired"
+    assert "ranked by interpretability" in dom
+
+
+def test_feature_view_has_histogram_ticks_and_visible_spaces(dashboard, tmp_path):
+    world, root = dashboard
+    dom, console = browse((root / world.hook / "index.html").as_uri() + f"#f={TOKEN_FEATURE}", tmp_path / "profile")
+    assert console == []
+    assert len(re.findall(r'class="tick"', dom)) >= 5 and ">1e0</text>" in dom and "log scale" in dom
+    assert "rank " in dom and "detection balanced accuracy" in dom
+    lens = dom[dom.index("Logit lens"):dom.index("Nearest")]
+    cells = re.findall(r"<tr><td>([^<]*)</td><td>-?\d", lens)
+    assert cells and not any(c.startswith(" ") for c in cells)  # a leading space is drawn as U+2423
+    import polars as pl
+
+    feats = pl.read_parquet(world.root / "data" / "interpret" / world.hook / "features.parquet")
+    lens_tokens = feats.filter(pl.col("feature") == TOKEN_FEATURE)["top_tokens"][0].to_list()
+    spaced = [t for t in lens_tokens if t.startswith(" ")]
+    assert len([c for c in cells if c.startswith("\u2423")]) >= len(spaced) > 0

@@ -143,7 +143,7 @@ def test_summary_metrics_hand_computed():
 
     m = summary_metrics(np.array([0, 3, 5, 1]), 100, np.array([0.99, 0.95, 0.6, 0.9]),
                         {"detection_balanced_accuracy@1": np.array([1.0, 0.5, np.nan])}, "stats", 3)
-    assert m["alive_features@1"] == 3 and m["dead_fraction@1"] == 0.25
+    assert m["alive_features@1"] == 3 and m["interpret_dead_fraction@1"] == 0.25
     assert m["median_topic_auroc@1"] == 0.9  # dead feature 0's 0.99 is ignored
     assert m["frac_topic_auroc_ge_0.9@1"] == pytest.approx(2 / 3)
     assert m["mean_detection_balanced_accuracy@1"] == 0.75 == m["mean_explanation_score@1"]

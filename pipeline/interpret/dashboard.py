@@ -59,9 +59,12 @@ class DashboardShards:
 
 
 def write_index(out_dir: Path, hook: str, summary: str, columns: list[dict[str, Any]], rows: list[list[Any]],
-                hist_label: str) -> Path:
+                hist: dict[str, Any], sort: str = "feature") -> Path:
+    """``index.html``: the feature table (``columns``: key, label, optional digits / hidden / why = index of the
+    note shown in a blank cell / tokens = a list of token strings), first sorted by column ``sort`` ascending;
+    ``hist``: the activation histogram's axis (log_min, per_decade, label)."""
     data = {"hook": hook, "summary": summary, "columns": columns, "rows": rows, "shard_size": SHARD_SIZE,
-            "hist_label": hist_label}
+            "hist": hist, "sort": sort}
     page = PAGE.format(title=html.escape(f"Features of {hook}"), css=CSS, js=JS, data=_json(data))
     path = Path(out_dir) / "index.html"
     atomic_write_text(path, page)

@@ -14,9 +14,10 @@ from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN
 from pipeline.interpret.contexts import ContextTable
 from pipeline.interpret.dashboard import DashboardShards, write_index
 from pipeline.interpret.examples import QUANTILE, TOP
+from pipeline.interpret.ranking import RANKING, detection_notes, rank_features
 from pipeline.io import json_number
 
-__all__ = ["FUZZING", "SCORES", "dashboard_payload", "feature_columns", "write_dashboard_index"]
+__all__ = ["FUZZING", "SCORES", "dashboard_payload", "feature_columns", "top_example_tokens", "write_dashboard_index"]
 
 FUZZING = f"fuzzing_balanced_accuracy@{FUZZING_VERSION}"
 SCORES = ("detection_balanced_accuracy@1", "detection_f1@1", "detection_auc@1", FUZZING, f"fuzzing_auc@{FUZZING_VERSION}")
@@ -55,11 +56,21 @@ def dashboard_payload(j: int, block: Any, lo: int, hi: int, tokens: np.ndarray, 
     }
 
 
+def top_example_tokens(kind: np.ndarray, rank: np.ndarray, tokens: np.ndarray, acts: np.ndarray,
+                       text: dict[int, str], n: int = 5) -> list[str]:
+    """The token under the maximum of each of a feature's ``n`` best top examples, best first: what it fires on
+    (the logit lens says what it promotes, another thing). ``kind``/``rank`` ``[E]``, ``tokens``/``acts`` ``[E, T]``."""
+    rows = [i for i in np.argsort(rank, kind="stable").tolist() if kind[i] == TOP][:n]
+    return [text.get(int(tokens[i, int(acts[i].argmax())]), "") for i in rows]
+
+
 def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labels: list[str], auroc: np.ndarray,
                      best_idx: np.ndarray, best_au: np.ndarray, top_ids: np.ndarray, top_logits: np.ndarray,
                      bot_ids: np.ndarray, bot_logits: np.ndarray, nb_ids: np.ndarray, nb_cos: np.ndarray,
-                     co_ids: np.ndarray, co_j: np.ndarray, text: dict[int, str]) -> dict[str, Any]:
-    """The columns of ``features.parquet``, one row per feature (``d`` of them)."""
+                     co_ids: np.ndarray, co_j: np.ndarray, text: dict[int, str],
+                     example_tokens: dict[int, list[str]] | None = None) -> dict[str, Any]:
+    """The columns of ``features.parquet``, one row per feature (``d`` of them); ``example_tokens``: feature ->
+    :func:`top_example_tokens` (empty where absent: a dead feature)."""
     fire = stats.fire_count
     get = lambda key: [results.get(j, {}).get(key) for j in range(d)]  # noqa: E731
     cols: dict[str, Any] = {
@@ -71,6 +82,7 @@ def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labe
         "hist_counts": stats.hist.astype(np.int64),
         "top_token_ids": top_ids.astype(np.int32), "top_tokens": [[text.get(int(t), "") for t in r] for r in top_ids],
         "top_logits": top_logits.astype(np.float32),
+        "example_tokens": [(example_tokens or {}).get(j, []) for j in range(d)],
         "bottom_token_ids": bot_ids.astype(np.int32), "bottom_tokens": [[text.get(int(t), "") for t in r] for r in bot_ids],
         "bottom_logits": bot_logits.astype(np.float32),
         "neighbours": nb_ids.astype(np.int32), "neighbour_cosine": nb_cos.astype(np.float32),
@@ -87,17 +99,34 @@ def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labe
 
 
 def write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: dict[str, Any]) -> None:
-    """The dashboard's sortable feature table (from the ``features.parquet`` columns) and summary line."""
-    columns: list[dict[str, Any]] = [{"key": "feature", "label": "feature"}, {"key": "frequency", "label": "frequency", "digits": 5},
-               {"key": "max", "label": "max act", "digits": 2}, {"key": "score", "label": "detection", "digits": 3},
-               {"key": "fuzz", "label": "fuzzing", "digits": 3}, {"key": "topic", "label": "topic"},
-               {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "explanation", "label": "explanation"}]
+    """The dashboard's sortable feature table (from the ``features.parquet`` columns) and summary line.
+
+    It opens sorted by :func:`~pipeline.interpret.ranking.rank_features` (the report's "Top features" order);
+    a blank detection cell says why (:func:`~pipeline.interpret.ranking.detection_notes`)."""
+    d = len(cols["feature"])
+    det, fuzz = cols["detection_balanced_accuracy@1"], cols[FUZZING]
+    order, tier = rank_features(cols["fire_count"], m["interpret_tokens"], det, fuzz, cols["topic_auroc@1"])
+    rank = np.empty(d, dtype=np.int64)
+    rank[order] = np.arange(1, d + 1)
+    notes = detection_notes(cols["fire_count"], np.array([e is not None for e in cols["explanation"]]), det, fuzz)
+    columns: list[dict[str, Any]] = [
+        {"key": "feature", "label": "feature"}, {"key": "rank", "label": "rank"},
+        {"key": "fires", "label": "fires on"}, {"key": "frequency", "label": "frequency", "digits": 5},
+        {"key": "max", "label": "max act", "digits": 2}, {"key": "score", "label": "detection", "digits": 3, "why": 12},
+        {"key": "fuzz", "label": "fuzzing", "digits": 3}, {"key": "topic", "label": "topic"},
+        {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "tokens", "label": "top tokens", "tokens": True},
+        {"key": "explanation", "label": "explanation"}, {"key": "tier", "label": "tier", "hidden": True},
+        {"key": "why", "label": "", "hidden": True}]
     f = partial(json_number, digits=6)
-    rows = [[int(j), f(cols["frequency"][j]), f(cols["max_activation"][j]), f(cols["detection_balanced_accuracy@1"][j]),
-             f(cols[FUZZING][j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
-             cols["explanation"][j]] for j in range(len(cols["feature"]))]
+    rows = [[int(j), int(rank[j]), int(cols["fire_count"][j]), f(cols["frequency"][j]), f(cols["max_activation"][j]),
+             f(det[j]), f(fuzz[j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
+             list(cols.get("example_tokens", [[]] * d)[j]), cols["explanation"][j], int(tier[j]), notes[j]]
+            for j in range(d)]
+    assert columns[5]["why"] == len(columns) - 1  # the note of a blank detection cell
     med = m["median_topic_auroc@1"]
-    summary = (f"{m['alive_features@1']} alive of {len(rows)} features over {m['interpret_tokens']} tokens; "
-               f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}; explainer {m['explainer']}")
-    hist_label = f"log10 activation, {LOG_MIN} .. (bins of 1/{BINS_PER_DECADE} decade), sqrt counts"
-    write_index(dash_dir, hook, summary, columns, rows, hist_label)
+    summary = (f"{m['alive_features@1']} alive of {d} features over {m['interpret_tokens']:,} tokens; "
+               f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}; explainer {m['explainer']}. "
+               f"Opens {RANKING}; click a column to sort by it.")
+    hist = {"log_min": LOG_MIN, "per_decade": BINS_PER_DECADE,
+            "label": f"activation (log scale, bins of 1/{BINS_PER_DECADE} decade); bar height: sqrt(count)"}
+    write_index(dash_dir, hook, summary, columns, rows, hist, sort="rank")

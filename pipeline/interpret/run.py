@@ -25,11 +25,18 @@ from pipeline.interpret.contexts import ContextTable
 from pipeline.interpret.dashboard import DashboardShards
 from pipeline.interpret.examples import CodeIndex, select_examples
 from pipeline.interpret.lens import cooccurrence_neighbours, decoder_neighbours, logit_lens
-from pipeline.interpret.outputs import SCORES, dashboard_payload, feature_columns, write_dashboard_index
+from pipeline.interpret.outputs import (
+    SCORES,
+    dashboard_payload,
+    feature_columns,
+    top_example_tokens,
+    write_dashboard_index,
+)
 from pipeline.interpret.stream import FeatureStream, stream_stats
 from pipeline.interpret.tables import ExamplesWriter, features_table, summary_metrics
 from pipeline.io import atomic_write_parquet
 from pipeline.params.analysis import InterpretParams
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 FEATURE_BLOCK = 512
@@ -71,9 +78,11 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
     dtype = resolve_dtype(cfg.encode_dtype, device)
     stream = FeatureStream(d, len(table.label_names), cfg.n_examples, cfg.reservoir, seed, cfg.cooc_per_token,
                            cooc=d <= cfg.cooc_max_features, threshold=cfg.threshold)
-    batches = ((b.acts, b.context_id, b.position) for b in dataset.iter_batches(cfg.batch_size, shuffle=False))
     sae = sae.to(device).eval()
-    stats = stream_stats(batches, _encoder(sae, dtype, device), table, stream)
+    with Progress(f"interpret {dataset.hook} statistics", dataset.n_tokens, unit="tok") as progress:
+        batches = (_counted(progress, b.acts, b.context_id, b.position)
+                   for b in dataset.iter_batches(cfg.batch_size, shuffle=False))
+        stats = stream_stats(batches, _encoder(sae, dtype, device), table, stream)
     t_stream = time.perf_counter() - t0
     log.info("interpret %s: statistics pass over %d tokens in %.1fs", dataset.hook, stats.n_tokens, t_stream)
 
@@ -105,8 +114,10 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
         perm = np.random.default_rng(seed).permutation(d)  # seeded, so a larger n_explain extends the set
         lm_set = set(perm[alive[perm]][: cfg.n_explain].tolist())
     results: dict[int, dict[str, Any]] = {}
+    ex_tokens: dict[int, list[str]] = {}
     lm = _LMRunner(backend, text, cfg, seed, dataset.hook, len(lm_set))
     bounds = np.searchsorted(sel.feature, np.arange(0, d + FEATURE_BLOCK, FEATURE_BLOCK))
+    feature_progress = Progress(f"interpret {dataset.hook} features", d, unit="features", tokens_per_unit=None)
     for b in range(len(bounds) - 1):
         block = sel.take(np.arange(bounds[b], bounds[b + 1]))
         acts = codes.gather(block, table.context_length)  # [E, T]
@@ -120,19 +131,22 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
             ev = split_evidence(j, block.kind[lo:hi], block.rank[lo:hi], block.ctx[lo:hi], tokens[lo:hi], acts[lo:hi],
                                 topic, float(best_au[j]), promoted)
             if alive[j]:
+                ex_tokens[j] = top_example_tokens(block.kind[lo:hi], block.rank[lo:hi], tokens[lo:hi], acts[lo:hi], text)
                 results[j] = stats_explain_and_score(ev, norm_text, sim, seed)
                 if j in lm_set:  # explained here, so the dashboard shard shows the LM's explanation
                     lm.run(j, ev, results)
             shards.add(j, dashboard_payload(j, block, lo, hi, tokens, acts, table, stats, results.get(j, {}), labels, auroc,
                                    (top_ids, top_logits, bot_ids, bot_logits), (nb_ids, nb_cos), (co_ids, co_j), text, shards, cfg.examples_per_quantile))
         shards.flush(upto_feature=min(d, (b + 1) * FEATURE_BLOCK))
+        feature_progress.update(min(d, (b + 1) * FEATURE_BLOCK) - b * FEATURE_BLOCK)
+    feature_progress.close()
     writer.close()
     shards.flush()
     lm.close()
     t_stats = time.perf_counter() - t0 - lm.seconds
 
     cols = feature_columns(d, stats, results, labels, auroc, best_idx, best_au, top_ids, top_logits, bot_ids,
-                            bot_logits, nb_ids, nb_cos, co_ids, co_j, text)
+                            bot_logits, nb_ids, nb_cos, co_ids, co_j, text, ex_tokens)
     atomic_write_parquet(out_dir / "features.parquet", features_table(cols), compression="zstd")
     primary = backend.name if backend is not None else "stats"
     explained = [j for j, r in results.items() if r.get("explainer") == primary]
@@ -141,6 +155,12 @@ def interpret_hook(dataset: Any, sae: Any, table: ContextTable, tokenizer: Any, 
     write_dashboard_index(dash_dir, dataset.hook, cols, metrics)
     log.info("interpret %s: non-LM parts in %.1fs", dataset.hook, t_stats)
     return metrics
+
+
+def _counted(progress: Progress, acts: torch.Tensor, *rest: Any) -> tuple[Any, ...]:
+    """``(acts, *rest)``, after counting ``acts``' rows [N, d_in] as done."""
+    progress.update(int(acts.shape[0]))
+    return (acts, *rest)
 
 
 class _LMRunner:

@@ -104,7 +104,7 @@ def summary_metrics(fire_count: np.ndarray, n_tokens: int, best_auroc: np.ndarra
     au = best_auroc[alive & np.isfinite(best_auroc)]
     out: dict[str, Any] = {
         "alive_features@1": int(alive.sum()),
-        "dead_fraction@1": float(1.0 - alive.mean()) if len(alive) else None,
+        "interpret_dead_fraction@1": float(1.0 - alive.mean()) if len(alive) else None,
         "interpret_tokens": int(n_tokens),
         "median_topic_auroc@1": float(np.median(au)) if len(au) else None,
         "frac_topic_auroc_ge_0.9@1": float((au >= 0.9).mean()) if len(au) else None,
