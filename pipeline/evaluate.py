@@ -23,6 +23,7 @@ import torch
 from pipeline import metrics
 from pipeline.activations import ActivationDataset
 from pipeline.errors import UserError
+from pipeline.progress import Progress
 from pipeline.sae import SAE
 
 # Feature-density histogram: fixed log10(firing frequency) bin edges so runs are comparable.
@@ -56,9 +57,11 @@ class ReconstructionPass:
 
 @torch.no_grad()
 def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | None = None, batch_size: int = 4096,
-                        device: str | torch.device = "cpu", special_ids: Collection[int] = ()) -> ReconstructionPass:
+                        device: str | torch.device = "cpu", special_ids: Collection[int] = (),
+                        progress: Progress | None = None) -> ReconstructionPass:
     """Stream the first ``n_tokens`` rows (all if None; special rows count towards the limit) of
-    ``dataset`` in storage order through ``sae``; rows whose token id is in ``special_ids`` are excluded."""
+    ``dataset`` in storage order through ``sae``; rows whose token id is in ``special_ids`` are excluded.
+    ``progress`` counts the rows read."""
     device = torch.device(device)
     was_training = sae.training
     sae.eval()
@@ -74,6 +77,8 @@ def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | No
         f = sae.encode(x)  # [B, d_sae]
         x_hat = sae.decode(f)  # [B, d_model]
         seen += x.shape[0]
+        if progress is not None:
+            progress.update(x.shape[0])
         if out.recon_all is not None and out.firing_all is not None:
             out.recon_all.update(x, x_hat)
             out.firing_all.update(f)
@@ -111,10 +116,10 @@ def density_histogram(frequencies: torch.Tensor) -> list[dict[str, Any]]:
 
 
 def evaluate_reconstruction(sae: SAE, dataset: ActivationDataset, n_tokens: int | None, batch_size: int,
-                            device: str | torch.device, special_ids: Collection[int] = ()
-                            ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                            device: str | torch.device, special_ids: Collection[int] = (),
+                            progress: Progress | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Reconstruction/sparsity metrics and the feature-density histogram (of the rows that count) of one SAE."""
-    p = reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids)
+    p = reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids, progress)
     return p.result(), density_histogram(p.firing.frequencies())
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.activations import ActivationWriter, Manifest
 from pipeline.hooks import run_to_hooks
 from pipeline.io import DiskFullError, atomic_write_json, json_digest
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 STATE = "_extract_state.json"
@@ -71,7 +70,7 @@ def dataset_dir(root: Path, split: str, hook: str) -> Path:
 
 
 def extract_split(model: torch.nn.Module, token_ids: np.ndarray, context_ids: np.ndarray, root: Path, split: str,
-                  spec: ExtractSpec, meta: dict[str, Any], progress: tqdm | None = None,
+                  spec: ExtractSpec, meta: dict[str, Any], progress: Progress | None = None,
                   part: tuple[int, int] = (0, 1)) -> dict[str, Manifest]:
     """Record ``spec.hooks`` for contexts ``token_ids`` [N, L] into ``root/split/<hook>/``. Returns manifests.
 
@@ -177,9 +176,9 @@ def _width_from_disk(w: ActivationWriter) -> int:
     return width // np.dtype(w.manifest.dtype).itemsize
 
 
-def make_progress(total: int, desc: str) -> tqdm:
-    """A tokens/s progress bar; silent when stderr is not a terminal (CI, dvc logs)."""
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not sys.stderr.isatty(), smoothing=0.1)
+def make_progress(total: int, desc: str) -> Progress:
+    """Tokens/s progress: a bar on a terminal, else a log line every few seconds (``dvc repro``)."""
+    return Progress(desc, total, unit="tok")
 
 
 def auto_batch_size(model: torch.nn.Module, context_length: int, hooks: list[str], contexts_per_shard: int,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pipeline import metrics
 from pipeline.errors import UserError
 from pipeline.hooks import intervene
+from pipeline.progress import Progress
 
 Reconstruct = Callable[[Tensor], Tensor]  # h [..., d_model] -> h_hat [..., d_model]
 
@@ -61,11 +62,11 @@ def _only_at(where: Tensor, edit: Reconstruct) -> Reconstruct:
 
 @torch.no_grad()
 def splice_metrics(model: nn.Module, hook: str, reconstruct: Reconstruct, contexts: Tensor, batch_size: int,
-                   special_ids: Collection[int] = ()) -> dict[str, float]:
+                   special_ids: Collection[int] = (), progress: Progress | None = None) -> dict[str, float]:
     """``ce_loss_recovered@1``, ``kl_div@1``, ``delta_lm_loss@1`` (+ clean/SAE/zero-ablation CE) over
     ``contexts [N, T]`` (int64 token ids on the model's device), ``batch_size`` contexts per forward.
     With ``special_ids``: their ``@2`` versions (special positions neither edited nor counted) plus
-    the all-token :data:`pipeline.metrics.ALL_TOKEN_REFERENCE` values."""
+    the all-token :data:`pipeline.metrics.ALL_TOKEN_REFERENCE` values. ``progress`` counts the contexts run."""
 
     def splice(h: Tensor) -> Tensor:  # h [b, T, d_model] in the model's dtype
         return reconstruct(h.float()).to(h.dtype)
@@ -77,6 +78,8 @@ def splice_metrics(model: nn.Module, hook: str, reconstruct: Reconstruct, contex
     every = metrics.LMLossAccumulator() if special_ids else None  # all positions (reference)
     for start in range(0, contexts.shape[0], batch_size):
         ids = contexts[start:start + batch_size]  # [b, T]
+        if progress is not None:
+            progress.update(ids.shape[0])
         clean = _logits(model, ids)
         ce_clean = _ce(clean, ids)  # [b, T-1]
         if every is None:

@@ -20,7 +20,6 @@ import dataclasses
 import io
 import logging
 import random
-import sys
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.activations import ActivationDataset, open_activations
@@ -47,6 +45,7 @@ from pipeline.io import atomic_write_text, nan_to_null
 from pipeline.loader import batches_per_epoch, epoch_seed, train_batches
 from pipeline.params import Params
 from pipeline.params.sae import SAEParams, TrainParams
+from pipeline.progress import Progress
 from pipeline.sae import SAE, SAEConfig, batch, config_from_params, make_sae, save_sae
 from pipeline.train_setup import (
     init_from_first_batch,
@@ -198,8 +197,9 @@ def train_sae(
     t_start, step_start = time.perf_counter(), step
     t_log, tokens_log = t_start, step * B
     sae.train()
-    pbar = tqdm(total=total_steps, initial=step, unit="step", disable=not sys.stderr.isatty() or not ranks.is_main,
-                dynamic_ncols=True)
+    # A bar on a terminal, else a line every few seconds (under `dvc repro`); only rank 0 speaks.
+    pbar = Progress(f"train {sae_cfg.hook}".rstrip(), total_steps, unit="steps", initial=step, tokens_per_unit=B,
+                    enabled=ranks.is_main)
     part = (ranks.rank, ranks.world)
 
     def whole_batch():  # reductions inside see the batch of all processes (pipeline.sae.batch)

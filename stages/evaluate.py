@@ -35,6 +35,7 @@ def command(params: Params) -> None:
     from pipeline.evaluate import evaluate_reconstruction, write_density_csv
     from pipeline.io import atomic_write_json, nan_to_null
     from pipeline.numerics import apply_numerics
+    from pipeline.progress import Progress
     from pipeline.sae import load_sae
     from pipeline.splice import splice_metrics, validation_contexts
 
@@ -65,11 +66,14 @@ def command(params: Params) -> None:
         ds = open_activations(VALIDATION / hook)
         if ds.d_model != sae.cfg.d_in:
             raise UserError(f"{ds.root}: d_model {ds.d_model} does not match the SAE's d_in {sae.cfg.d_in}")
-        m, hist = evaluate_reconstruction(sae, ds, ev.n_tokens, ev.batch_size, device, special)
+        n_rows = min(ev.n_tokens, ds.n_tokens) if ev.n_tokens is not None else ds.n_tokens
+        with Progress(f"evaluate {hook} reconstruction", n_rows, unit="tok") as progress:
+            m, hist = evaluate_reconstruction(sae, ds, ev.n_tokens, ev.batch_size, device, special, progress)
         write_density_csv(PLOTS / f"density_{hook}.csv", hist)
         if model is not None and contexts is not None:
-            with torch.no_grad():
-                m.update(splice_metrics(model, hook, sae, contexts, ev.splice_batch_size, special))
+            with torch.no_grad(), Progress(f"evaluate {hook} spliced model", int(contexts.shape[0]), unit="contexts",
+                                           tokens_per_unit=int(contexts.shape[1])) as progress:
+                m.update(splice_metrics(model, hook, sae, contexts, ev.splice_batch_size, special, progress))
             m["n_splice_contexts"] = int(contexts.shape[0])
         results[hook] = nan_to_null(m)
         log.info("%s: %s", hook, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -26,8 +28,10 @@ def exp_show_json(path: str | None) -> list:
             return json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: not readable `dvc exp show --json` output ({type(e).__name__})") from None
+    # The dvc installed beside this interpreter first: `.venv/bin/sae frontier` works without an activated venv.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        res = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False)
+        res = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False, env=env)
     except FileNotFoundError:
         raise UserError("dvc: command not found (install dvc, or pass --exp-json FILE)") from None
     if res.returncode != 0:

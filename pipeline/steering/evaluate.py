@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.hooks import final_norm_and_unembed
 from pipeline.io import nan_to_null
 from pipeline.params.analysis import SteerParams
+from pipeline.progress import Progress
 from pipeline.steering.baselines import dim_direction, feature_topics, random_direction, select_features
 from pipeline.steering.interventions import SAELike, feature_write
 from pipeline.steering.judge import JUDGE_COLUMNS, PROMPT_VERSION, TextBackend, judge_rows
@@ -116,6 +117,8 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     t_ablate = t_judge = 0.0
     timing = SweepTiming()
     unparsed = 0
+    # Off a terminal (dvc repro) a line every few seconds: one feature's sweep takes tens of seconds on a CPU.
+    progress = Progress("steer", len(features), unit="features", tokens_per_unit=None)
     for f in features:
         scale = stats.scale(f, p.scale, p.scale_quantile)
         if scale <= 0:
@@ -154,6 +157,8 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
         t_ablate += time.perf_counter() - t0
         per_feature_extra[str(f)] = {"scale@2": scale, "write_norm@2": norm, "fire_rate@2": float(stats.fire_count[f] / stats.n_tokens),
                                      "ablation_contexts": [len(fire_ids), len(quiet_ids)], **abl}
+        progress.update(1)
+    progress.close()
     df = pl.DataFrame(all_rows, infer_schema_length=None)
     if judge is not None:  # fixed dtypes even when every answer of a column was unparseable (all None)
         df = df.with_columns(*(pl.col(c).cast(pl.Int64) for c in JUDGE_COLUMNS[:3]), pl.col("judge_hm").cast(pl.Float64))
