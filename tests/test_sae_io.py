@@ -139,7 +139,7 @@ def test_import_saelens_matches_reference_formulas(tmp_path: Path) -> None:
     _write_saelens(tmp_path / "std", base | {"architecture": "standard", "apply_b_dec_to_input": True},
                    {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
     sae = import_saelens(tmp_path / "std")
-    assert sae.cfg.arch == "relu_l1" and sae.cfg.hook == "blocks.3.hook_resid_post"
+    assert sae.cfg.arch == "relu_l1" and sae.cfg.hook == "layers.3.resid_post"  # mapped to this pipeline's name
     f_ref = ((x - b_dec) @ W_enc + b_enc).relu()
     assert torch.allclose(sae.encode(x), f_ref, atol=1e-5)
     assert torch.allclose(sae.decode(f_ref), f_ref @ W_dec + b_dec, atol=1e-4)

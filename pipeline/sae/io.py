@@ -128,11 +128,12 @@ def _load_state(sae: SAE, tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 # ---- SAELens -------------------------------------------------------------------------------------
 _TO_SAELENS = {"relu_l1": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-               "batchtopk": "jumprelu"}
+               "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
 
 
 def export_saelens(sae: SAE, directory: str | Path, model_name: str | None = None) -> Path:
-    """Write ``sae`` in SAELens format. batchtopk is exported as jumprelu with its inference threshold."""
+    """Write ``sae`` in SAELens format. batchtopk and matryoshka_batchtopk are exported as jumprelu with their
+    inference threshold (as SAELens saves its own: its ``matryoshka_batchtopk`` is a training-only class)."""
     arch = sae.cfg.arch
     if arch not in _TO_SAELENS:
         raise UserError(f"export_saelens: architecture {arch!r} has no SAELens equivalent "
@@ -144,7 +145,7 @@ def export_saelens(sae: SAE, directory: str | Path, model_name: str | None = Non
     t: dict[str, torch.Tensor] = {n: sd[n] for n in names}
     if arch == "jumprelu":
         t["threshold"] = sd["log_threshold"].exp()
-    elif arch == "batchtopk":  # one shared threshold -> one per latent
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):  # one shared threshold -> one per latent
         t["threshold"] = sd["threshold"].clamp_min(0.0).expand(c.d_sae).to(s.dtype)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -163,48 +164,14 @@ def export_saelens(sae: SAE, directory: str | Path, model_name: str | None = Non
 
 
 def import_saelens(directory: str | Path, hook: str | None = None) -> SAE:
-    """Load an SAELens SAE directory as one of ours (eval mode, CPU)."""
-    d = Path(directory)
-    path = d / CFG
-    raw = _read_json(path)
-    arch = raw.get("architecture", "standard")
-    act = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
-    if arch == "standard" and act == "topk":  # pre-6.0 TopK SAEs were 'standard' + activation kwargs
-        arch = "topk"
-    ours = {"standard": "relu_l1", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}.get(arch)
-    if ours is None:
-        raise UserError(f"{path}: SAELens architecture {arch!r} is not supported (standard, topk, jumprelu, gated)")
-    norm = raw.get("normalize_activations", "none")
-    if norm not in ("none", False, None):
-        raise UserError(f"{path}: normalize_activations={norm!r} needs a scaling factor this file does not "
-                        "hold; fold it into the weights first")
-    if raw.get("finetuning_scaling_factor"):
-        raise UserError(f"{path}: finetuning_scaling_factor is not supported")
-    meta = raw.get("metadata") or raw.get("meta") or {}
-    if hook is None:
-        hook = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
-    try:
-        d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: needs integer 'd_in' and 'd_sae'") from None
-    k = raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k") or 1
-    dtype = str(raw.get("dtype", "float32")).replace("torch.", "")
-    cfg = SAEConfig(arch=ours, d_in=d_in, d_sae=d_sae, hook=hook, dtype=dtype, k=int(k),
-                    apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
-    wpath = d / SAELENS_WEIGHTS
-    t = _read_tensors(wpath)
-    if "scaling_factor" in t:  # older SAELens files may carry an all-ones (already folded) factor
-        if not torch.allclose(t["scaling_factor"].float(), torch.ones(1)):
-            raise UserError(f"{wpath}: a non-trivial 'scaling_factor' tensor is not supported")
-        del t["scaling_factor"]
-    if ours == "jumprelu":
-        if "threshold" not in t:
-            raise UserError(f"{wpath}: jumprelu SAE without a 'threshold' tensor")
-        # theta = exp(log_theta) > 0; a threshold of exactly 0 becomes the smallest float32 normal.
-        t["log_threshold"] = t.pop("threshold").float().clamp_min(torch.finfo(torch.float32).tiny).log()
-    sae = make_sae(cfg, seed=0)  # weights are overwritten; a seed keeps the global RNG untouched
-    _load_state(sae, t, wpath)
-    return sae.eval()
+    """Load an SAELens SAE directory as one of ours (eval mode, CPU): :mod:`pipeline.sae.published.saelens`.
+    ``hook`` defaults to the file's, in this pipeline's names where there is an equivalent."""
+    from pipeline.sae.published.hooknames import map_hook
+    from pipeline.sae.published.saelens import read_saelens
+
+    f = read_saelens(Path(directory))
+    f.sae.cfg.hook = hook if hook is not None else (map_hook(f.hook) or f.hook or "")
+    return f.sae
 
 
 # ---- EleutherAI sparsify ---------------------------------------------------------------------------
@@ -228,28 +195,10 @@ def export_sparsify(sae: SAE, directory: str | Path) -> Path:
 
 
 def import_sparsify(directory: str | Path, hook: str = "") -> SAE:
-    """Load a sparsify TopK SAE directory (``cfg.json`` + ``sae.safetensors``) as a topk SAE."""
-    d = Path(directory)
-    path = d / CFG
-    raw = _read_json(path)
-    if raw.get("activation", "topk") != "topk":
-        raise UserError(f"{path}: sparsify activation {raw.get('activation')!r} is not supported (topk only)")
-    for flag in ("skip_connection", "transcode"):
-        if raw.get(flag):
-            raise UserError(f"{path}: sparsify {flag}=true is not supported (plain SAEs only)")
-    try:
-        d_in, k = int(raw["d_in"]), int(raw["k"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: needs integer 'd_in' and 'k'") from None
-    wpath = d / WEIGHTS
-    t = _read_tensors(wpath)
-    if "encoder.weight" not in t:
-        raise UserError(f"{wpath}: no 'encoder.weight' tensor (not a sparsify SAE)")
-    d_sae = int(raw.get("num_latents") or t["encoder.weight"].shape[0])
-    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
-        t["encoder.weight"].dtype, "float32")
-    cfg = SAEConfig(arch="topk", d_in=d_in, d_sae=d_sae, k=k, hook=hook, dtype=dtype, apply_b_dec_to_input=True)
-    sae = make_sae(cfg, seed=0)  # weights are overwritten; a seed keeps the global RNG untouched
-    ours = {"W_enc": t.pop("encoder.weight").t(), "b_enc": t.pop("encoder.bias"), **t}
-    _load_state(sae, ours, wpath)
-    return sae.eval()
+    """Load a sparsify TopK SAE directory (``cfg.json`` + ``sae.safetensors``) as a topk SAE:
+    :mod:`pipeline.sae.published.sparsify`."""
+    from pipeline.sae.published.sparsify import read_sparsify
+
+    f = read_sparsify(Path(directory))
+    f.sae.cfg.hook = hook
+    return f.sae
