@@ -23,7 +23,7 @@ from torch import Tensor
 
 from pipeline.kernels.reference import batchtopk_width
 from pipeline.sae import batch, ops
-from pipeline.sae.base import SAE, LossOutput, Term, register
+from pipeline.sae.base import SAE, LossOutput, Term, code_firing, register
 from pipeline.sae.config import SAEConfig
 
 
@@ -32,6 +32,7 @@ class TopKSAE(SAE):
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg)
         self._init_linear(generator, decoder_norm=1.0)
+        self.sparse_workspace: dict[str, Any] = {}  # the CPU sparse step's buffers, reused from step to step
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -58,7 +59,10 @@ class TopKSAE(SAE):
 
             step_fn = sae_step.sparse_topk_training_loss if self.kernel_backend == "triton" \
                 else sae_step.sparse_cpu_training_loss
-            return step_fn(self, x, self._dead_or_none(dead))
+            out = step_fn(self, x, self._dead_or_none(dead))
+            _, l0 = code_firing(out.idx, out.val, self.cfg.d_sae)
+            terms = {"mse": out.recon.detach(), "l0": l0, "auxk": out.aux.detach()}
+            return LossOutput(out.loss, out.xs_hat / self.cfg.scaling_factor, None, terms, (out.idx, out.val))
         return super().training_loss(x, step, total_steps, dead)
 
     def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
@@ -89,14 +93,27 @@ class TopKSAE(SAE):
     def _on_train_latents(self, f: Tensor) -> None:
         """Hook for per-batch statistics of the training latents ``f[B, d_sae]`` (or their non-zeros)."""
 
-    # The kernel path's selection (pipeline.kernels.sae_step), which an architecture on the same kernels overrides:
-    def _sparse_width(self) -> int:
+    # The sparse kernel step's contract (pipeline.kernels.sae_step.SparseArch): besides the weights, scale_in,
+    # k_aux and aux_weight, the selection (which an architecture on the same kernels overrides) and loss pieces.
+    def sparse_width(self) -> int:
         """How many latents per token the kernel's chunked top-k selects: TopK's own k."""
         return self.cfg.k
 
-    def _sparse_keep(self, val: Tensor) -> Tensor:
+    def sparse_keep(self, val: Tensor) -> Tensor:
         """The kernel's selected values ``val [B, width]`` -> the code's values (0 = dropped): TopK keeps all."""
         return val
+
+    def recon_loss(self, xs: Tensor, xs_hat: Tensor) -> Tensor:
+        """The reconstruction term every architecture trains on (:meth:`SAE._recon_loss`). Scalar."""
+        return self._recon_loss(xs, xs_hat)
+
+    def aux_loss(self, e_hat: Tensor, residual: Tensor) -> Tensor:
+        """AuxK's term from the dead latents' reconstruction ``e_hat [B, d_in]`` (as in :func:`ops.auxk_loss`). Scalar."""
+        return ops.normalized_mse(e_hat, residual)
+
+    def on_train_latents(self, val: Tensor) -> None:
+        """The kernel step's code values ``val [B, width]`` into the per-batch statistics (:meth:`_on_train_latents`)."""
+        self._on_train_latents(val)
 
 
 @register("batchtopk")
@@ -120,11 +137,11 @@ class BatchTopKSAE(TopKSAE):
         vals, idx = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals.relu()).view_as(pre)
 
-    def _sparse_width(self) -> int:
+    def sparse_width(self) -> int:
         """Each token's candidates for the batch-wide selection (a token keeps at most this many)."""
         return batchtopk_width(self.cfg.k, self.cfg.d_sae)
 
-    def _sparse_keep(self, val: Tensor) -> Tensor:
+    def sparse_keep(self, val: Tensor) -> Tensor:
         """Of all candidates, the B·k largest over the global batch."""
         return batch.keep_top(val, batch.rows(val.shape[0]) * self.cfg.k)
 
