@@ -13,6 +13,7 @@ latents before decoding: into W_dec's rows).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,12 @@ def resolve_release(release: str, sae_id: str, key: str = "sae.source") -> tuple
     if p is None:
         raise UserError(f"{key}: saelens:{release}/{sae_id} needs the sae-lens package for its release registry "
                         "(pip install 'sae-pipeline[saelens]'), or name the files with hf:<repo>/<path>")
-    reg = yaml.safe_load(p.read_text())
-    entry = reg.get(release)
+    text = p.read_text()
+    # The registry is ~40k lines (parsing it whole takes seconds): only this release's top-level block is parsed.
+    m = re.search(rf"^{re.escape(release)}:\n(?:(?:[ \t].*)?\n)*", text, flags=re.M)
+    entry = (yaml.safe_load(m.group(0)) or {}).get(release) if m else None
     if entry is None:
-        close = sorted(r for r in reg if release.split("-")[0] in r)[:5]
+        close = sorted(r for r in re.findall(r"^([\w.-]+):", text, flags=re.M) if release.split("-")[0] in r)[:5]
         raise UserError(f"{key}: SAELens release {release!r} not found in {p.name} (e.g. {', '.join(close) or 'none'})")
     conv = entry.get("conversion_func")
     if conv not in CONVERSIONS:
