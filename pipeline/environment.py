@@ -2,7 +2,7 @@
 every ``auto`` choice as the stage resolved it.
 
 Each compute stage writes :func:`environment` as the ``"environment"`` block of its
-``metrics/<stage>.json``; the report stage copies the blocks into the MLflow run's tags; ``sae
+``results/<stage>.json``; the report stage copies the blocks into the MLflow run's tags; ``sae
 verify`` compares them to tell whether a rerun must be bit-exact or within tolerance. All values are
 strings (so the block is never mistaken for metrics) and a function of the machine and the settings
 only: no time, process id or load, so a rerun on the same machine writes the same bytes.
@@ -21,7 +21,7 @@ from pipeline.numerics import mkl_cbwr_mode, onednn_isa
 
 __all__ = ["environment", "cpu_flags", "cpu_model", "cpu_has_fast_bf16", "KEY"]
 
-KEY = "environment"  # the block's key in metrics/<stage>.json
+KEY = "environment"  # the block's key in results/<stage>.json
 # CPU features that select different kernels (and so roundings) in MKL, oneDNN and ATen: vector
 # width, FMA, native bf16/fp16/int8 dot products and AMX tiles (x86); NEON/SVE/bf16 (Arm).
 RELEVANT_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",

@@ -1,8 +1,8 @@
 """Sparsity-fidelity frontier across DVC experiments: L0 vs FVU and L0 vs CE loss recovered.
 
 Input is the JSON of ``dvc exp show --json`` (DVC 3.x: a list of commits, each with ``data`` and
-nested ``experiments[].revs[]``); every commit or experiment whose ``metrics/evaluate.json`` has a
-hook's metrics becomes one labelled point. The Pareto-optimal points (no other run has both lower
+nested ``experiments[].revs[]``); every commit or experiment whose ``metrics/evaluate.json`` (the
+evaluate stage's flat headline, :mod:`pipeline.headline`) has an L0 for a hook becomes one labelled point. The Pareto-optimal points (no other run has both lower
 L0 and better fidelity) are joined by a line, the usual way SAE sweeps are compared (Gao et al.
 2024, Fig. 2; Rajamanoharan et al. 2024).
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import metrics
 from pipeline.paths import METRICS
 
 log = logging.getLogger(__name__)
@@ -45,17 +44,40 @@ def _runs(entries: list[dict[str, Any]], include_workspace: bool) -> list[tuple[
     return out
 
 
+def _by_hook(headline: dict[str, Any], first_hook: str) -> dict[str, dict[str, float]]:
+    """``{hook: {base name: value}}`` from a flat headline (``fvu@3`` for the first hook, ``<hook>/fvu@3`` for
+    others; the highest version of a base name wins) or from the nested per-hook files of older commits."""
+    versions: dict[str, dict[str, tuple[int, float]]] = {}
+    for key, value in headline.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for name, v in items:
+            hook = key if isinstance(value, dict) else (key.rpartition("/")[0] or first_hook)
+            base, _, version = name.rpartition("/")[2].partition("@")
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            rank = int(version) if version.isdigit() else 0
+            if rank >= versions.setdefault(hook, {}).get(base, (-1, 0.0))[0]:
+                versions[hook][base] = (rank, float(v))
+    return {hook: {b: v for b, (_, v) in names.items()} for hook, names in versions.items()}
+
+
+def _first_hook(data: dict[str, Any]) -> str:
+    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+    hooks = (params.get("extract") or {}).get("hooks") or []
+    return str(hooks[0]) if hooks else "first hook"
+
+
 def frontier_points(exp_show: list[dict[str, Any]], include_workspace: bool = False) -> list[Point]:
-    """One point per (run, hook) that has ``l0@1`` in its evaluate metrics; first occurrence of a label wins."""
+    """One point per (run, hook) that has an L0 in its evaluate headline; first occurrence of a label wins."""
     points: list[Point] = []
     seen: set[tuple[str, str]] = set()
     for label, data in _runs(exp_show, include_workspace):
-        per_hook = ((data.get("metrics") or {}).get(EVALUATE_METRICS) or {}).get("data") or {}
-        for hook, m in per_hook.items():
-            if not isinstance(m, dict) or m.get(metrics.L0) is None or (label, hook) in seen:
+        head = ((data.get("metrics") or {}).get(EVALUATE_METRICS) or {}).get("data") or {}
+        for hook, m in _by_hook(head, _first_hook(data)).items():
+            if m.get("l0") is None or (label, hook) in seen:
                 continue
             seen.add((label, hook))
-            points.append(Point(label, hook, float(m[metrics.L0]), m.get(metrics.FVU), m.get(metrics.CE_LOSS_RECOVERED)))
+            points.append(Point(label, hook, m["l0"], m.get("fvu"), m.get("ce_loss_recovered")))
     return points
 
 
@@ -77,7 +99,7 @@ def plot_frontier(points: list[Point], out: str | Path) -> Path:
 
     from pipeline.io import atomic_write_bytes
 
-    panels = ((metrics.FVU, "fvu", False), (metrics.CE_LOSS_RECOVERED, "ce_recovered", True))
+    panels = (("FVU", "fvu", False), ("CE loss recovered", "ce_recovered", True))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     hooks = sorted({p.hook for p in points})
     for ax, (title, attr, higher) in zip(axes, panels, strict=True):
@@ -92,7 +114,7 @@ def plot_frontier(points: list[Point], out: str | Path) -> Path:
             front = pareto([(x, y) for x, y, _ in pts], higher)
             ax.plot([x for x, _ in front], [y for _, y in front], color=color, alpha=0.5, zorder=2)
         ax.set_xscale("log")
-        ax.set_xlabel("L0 (l0@1, active latents per token)")
+        ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(title)
         ax.set_title(f"L0 vs {title}" + (" (higher is better)" if higher else " (lower is better)"))
         ax.grid(alpha=0.3)

@@ -1,7 +1,7 @@
 """Compare a commit's recorded metrics with a rerun's (``sae verify``): bit-exact where the environment
 matches, within a stated tolerance per metric where it does not.
 
-Each ``metrics/<stage>.json`` carries the ``environment`` its numbers were computed in
+Each ``results/<stage>.json`` (a stage's full results) carries the ``environment`` its numbers were computed in
 (:mod:`pipeline.environment`). A stage is held to **bit-exact** equality when its recorded
 environment equals the rerun's and so do those of every stage before it in the pipeline (their
 outputs are its inputs). Otherwise each metric is held to the first rule of :data:`TOLERANCES` whose
@@ -205,7 +205,7 @@ def within(rule: Tolerance, recorded: Any, now: Any) -> bool:
 
 
 def compare(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> Verification:
-    """``recorded`` and ``now``: ``{stage: parsed metrics/<stage>.json}``. Stages in pipeline order."""
+    """``recorded`` and ``now``: ``{stage: parsed results/<stage>.json}``. Stages in pipeline order."""
     stages = sorted(set(recorded) | set(now), key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s))
     out = Verification()
     exact = True  # every stage so far ran in the recorded environment

@@ -21,7 +21,6 @@ log = logging.getLogger("sae.evaluate")
 
 VALIDATION = ACTIVATIONS / "validation"
 PLOTS = Path("plots/evaluate")
-METRICS = Path("metrics/evaluate.json")
 
 
 @stage_command(help="Reconstruction, sparsity, feature density and spliced-model (CE recovered, KL) metrics of each SAE.")
@@ -33,7 +32,8 @@ def command(params: Params) -> None:
     from pipeline.environment import environment
     from pipeline.errors import UserError
     from pipeline.evaluate import evaluate_reconstruction, write_density_csv
-    from pipeline.io import atomic_write_json, nan_to_null
+    from pipeline.headline import write_stage_results
+    from pipeline.io import nan_to_null
     from pipeline.numerics import apply_numerics
     from pipeline.progress import Progress
     from pipeline.sae import load_sae
@@ -79,4 +79,4 @@ def command(params: Params) -> None:
         log.info("%s: %s", hook, ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
     results["environment"] = environment({"evaluate.device": device, "model.dtype": params.model.dtype,
                                           "numerics.portable": params.numerics.portable})
-    atomic_write_json(METRICS, results)
+    write_stage_results("evaluate", results, params.extract.hooks)

@@ -24,8 +24,8 @@ from pipeline.extract import (
     make_progress,
     prepare_output,
 )
+from pipeline.headline import write_stage_results
 from pipeline.hooks import validate_hooks
-from pipeline.io import atomic_write_json
 from pipeline.models import load_config, load_model
 from pipeline.numerics import apply_numerics, numerics_fingerprint
 from pipeline.paths import ACTIVATIONS, CONTEXTS
@@ -33,7 +33,6 @@ from stages.common import Params, log, stage_command
 from stages.launch import relaunched
 
 OUT = ACTIVATIONS
-METRICS = Path("metrics/extract.json")
 
 
 def mean_norm(root: Path) -> float:
@@ -98,5 +97,5 @@ def command(params: Params) -> None:
         metrics["hooks"][h] = {"mean_norm": round(mean_norm(OUT / "train" / h), 4)}
     metrics["environment"] = environment({"model.device": next(lm.model.parameters()).device, "model.dtype": m.dtype,
                                           "extract.batch_size": batch_size, "numerics.portable": params.numerics.portable})
-    atomic_write_json(METRICS, metrics)
+    write_stage_results("extract", metrics, spec.hooks)
     log.info("extract: %d tokens x %d hooks in %.1fs (%.0f tok/s)", total, len(spec.hooks), seconds, total / seconds)

@@ -17,7 +17,8 @@ import polars as pl
 
 from pipeline.devices import resolve_device
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.headline import write_stage_results
+from pipeline.io import atomic_write_text
 from pipeline.params import Params
 from pipeline.paths import ACTIVATIONS, DASHBOARD, INTERPRET, MODELS, TOKENS
 from stages.common import stage_command
@@ -26,7 +27,6 @@ log = logging.getLogger("sae.interpret")
 
 OUT = INTERPRET
 CACHE = Path("data/interpret_cache")
-METRICS = Path("metrics/interpret.json")
 
 
 def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                       "delete it to recompute explanations and scores.\n")
     env = environment({"interpret.device": device, "interpret.encode_dtype": encode_dtype,
                        "numerics.portable": params.numerics.portable})
-    atomic_write_json(root / METRICS, {**metrics, "environment": env})
+    write_stage_results("interpret", {**metrics, "environment": env}, params.extract.hooks, root)
     return metrics
 
 

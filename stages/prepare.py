@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import polars as pl
 
 from pipeline.corpus import describe_source, iter_documents
 from pipeline.environment import environment
-from pipeline.io import atomic_write_json, atomic_write_parquet
+from pipeline.headline import write_stage_results
+from pipeline.io import atomic_write_parquet
 from pipeline.models import load_tokenizer
 from pipeline.paths import TOKENS
 from pipeline.tokens import ContextSpec, build_contexts
 from stages.common import Params, log, stage_command
 
 OUT = TOKENS
-METRICS = Path("metrics/prepare.json")
 
 
 @stage_command(help="Corpus -> fixed-length token contexts (Parquet). Splits train/validation by document.")
@@ -40,6 +39,6 @@ def command(params: Params) -> None:
         "corpus": describe_source(c.source),
         "environment": environment(compute=False),  # tokenisation: integer work, only library versions matter
     }
-    atomic_write_json(METRICS, metrics)
+    write_stage_results("prepare", metrics)
     log.info("prepare: %d contexts (%s) from %d documents in %.1fs", ctx.height, counts, documents.num_rows,
              time.perf_counter() - t0)

@@ -17,12 +17,12 @@ import polars as pl
 
 from pipeline.activations import open_activations
 from pipeline.errors import UserError
+from pipeline.headline import write_stage_results
 from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text
 from pipeline.paths import ACTIVATIONS, INTERPRET, MODELS, STEER_FIGURES, TOKENS
 from stages.common import Params, log, stage_command
 
 OUT = Path("data/steer")
-METRICS = Path("metrics/steer.json")
 PLOTS = Path("plots/steer")
 CACHE = Path("data/steer_cache")
 
@@ -86,7 +86,7 @@ def command(params: Params) -> None:
     write_pngs(curves, STEER_FIGURES)
     env = environment({"model.device": device, "model.dtype": params.model.dtype,
                        "numerics.portable": params.numerics.portable})
-    atomic_write_json(METRICS, {**result.metrics, "environment": env})
+    write_stage_results("steer", {**result.metrics, "environment": env})
     rt = {**result.runtime, "stage_s": round(time.perf_counter() - t0, 2)}
     atomic_write_json(STEER_FIGURES / "runtime.json", rt)
     log.info("steer: %d generations, %d tokens at %.0f tok/s; stage %.1fs", rt["generations"],

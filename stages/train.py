@@ -19,9 +19,9 @@ import click
 from pipeline import distributed
 from pipeline.activations import open_activations
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json
+from pipeline.headline import write_stage_results
 from pipeline.params import Params
-from pipeline.paths import ACTIVATIONS, METRICS, MODELS, TRAIN_CURVES
+from pipeline.paths import ACTIVATIONS, MODELS, TRAIN_CURVES
 from stages.common import stage_command
 from stages.launch import relaunched
 
@@ -84,4 +84,4 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
                                           # data-parallel processes: they sum gradients in another order
                                           "train.world_size": distributed.current().world})
     if distributed.current().is_main:  # under torchrun, rank 0 writes
-        atomic_write_json(METRICS / "train.json", metrics)
+        write_stage_results("train", metrics, params.extract.hooks)

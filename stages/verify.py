@@ -1,10 +1,11 @@
 """``sae verify``: rerun a commit's pipeline and compare with the metrics it recorded.
 
-The recorded side is ``git show <rev>:metrics/<stage>.json`` for every metrics file the commit holds.
+The recorded side is ``git show <rev>:results/<stage>.json`` for every results file the commit holds (the
+full results, :mod:`pipeline.headline`; a commit from before that split holds them in ``metrics/``).
 The rerun happens in a temporary clone of the repository at that commit (``dvc repro --force`` of
 the stages that wrote those files, never ``report``: nothing is logged to MLflow), so the workspace,
 its DVC cache and its MLflow store are left alone; ``--no-rerun`` compares the workspace's own
-``metrics/`` instead (after a ``git checkout <rev> && dvc repro --force`` of your own). The
+``results/`` instead (after a ``git checkout <rev> && dvc repro --force`` of your own). The
 comparison and its tolerances are :mod:`pipeline.verify`; exit code 1 when a metric is out of
 tolerance, 2 on a usage error.
 
@@ -32,7 +33,8 @@ from pipeline.numerics import child_environ
 from pipeline.verify import compare, format_report, format_tolerances
 from stages.common import log, run_user_errors
 
-METRICS = Path("metrics")
+RESULTS = Path("results")
+LEGACY = Path("metrics")  # where commits from before the headline split keep their full results
 
 
 def _git(root: Path, *args: str) -> str:
@@ -43,12 +45,16 @@ def _git(root: Path, *args: str) -> str:
 
 
 def recorded_metrics(root: Path, rev: str) -> tuple[str, dict[str, Any]]:
-    """``(commit, {stage: metrics/<stage>.json at that commit})``; a UserError when there are none."""
+    """``(commit, {stage: results/<stage>.json at that commit})``; a UserError when there are none."""
     commit = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
-    names = [n for n in _git(root, "ls-tree", "--name-only", commit, f"{METRICS.as_posix()}/").split() if n.endswith(".json")]
+    for folder in (RESULTS, LEGACY):
+        names = [n for n in _git(root, "ls-tree", "--name-only", commit, f"{folder.as_posix()}/").split()
+                 if n.endswith(".json")]
+        if names:
+            break
     if not names:
-        raise UserError(f"--rev {rev}: commit {commit[:7]} has no {METRICS}/*.json (commit the metrics files "
-                        "that `dvc repro` writes, then verify)")
+        raise UserError(f"--rev {rev}: commit {commit[:7]} has no {RESULTS}/*.json: record a run first "
+                        f"(`dvc repro`, then `git add dvc.lock metrics results && git commit`), then verify")
     return commit, {Path(n).stem: json.loads(_git(root, "show", f"{commit}:{n}")) for n in names}
 
 
@@ -103,7 +109,7 @@ def rerun(root: Path, commit: str, stages: list[str], keep: bool) -> dict[str, A
         if res.returncode != 0:
             raise UserError(f"dvc repro failed in {clone} (exit {res.returncode}); the clone is kept for inspection")
         ok = True
-        return read_metrics(clone / METRICS)
+        return read_metrics(clone / RESULTS) or read_metrics(clone / LEGACY)  # a commit from before the split
     finally:
         if keep or not ok and clone.is_dir() and (clone / "dvc.yaml").is_file():
             log.info("verify: the clone is kept at %s", clone)
@@ -114,7 +120,7 @@ def rerun(root: Path, commit: str, stages: list[str], keep: bool) -> dict[str, A
 @click.command(help="Rerun a commit's pipeline in a temporary clone and compare with the metrics it recorded: "
                "bit-exact where the recorded environment matches, else within each metric's tolerance.")
 @click.option("--rev", default="HEAD", show_default=True, help="The commit whose recorded metrics are checked.")
-@click.option("--no-rerun", is_flag=True, help="Compare the workspace's metrics/ (after your own `dvc repro --force`) "
+@click.option("--no-rerun", is_flag=True, help="Compare the workspace's results/ (after your own `dvc repro --force`) "
               "instead of rerunning in a temporary clone.")
 @click.option("--all", "show_all", is_flag=True, help="List every metric, not only those that moved.")
 @click.option("--keep", is_flag=True, help="Keep the temporary clone.")
@@ -132,7 +138,7 @@ def command(rev: str, no_rerun: bool, show_all: bool, keep: bool, tolerances: bo
             click.echo("\n".join(f"  {line}" for line in drift.describe()))
             click.echo("Nothing compared: its metrics are not the results of its params and code.")
             sys.exit(1)
-        now = read_metrics(root / METRICS) if no_rerun else rerun(root, commit, list(recorded), keep)
+        now = read_metrics(root / RESULTS) if no_rerun else rerun(root, commit, list(recorded), keep)
         result = compare(recorded, now)
         click.echo(f"sae verify: metrics recorded at {commit[:12]} vs "
                    f"{'the workspace' if no_rerun else 'a rerun of that commit'}")

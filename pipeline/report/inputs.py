@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.paths import ACTIVATIONS, DASHBOARD, INTERPRET, METRICS, MODELS, STEER_FIGURES, TRAIN_CURVES
+from pipeline.paths import ACTIVATIONS, DASHBOARD, INTERPRET, MODELS, RESULTS, STEER_FIGURES, TRAIN_CURVES
 from pipeline.tracking.record import headline_metrics, read_curve, read_manifest, read_stage_metrics
 from pipeline.tracking.store import RunPoint
 
@@ -97,11 +97,11 @@ def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> 
     """Read the workspace at ``root``; ``params`` are the flattened dotted params."""
     root = Path(root)
     inp = ReportInputs(params=dict(params), hooks=list(hooks))
-    inp.stage_metrics = read_stage_metrics(root / METRICS)
+    inp.stage_metrics = read_stage_metrics(root / RESULTS)
     inp.headline = headline_metrics(inp.stage_metrics, hooks[0] if hooks else None)
     for stage in ("prepare", "extract", "train", "evaluate", "interpret", "steer"):
         if stage not in inp.stage_metrics:
-            inp.missing.append(str(METRICS / f"{stage}.json"))
+            inp.missing.append(str(RESULTS / f"{stage}.json"))
     for hook in hooks:
         if not inp.manifest:
             inp.manifest = read_manifest(root, hook)
@@ -126,7 +126,7 @@ def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> 
             inp.missing.append(str(feats.relative_to(root)))
     if not inp.manifest:
         inp.missing.append(str(ACTIVATIONS / "train" / "<hook>" / "manifest.json"))
-    inp.steer = _json(root / METRICS / "steer.json")
+    inp.steer = _json(root / RESULTS / "steer.json")
     steer_dir = root / STEER_FIGURES
     inp.steer_pngs = sorted(steer_dir.glob("*.png")) if steer_dir.is_dir() else []
     dash = root / DASHBOARD / "index.html"

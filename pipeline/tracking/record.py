@@ -1,7 +1,8 @@
 """Everything one MLflow run holds, gathered from the files the stages wrote.
 
 The report stage is the only process that writes a run (README, "Experiment tracking and reports"):
-it reads every ``metrics/<stage>.json`` — including those of stages DVC skipped, since their files are
+it reads every ``results/<stage>.json`` (a stage's full results; ``metrics/<stage>.json`` is only their
+DVC headline, :mod:`pipeline.headline`) — including those of stages DVC skipped, since their files are
 still there — the training curves ``plots/train/<hook>.csv``, the activation manifests and the SAE
 configs, and builds a :class:`RunRecord`. The record is plain JSON so a run that could not be logged is
 saved as a pending bundle and uploaded later, unchanged (:mod:`pipeline.tracking.pending`).
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.environment import KEY as ENVIRONMENT_KEY
-from pipeline.paths import ACTIVATIONS, METRICS, MODELS, PLOTS, TRAIN_CURVES
+from pipeline.paths import ACTIVATIONS, METRICS, MODELS, PLOTS, RESULTS, TRAIN_CURVES
 from pipeline.tracking.names import MAX_TAG_VALUE, iter_numeric, metric_base, metric_key, param_value
 from pipeline.tracking.workspace import git_info, package_versions
 
@@ -58,7 +59,7 @@ class RunRecord:
 
 
 def read_stage_metrics(metrics_dir: Path) -> dict[str, dict[tuple[str, ...], float]]:
-    """``metrics/<stage>.json`` → ``{stage: {(path, ..., name): value}}``; unreadable files are skipped with a warning."""
+    """``results/<stage>.json`` → ``{stage: {(path, ..., name): value}}``; unreadable files are skipped with a warning."""
     out: dict[str, dict[tuple[str, ...], float]] = {}
     if not metrics_dir.is_dir():
         return out
@@ -76,7 +77,7 @@ def read_stage_metrics(metrics_dir: Path) -> dict[str, dict[tuple[str, ...], flo
 
 
 def environment_tags(metrics_dir: Path) -> dict[str, str]:
-    """Tags from the ``environment`` block of each ``metrics/<stage>.json`` (:mod:`pipeline.environment`):
+    """Tags from the ``environment`` block of each ``results/<stage>.json`` (:mod:`pipeline.environment`):
     ``env.<key>`` for a value every stage that records the key agrees on (the CPU, the versions), else
     ``env.<stage>.<key>`` per stage (e.g. threads that differ between stages)."""
     blocks: dict[str, dict[str, str]] = {}
@@ -152,8 +153,9 @@ def _artifacts(root: Path) -> list[list[str]]:
     arts: list[list[str]] = []
     for p in sorted((root / MODELS).glob("*/cfg.json")):
         arts.append([str(p), f"sae/{p.parent.name}"])
-    for p in sorted((root / METRICS).glob("*.json")):
-        arts.append([str(p), "metrics"])
+    for folder in (RESULTS, METRICS):  # everything each stage measured; its DVC headline
+        for p in sorted((root / folder).glob("*.json")):
+            arts.append([str(p), folder.name])
     plots = root / PLOTS
     for p in sorted(plots.rglob("*.csv")) if plots.is_dir() else []:
         arts.append([str(p), str(PLOTS / p.parent.relative_to(plots))])
@@ -176,7 +178,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
     commit = git.get("commit", "")
     run_name = exp_name or (f"workspace-{commit[:7]}" if commit else "workspace")
 
-    stage_metrics = read_stage_metrics(root / METRICS)
+    stage_metrics = read_stage_metrics(root / RESULTS)
     metrics: dict[str, float] = {}
     for stage, values in stage_metrics.items():
         for path, value in values.items():
@@ -214,7 +216,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
     if git.get("dirty_files"):
         tags["git.dirty_files"] = git["dirty_files"]
     tags.update({f"versions.{k}": v for k, v in package_versions().items()})
-    tags.update(environment_tags(root / METRICS))  # what the numbers were computed with, per stage
+    tags.update(environment_tags(root / RESULTS))  # what the numbers were computed with, per stage
     record_id = uuid.uuid4().hex
     tags["sae.record_id"] = record_id
     return RunRecord(

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGES = ("torch", "transformers", "dvc", "mlflow", "polars", "pyarrow", "sae-pipeline")
 # Paths DVC itself rewrites while the pipeline runs (dvc.lock after every stage, metrics files with
 # ``cache: false``); counting them would mark every run dirty.
-PIPELINE_WRITTEN = ("dvc.lock", "metrics/", "plots/", "reports/")
+PIPELINE_WRITTEN = ("dvc.lock", "metrics/", "results/", "plots/", "reports/")
 
 
 def repo_root(cwd: str | Path | None = None) -> Path:
