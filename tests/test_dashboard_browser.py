@@ -76,7 +76,7 @@ def _index_rows(dom: str) -> list[list[str]]:
 def test_first_screen_opens_on_the_interpretability_ranking(dashboard, tmp_path):
     import polars as pl
 
-    from pipeline.interpret.ranking import MIN_SUPPORT
+    from pipeline.feature_ranking import MIN_SUPPORT
 
     world, root = dashboard
     dom, console = browse((root / world.hook / "index.html").as_uri(), tmp_path / "profile")
@@ -114,3 +114,56 @@ def test_feature_view_has_histogram_ticks_and_visible_spaces(dashboard, tmp_path
     lens_tokens = feats.filter(pl.col("feature") == TOKEN_FEATURE)["top_tokens"][0].to_list()
     spaced = [t for t in lens_tokens if t.startswith(" ")]
     assert len([c for c in cells if c.startswith("\u2423")]) >= len(spaced) > 0
+
+
+PROBE = """<script>
+// What a reader sees on the first screen: every probed element's text and whether its top is inside the viewport.
+const out = [...document.querySelectorAll("%s")].map(e => [e.textContent.trim().slice(0, 80),
+  e.getBoundingClientRect().top < window.innerHeight]);
+const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+</script>"""
+
+
+def first_screen(page: Path, selector: str, profile: Path) -> list[tuple[str, bool]]:
+    """(text, on the first screen of a 1280x800 window) of each ``selector`` match of ``page``, in page order."""
+    import html
+    import json
+
+    probe = page.with_name("probe-" + page.name)
+    probe.write_text(page.read_text().replace("</body>", PROBE % selector + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
+           "--window-size=1280,800", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-2000:]
+    found = re.search(r'<pre id="probe">(.*?)</pre>', r.stdout, re.S)
+    assert found, r.stdout[-2000:]
+    return [tuple(x) for x in json.loads(html.unescape(found.group(1)))]
+
+
+def test_dashboard_first_screen_shows_supported_latents(dashboard, tmp_path):
+    import polars as pl
+
+    from pipeline.feature_ranking import MIN_SUPPORT
+
+    world, root = dashboard
+    rows = first_screen(root / world.hook / "index.html", "tr.row td:nth-child(3)", tmp_path / "p")
+    visible = [int(text) for text, on_screen in rows if on_screen]
+    assert len(visible) >= 5  # the table starts on the first screen
+    feats = pl.read_parquet(world.root / "data" / "interpret" / world.hook / "features.parquet")
+    supported = int((feats["fire_count"] >= MIN_SUPPORT).sum())
+    assert all(v >= MIN_SUPPORT for v in visible[:supported])  # "fires on" of the first rows shown
+
+
+def test_report_first_screen_leads_with_results(tmp_path):
+    from tracking_fixtures import HOOK, fabricate_workspace
+
+    from pipeline.report import build_document, gather, write_report
+
+    ws = fabricate_workspace(tmp_path / "ws")
+    write_report(build_document(gather(ws, {}, [HOOK], top_n=5), top_n=5), ws / "reports")
+    heads = first_screen(ws / "reports" / "summary.html", "h2, summary", tmp_path / "p")
+    on_screen = [text for text, seen in heads if seen]
+    assert on_screen[:4] == ["Results", "l0", "fvu", "ce_loss_recovered"]  # headline names, definitions folded
+    assert "Configuration" in [t for t, _ in heads] and "Configuration" not in on_screen
+    assert [t for t, _ in heads].index("Configuration") > [t for t, _ in heads].index("Top features")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.feature_ranking import MIN_SUPPORT, detection_notes, evidence_score, rank_features
 from pipeline.interpret.examples import QUANTILE, TOP
 from pipeline.interpret.outputs import top_example_tokens
-from pipeline.interpret.ranking import MIN_SUPPORT, detection_notes, evidence_score, rank_features
 
 NAN = float("nan")
 

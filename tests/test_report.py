@@ -67,9 +67,9 @@ def test_report_with_all_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "Retired definition" in next(line for line in md.splitlines() if line.startswith(f"| {HOOK}/fvu@1 |"))
     assert f"| fvu | 0.25 | evaluate/{HOOK}/fvu@2 | Fraction of variance" in md
     # Top 5 of 12 by explanation score: features 11..7, highest first.
-    feat_rows = [line for line in md.splitlines() if re.match(r"\| \d+ \| 0\.\d+ \| explanation", line)]
+    feat_rows = [line for line in md.splitlines() if re.match(r"\| \d+ \| 0\.\d+ \| 0\.\d+ \| .* explanation", line)]
     assert [int(r.split("|")[1]) for r in feat_rows] == [11, 10, 9, 8, 7]
-    assert "top 5 of 12 features by score" in md
+    assert "top 5 of 12 features, by score" in md
     assert "- verdict: SAE steering beats the random baseline" in md
     assert "| overall/sae_concept@1 | 0.7 |" in md
     assert "[Feature dashboard (all features, sortable and searchable)](features/index.html)" in md
@@ -92,10 +92,10 @@ def test_feature_tables_with_missing_columns(tmp_path: Path) -> None:
     pl.DataFrame({"feature": [0, 1, 2], "frequency": [0.1, 0.3, 0.2], "explanation": ["a", "b", "c"],
                   "detection_balanced_accuracy@1": [0.8, float("nan"), 0.9], "topic_auroc@1": [0.5, 0.6, 0.7],
                   "topic": ["x", "y", "z"], "top_tokens": [["t1", "t2"], ["u"], []]}).write_parquet(feats)
-    rows, count = top_features(feats, 3)
-    assert count == 3 and [r["feature"] for r in rows] == [2, 0, 1]  # by score, NaN last
-    assert rows[0] == {"feature": 2, "frequency": 0.2, "explanation": "c", "score": 0.9, "topic_auroc": 0.7,
-                       "best_topic": "z", "top_tokens": ""} and rows[1]["top_tokens"] == "t1 t2"
+    rows, count, how = top_features(feats, 3)
+    assert count == 3 and [r["feature"] for r in rows] == [2, 0, 1] and how == "by score"  # NaN last
+    assert rows[0] == {"feature": 2, "frequency": 0.2, "score": 0.9, "topic_auroc": 0.7, "best_topic": "z",
+                       "explanation": "c"}  # the logit lens's top_tokens are the dashboard's, not the report's
     pl.DataFrame({"something_else": [1]}).write_parquet(feats)
     md = to_markdown(build_document(gather(ws, {}, [HOOK], top_n=2), top_n=2), "figures")
     assert "the features table has none of the columns" in md

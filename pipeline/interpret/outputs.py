@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.autointerp.simulate import FUZZING_VERSION
+from pipeline.feature_ranking import RANKING, detection_notes, rank_features
 from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN
 from pipeline.interpret.contexts import ContextTable
 from pipeline.interpret.dashboard import DashboardShards, write_index
 from pipeline.interpret.examples import QUANTILE, TOP
-from pipeline.interpret.ranking import RANKING, detection_notes, rank_features
 from pipeline.io import json_number
 
 __all__ = ["FUZZING", "SCORES", "dashboard_payload", "feature_columns", "top_example_tokens", "write_dashboard_index"]
@@ -101,8 +101,8 @@ def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labe
 def write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: dict[str, Any]) -> None:
     """The dashboard's sortable feature table (from the ``features.parquet`` columns) and summary line.
 
-    It opens sorted by :func:`~pipeline.interpret.ranking.rank_features` (the report's "Top features" order);
-    a blank detection cell says why (:func:`~pipeline.interpret.ranking.detection_notes`)."""
+    It opens sorted by :func:`~pipeline.feature_ranking.rank_features` (the report's "Top features" order);
+    a blank detection cell says why (:func:`~pipeline.feature_ranking.detection_notes`)."""
     d = len(cols["feature"])
     det, fuzz = cols["detection_balanced_accuracy@1"], cols[FUZZING]
     order, tier = rank_features(cols["fire_count"], m["interpret_tokens"], det, fuzz, cols["topic_auroc@1"])

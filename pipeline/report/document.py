@@ -37,6 +37,16 @@ class Links:
 class Table:
     header: list[str]
     rows: list[list[str]]
+    # Per-row definitions: in HTML one click away (the first cell opens a <details>), in Markdown a last column.
+    defs: list[str] | None = None
+
+
+@dataclass
+class Fold:
+    """A folded part: its blocks behind a one-line summary (HTML <details>); Markdown shows them all."""
+
+    summary: str
+    blocks: list[Block] = field(default_factory=list)
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Image:
     alt: str
 
 
-Block = Heading | Para | Bullets | Links | Table | Image
+Block = Heading | Para | Bullets | Links | Table | Image | Fold
 
 
 @dataclass
@@ -67,10 +77,12 @@ def _md_cell(text: str) -> str:
     return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(doc: Document, figures_dir: str) -> str:
-    out = [f"# {doc.title}", ""]
-    for b in doc.blocks:
-        if isinstance(b, Heading):
+def _md_blocks(blocks: list[Block], figures_dir: str) -> list[str]:
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Fold):
+            out += [f"**{_md_text(b.summary)}**", ""] + _md_blocks(b.blocks, figures_dir)
+        elif isinstance(b, Heading):
             out += ["#" * (b.level + 1) + " " + b.text, ""]
         elif isinstance(b, Para):
             out += [f"_{_md_text(b.text)}_" if b.note else _md_text(b.text), ""]
@@ -79,12 +91,19 @@ def to_markdown(doc: Document, figures_dir: str) -> str:
         elif isinstance(b, Links):
             out += [f"- [{t}]({h})" for t, h in b.items] + [""]
         elif isinstance(b, Table):
-            out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
-            out.append("|" + "---|" * len(b.header))
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            header = b.header + (["definition"] if b.defs is not None else [])
+            rows = [r + [b.defs[i]] for i, r in enumerate(b.rows)] if b.defs is not None else b.rows
+            out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
+            out.append("|" + "---|" * len(header))
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("")
         elif isinstance(b, Image):
             out += [f"![{b.alt}]({figures_dir}/{b.name})", ""]
+    return out
+
+
+def to_markdown(doc: Document, figures_dir: str) -> str:
+    out = [f"# {doc.title}", "", *_md_blocks(doc.blocks, figures_dir)]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -98,6 +117,8 @@ th{background:#f0f3f8}tr:nth-child(even) td{background:#fafafa}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#777;font-style:italic}img{max-width:100%;border:1px solid #eee}
 code{background:#f4f4f4;padding:0 .2em}
+summary{cursor:pointer}.def{color:#555;font-size:.9em;max-width:40em;padding:.2em 0}
+details.fold{margin:.6em 0}details.fold>summary{font-weight:600;color:#4c72b0}
 """
 
 
@@ -109,12 +130,20 @@ def _is_num(text: str) -> bool:
     return True
 
 
-def to_html(doc: Document) -> str:
+def _cell(text: str, definition: str = "") -> str:
     e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{e(doc.title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(doc.title)}</h1>"]
-    for b in doc.blocks:
-        if isinstance(b, Heading):
+    if definition:  # the definition one click away, under the name
+        return f'<td><details><summary>{e(text)}</summary><div class="def">{e(definition)}</div></details></td>'
+    return f'<td class="num">{e(text)}</td>' if _is_num(text) else f"<td>{e(text)}</td>"
+
+
+def _html_blocks(blocks: list[Block]) -> list[str]:
+    e = html.escape
+    out: list[str] = []
+    for b in blocks:
+        if isinstance(b, Fold):
+            out += [f'<details class="fold"><summary>{e(b.summary)}</summary>', *_html_blocks(b.blocks), "</details>"]
+        elif isinstance(b, Heading):
             out.append(f"<h{b.level + 1}>{e(b.text)}</h{b.level + 1}>")
         elif isinstance(b, Para):
             out.append(f'<p class="note">{e(b.text)}</p>' if b.note else f"<p>{e(b.text)}</p>")
@@ -125,13 +154,20 @@ def to_html(doc: Document) -> str:
         elif isinstance(b, Table):
             head = "".join(f"<th>{e(h)}</th>" for h in b.header)
             rows = "".join(
-                "<tr>" + "".join(f'<td class="num">{e(c)}</td>' if _is_num(c) else f"<td>{e(c)}</td>"
-                                 for c in row) + "</tr>"
-                for row in b.rows
+                "<tr>" + _cell(row[0], b.defs[i] if b.defs is not None else "") + "".join(_cell(c) for c in row[1:])
+                + "</tr>"
+                for i, row in enumerate(b.rows) if row
             )
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif isinstance(b, Image):
             data = base64.b64encode(b.data).decode()
             out.append(f'<p><img alt="{e(b.alt)}" src="data:image/png;base64,{data}"></p>')
-    out.append("</body></html>")
+    return out
+
+
+def to_html(doc: Document) -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{e(doc.title)}</title><style>{CSS}</style></head><body>", f"<h1>{e(doc.title)}</h1>",
+           *_html_blocks(doc.blocks), "</body></html>"]
     return "\n".join(out) + "\n"

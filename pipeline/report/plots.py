@@ -10,7 +10,8 @@ from pipeline.tracking.store import RunPoint
 
 MAX_LABELS = 30
 CURVE_PANELS = (("loss", "training loss"), ("l0", "L0 (active latents / token)"),
-                ("fvu", "FVU"), ("dead_fraction", "dead fraction"))
+                ("fvu", "FVU of the batch (fvu_batch)"),
+                ("dead_fraction", "dead fraction of the window\n(dead_fraction_window)"))
 
 
 def _figure(width: float, height: float) -> Any:
@@ -59,6 +60,12 @@ def frontier_png(points: list[RunPoint], y: str = "fvu", y_label: str = "FVU (lo
 
 def curves_png(curves: dict[str, list[list[float]]], title: str) -> bytes | None:
     """Training curves of one SAE: one panel per column of ``plots/train/<hook>.csv`` that has points."""
+    fig = curves_figure(curves, title)
+    return None if fig is None else _png(fig)
+
+
+def curves_figure(curves: dict[str, list[list[float]]], title: str) -> Any:
+    """The figure of :func:`curves_png` (None without points)."""
     panels = [(c, label) for c, label in CURVE_PANELS if curves.get(c)]
     if not panels:
         return None
@@ -66,9 +73,15 @@ def curves_png(curves: dict[str, list[list[float]]], title: str) -> bytes | None
     for i, (col, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         steps = [s for s, _ in curves[col]]
-        ax.plot(steps, [v for _, v in curves[col]], color="#4c72b0", linewidth=1.2)
+        vals = [v for _, v in curves[col]]
+        ax.plot(steps, vals, color="#4c72b0", linewidth=1.2)
+        lo, hi = min(vals), max(vals)
+        if hi - lo <= 1e-3 * max(abs(hi), abs(lo), 1e-12):  # a constant (TopK's L0): show it, not its rounding noise
+            pad = max(0.05 * abs(hi), 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel("step")
+        ax.ticklabel_format(axis="y", useOffset=False)  # a flat L0 of 32 read as "+3.2e1" plus tiny ticks
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    return _png(fig)
+    return fig

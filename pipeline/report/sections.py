@@ -6,15 +6,21 @@ import math
 from typing import Any
 
 from pipeline.metric_names import DEFINITIONS
-from pipeline.report.document import Bullets, Document, Heading, Image, Links, Para, Table
-from pipeline.report.inputs import FEATURE_COLUMNS, FEATURE_RANK, ReportInputs
+from pipeline.report.document import Bullets, Document, Fold, Heading, Image, Links, Para, Table
+from pipeline.report.inputs import FEATURE_COLUMNS, ReportInputs
 from pipeline.report.plots import curves_png, frontier_png
+from pipeline.report.setup import environment_section, setup_section
 from pipeline.report.steer import verdict_blocks
+from pipeline.report.steer_summary import steer_summary_blocks
 from pipeline.tracking.names import metric_base
 
 STAGES = ("prepare", "extract", "train", "evaluate", "interpret", "steer")
 MAX_ROWS_PER_STAGE = 40
 MAX_FRONTIER_ROWS = 30
+FEATURE_LABELS = {"score": "detection", "topic_auroc": "topic AUROC", "best_topic": "topic"}
+# The results a reader compares first, after the headline L0 / FVU / CE loss recovered: (stage, metric base name).
+KEY_RESULTS = (("evaluate", "dead_fraction"), ("evaluate", "kl_div"), ("interpret", "mean_explanation_score"),
+               ("interpret", "median_topic_auroc"), ("steer", "sae_hm"), ("steer", "sae_concept_gain"))
 
 
 def fmt(v: Any) -> str:
@@ -36,69 +42,69 @@ def _finite(v: Any) -> bool:
 
 
 def definition(name: str) -> str:
-    """The definition of ``name`` (e.g. ``fvu@2``): its exact version's entry, else its base name's."""
+    """The definition of ``name`` (e.g. ``fvu@2``): its exact version's entry, else its base name's; a training
+    validation value (``val_fvu@2``) is its metric's definition on the in-training validation tokens."""
     base, version = metric_base(name)
     exact = DEFINITIONS.get(f"{base.lower()}@{version}") if version is not None else None
-    return exact or DEFINITIONS.get(base.lower(), "")
+    found = exact or DEFINITIONS.get(base.lower(), "")
+    if not found and base.lower().startswith("val_"):
+        inner = definition(name[4:])
+        return f"Training, last validation (train.val_tokens validation tokens): {inner}" if inner else ""
+    return found
 
 
-def run_section(doc: Document, inp: ReportInputs) -> None:
-    r = inp.run
-    items = [f"Run: {r.get('run_name', '?')}"]
-    if r.get("commit"):
-        items.append(f"Git commit: {r['commit'][:12]}" + (" (uncommitted changes)" if r.get("dirty") == "true" else ""))
-    if r.get("exp_name"):
-        items.append(f"DVC experiment: {r['exp_name']} (baseline {r.get('baseline_rev', '')[:12]})")
-    if inp.tracking_note:
-        items.append(inp.tracking_note)
-    doc.add(Heading(1, "Run"), Bullets(items))
+def _find(stage_metrics: dict[str, dict[tuple[str, ...], float]], stage: str, base: str,
+          hook: str | None) -> tuple[str, float] | None:
+    """The value of metric ``base`` in ``stage``: under ``hook`` if there, the highest version -> (key, value)."""
+    cands = [(hook is not None and hook in path[:-1], metric_base(path[-1])[1] or 0, len(path) == 1, path, v)
+             for path, v in stage_metrics.get(stage, {}).items() if metric_base(path[-1])[0].lower() == base]
+    if not cands:
+        return None
+    *_, path, value = max(cands, key=lambda c: c[:3])
+    return "/".join((stage, *path)), value
 
 
-def setup_section(doc: Document, inp: ReportInputs) -> None:
-    p, m = inp.params, inp.manifest
-    rows = [
-        ["model", str(m.get("model_id", p.get("model.name", "?")))],
-        ["model revision", str(m.get("revision", p.get("model.revision", "?")))],
-        ["weights hash", str(m["weights_hash"])[:16] if m.get("weights_hash") else "not recorded (extract not run)"],
-        ["compute dtype", str(p.get("model.dtype", "?"))],
-        ["corpus", str(m.get("corpus", p.get("corpus.source", "?")))],
-        ["context length", fmt(p.get("corpus.context_length", "?"))],
-        ["token budget", fmt(p.get("corpus.n_tokens", "?"))],
-        ["hooks", ", ".join(inp.hooks)],
-    ]
-    if "n_tokens" in m:
-        rows.append(["tokens extracted (train split, first hook)", fmt(m["n_tokens"])])
-    doc.add(Heading(1, "Model, corpus and hook"), Table(["", "value"], rows))
-    doc.add(Heading(1, "SAE"))
-    sae_keys = sorted(k for k in p if k.startswith("sae."))
-    for hook in inp.hooks:
-        cfg = inp.sae_cfgs.get(hook)
-        if cfg is None:
-            doc.add(Para(f"{hook}: no trained SAE found (train not run); configured: "
-                         + ", ".join(f"{k[4:]}={fmt(p[k])}" for k in sae_keys), note=True))
-            continue
-        flat = [[k, fmt(v)] for k, v in sorted(cfg.items()) if not isinstance(v, (dict, list))]
-        doc.add(Para(f"{hook} (models/sae/{hook}/cfg.json):"), Table(["field", "value"], flat))
+def results_section(doc: Document, inp: ReportInputs) -> None:
+    """What the run achieved, first: headline numbers with their definitions one click away, and the verdicts."""
+    doc.add(Heading(1, "Results"))
+    rows, defs = [], []
+    for name, (v, src) in inp.headline.items():
+        rows.append([name, fmt(v), src])
+        defs.append(definition(src.split("/")[-1]))
+    hook = inp.hooks[0] if inp.hooks else None
+    for stage, base in KEY_RESULTS:
+        hit = _find(inp.stage_metrics, stage, base, hook)
+        if hit is not None:
+            rows.append([base, fmt(hit[1]), hit[0]])
+            defs.append(definition(hit[0].split("/")[-1]))
+    if rows:
+        doc.add(Para("Click a name for its definition. Names in 'from' carry their definition version (fvu@2): "
+                     "numbers with different versions are not comparable.", note=True),
+                Table(["metric", "value", "from"], rows, defs=defs))
+    else:
+        doc.add(Para("No stage has written its metrics yet.", note=True))
+    overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
+    if isinstance(overall, dict) and isinstance(overall.get("summary"), str):
+        doc.add(Para(f"Steering: {overall['summary']}"))
 
 
 def metrics_section(doc: Document, inp: ReportInputs) -> None:
-    doc.add(Heading(1, "Key metrics"),
-            Para("Names carry their definition version (fvu@2): numbers with different versions are not comparable.",
-                 note=True))
-    if inp.headline:
-        rows = [[name, fmt(v), src, definition(src.split("/")[-1])] for name, (v, src) in inp.headline.items()]
-        doc.add(Heading(2, "Headline (logged to MLflow as l0, fvu, ce_loss_recovered)"),
-                Table(["metric", "value", "from", "definition"], rows))
+    """Every stage's numbers with their definitions, folded (the results above are the ones to read first)."""
+    doc.add(Heading(1, "All metrics"))
     order = [s for s in STAGES if s in inp.stage_metrics] + sorted(set(inp.stage_metrics) - set(STAGES))
     for stage in STAGES:
         if stage not in inp.stage_metrics:
             doc.add(Para(f"{stage}: not run (metrics/{stage}.json missing).", note=True))
     for stage in order:
-        values = list(inp.stage_metrics[stage].items())
-        rows = [["/".join(path), fmt(v), definition(path[-1])] for path, v in values[:MAX_ROWS_PER_STAGE]]
-        doc.add(Heading(2, f"{stage} (metrics/{stage}.json)"), Table(["metric", "value", "definition"], rows))
+        # The steering file's per-feature leaves are summarised in its own section; here its overall numbers.
+        values = [(path, v) for path, v in inp.stage_metrics[stage].items()
+                  if not (stage == "steer" and path[0] == "features")]
+        rows = [["/".join(path), fmt(v)] for path, v in values[:MAX_ROWS_PER_STAGE]]
+        fold = Fold(f"{stage} (metrics/{stage}.json): {len(values)} numbers",
+                    [Table(["metric", "value"], rows, defs=[definition(p[-1]) for p, _ in values[:MAX_ROWS_PER_STAGE]])])
         if len(values) > MAX_ROWS_PER_STAGE:
-            doc.add(Para(f"{len(values) - MAX_ROWS_PER_STAGE} more in metrics/{stage}.json.", note=True))
+            fold.blocks.append(Para(f"{len(values) - MAX_ROWS_PER_STAGE} more in metrics/{stage}.json.", note=True))
+        doc.add(fold)
 
 
 def curves_section(doc: Document, inp: ReportInputs) -> None:
@@ -147,10 +153,11 @@ def features_section(doc: Document, inp: ReportInputs, top_n: int) -> None:
                          note=True))
             continue
         header = list(rows[0])
-        ranked = next((c for c in FEATURE_RANK if c in header and any(_finite(r[c]) for r in rows)), None)
-        doc.add(Para(f"{hook}: top {len(rows)} of {inp.feature_counts.get(hook, len(rows))} features"
-                     + (f" by {ranked}" if ranked else "") + "."))
-        doc.add(Table(header, [[fmt(r[c]) for c in header] for r in rows]))
+        doc.add(Para(f"{hook}: top {len(rows)} of {inp.feature_counts.get(hook, len(rows))} features, "
+                     f"{inp.feature_ranking.get(hook, 'in table order')}. Detection and fuzzing: balanced accuracy "
+                     "of the explanation on held-out examples; example tokens: the token under each top example's "
+                     "maximum (\u2423 = a leading space)."))
+        doc.add(Table([FEATURE_LABELS.get(c, c) for c in header], [[fmt(r[c]) for c in header] for r in rows]))
 
 
 def steer_section(doc: Document, inp: ReportInputs) -> None:
@@ -163,18 +170,13 @@ def steer_section(doc: Document, inp: ReportInputs) -> None:
     blocks = verdict_blocks(overall) if isinstance(overall, dict) else []
     doc.add(*blocks)
     shown = {("overall", "summary")} if blocks else set()
-    texts = sorted((f"{'/'.join(path)}: {v}" for path, v in _iter_text(inp.steer) if path not in shown),
+    texts = sorted((f"{'/'.join(path)}: {v}" for path, v in _iter_text(inp.steer)
+                    if path not in shown and path[0] not in ("features", "settings", "model", "environment")),
                    key=lambda t: not t.startswith("overall"))[:10]
     if texts:
         doc.add(Bullets(texts))
-    # Overall/summary numbers first: they answer "does SAE steering beat the baselines?".
-    # Then per-method means (SAE methods next to the baselines), then per-feature detail.
-    rank = {"overall": 0, "summary": 0, "methods": 1}
-    values = sorted(inp.stage_metrics.get("steer", {}).items(),
-                    key=lambda kv: (min((rank.get(k, 2) for k in kv[0]), default=2), kv[0]))
-    rows = [["/".join(path), fmt(v)] for path, v in values[:MAX_ROWS_PER_STAGE]]
-    if rows:
-        doc.add(Table(["metric", "value"], rows))
+    # Then one row per method and one per concept: the per-feature detail stays in metrics/steer.json.
+    doc.add(*steer_summary_blocks(inp.steer))
     for png in inp.steer_pngs:
         doc.add(Image(f"steer_{png.name}", png.read_bytes(), f"steering: {png.stem}"))
 
@@ -202,12 +204,18 @@ def build_document(inp: ReportInputs, top_n: int) -> Document:
     model = inp.manifest.get("model_id") or inp.params.get("model.name", "?")
     title = f"SAE pipeline report: {model} @ {', '.join(inp.hooks)}"
     doc = Document(title)
-    run_section(doc, inp)
-    setup_section(doc, inp)
-    metrics_section(doc, inp)
+    r = inp.run
+    if r.get("run_name") or r.get("commit"):
+        doc.add(Para(f"Run {r.get('run_name', '?')}" + (f", commit {r['commit'][:12]}" if r.get("commit") else "")
+                     + ". Results first; configuration and environment at the end.", note=True))
+    # Results, then figures, then detail, then what was configured and where it ran.
+    results_section(doc, inp)
     curves_section(doc, inp)
     frontier_section(doc, inp)
     features_section(doc, inp, top_n)
     steer_section(doc, inp)
+    metrics_section(doc, inp)
+    setup_section(doc, inp)
+    environment_section(doc, inp)
     missing_section(doc, inp)
     return doc
