@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.paths import ACTIVATIONS, DASHBOARD, INTERPRET, MODELS, RESULTS, STEER_FIGURES, TRAIN_CURVES
-from pipeline.tracking.record import headline_metrics, read_curve, read_manifest, read_stage_metrics
+from pipeline.tracking.record import (
+    environment_tags,
+    headline_metrics,
+    read_curve,
+    read_manifest,
+    read_stage_metrics,
+)
 from pipeline.tracking.store import RunPoint
 
 log = logging.getLogger(__name__)
@@ -23,15 +31,16 @@ log = logging.getLogger(__name__)
 # names, first present wins). Versioned names (topic_auroc@1) are matched by their base too.
 FEATURE_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("feature", ("feature",)),
+    ("fires on", ("fire_count",)),
     ("frequency", ("frequency",)),
-    ("explanation", ("explanation",)),
     ("score", ("score", "detection_balanced_accuracy", "detection_auc")),
+    ("fuzzing", ("fuzzing_balanced_accuracy",)),
     ("topic_auroc", ("topic_auroc",)),
     ("best_topic", ("best_topic", "topic")),
-    ("top_tokens", ("top_tokens",)),
+    ("example tokens", ("example_tokens",)),
+    ("explanation", ("explanation",)),
 )
-# "Top" features: ranked by the first of these with any finite value (explanation score, then
-# topic AUROC, then firing frequency).
+# Tables without firing counts (older runs, other tools) are ranked by the first of these with any finite value.
 FEATURE_RANK = ("score", "topic_auroc", "frequency")
 
 
@@ -56,6 +65,8 @@ class ReportInputs:
     curves: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     features: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     feature_counts: dict[str, int] = field(default_factory=dict)
+    feature_ranking: dict[str, str] = field(default_factory=dict)  # hook -> how its top features were ranked
+    environment: dict[str, str] = field(default_factory=dict)  # env.<key> tags of the metrics files
     steer: dict[str, Any] | None = None
     steer_pngs: list[Path] = field(default_factory=list)
     dashboard: Path | None = None
@@ -74,23 +85,48 @@ def _json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def top_features(path: Path, n: int) -> tuple[list[dict[str, Any]], int]:
-    """Top ``n`` rows of a features table by :data:`FEATURE_RANK`, as ``{label: value}`` with the labels of
-    :data:`FEATURE_COLUMNS` that the table has; and the table's row count."""
+def _visible(token: str) -> str:
+    # " on" and "on" are different tokens: show the leading space (as the dashboard does).
+    return ("\u2423" + token[1:] if token.startswith(" ") else token).replace("\n", "\u21b5")
+
+
+def top_features(path: Path, n: int) -> tuple[list[dict[str, Any]], int, str]:
+    """Top ``n`` rows of a features table as ``{label: value}`` with the labels of :data:`FEATURE_COLUMNS` that
+    the table has, the table's row count, and how they were ranked: by
+    :func:`~pipeline.feature_ranking.rank_features` (the dashboard's order) when the table has firing
+    counts, else by the first of :data:`FEATURE_RANK` with a finite value."""
     import polars as pl
+
+    from pipeline.feature_ranking import RANKING, rank_features
 
     df = pl.read_parquet(path)
     found = {label: col for label, cands in FEATURE_COLUMNS if (col := _find_column(df.columns, cands))}
     df = df.select([pl.col(c).alias(label) for label, c in found.items()])
-    for label in FEATURE_RANK:
-        if label in df.columns and df[label].dtype.is_numeric():
-            key = pl.col(label).cast(pl.Float64).fill_nan(None)  # NaN would sort above every number
-            if df.select(key.is_not_null().any()).item():
-                df = df.sort(key, descending=True, nulls_last=True)
-                break
-    if "top_tokens" in df.columns and isinstance(df.schema["top_tokens"], pl.List):
-        df = df.with_columns(pl.col("top_tokens").list.head(5).list.join(" ").alias("top_tokens"))
-    return df.head(n).to_dicts(), df.height
+    how = "in table order"
+    num = lambda c: df[c].cast(pl.Float64).fill_null(float("nan")).to_numpy()  # noqa: E731
+    if {"fires on", "frequency"} <= set(df.columns) and df.height:
+        fire, freq = df["fires on"].to_numpy(), num("frequency")
+        k = int(freq.argmax())
+        n_tokens = round(fire[k] / freq[k]) if freq[k] > 0 else 1
+        nan = np.full(df.height, np.nan)
+        order, _ = rank_features(fire, n_tokens, num("score") if "score" in df.columns else nan,
+                                 num("fuzzing") if "fuzzing" in df.columns else nan,
+                                 num("topic_auroc") if "topic_auroc" in df.columns else nan)
+        df = df[order.tolist()]
+        how = RANKING
+    else:
+        for label in FEATURE_RANK:
+            if label in df.columns and df[label].dtype.is_numeric():
+                key = pl.col(label).cast(pl.Float64).fill_nan(None)  # NaN would sort above every number
+                if df.select(key.is_not_null().any()).item():
+                    df = df.sort(key, descending=True, nulls_last=True)
+                    how = f"by {label}"
+                    break
+    if "example tokens" in df.columns and isinstance(df.schema["example tokens"], pl.List):
+        df = df.with_columns(pl.col("example tokens").list.head(5)
+                             .list.eval(pl.element().map_elements(_visible, return_dtype=pl.String))
+                             .list.join("  ").alias("example tokens"))
+    return df.head(n).to_dicts(), df.height, how
 
 
 def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> ReportInputs:
@@ -98,6 +134,7 @@ def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> 
     root = Path(root)
     inp = ReportInputs(params=dict(params), hooks=list(hooks))
     inp.stage_metrics = read_stage_metrics(root / RESULTS)
+    inp.environment = environment_tags(root / RESULTS)
     inp.headline = headline_metrics(inp.stage_metrics, hooks[0] if hooks else None)
     for stage in ("prepare", "extract", "train", "evaluate", "interpret", "steer"):
         if stage not in inp.stage_metrics:
@@ -118,7 +155,7 @@ def gather(root: Path, params: dict[str, Any], hooks: list[str], top_n: int) -> 
         feats = root / INTERPRET / hook / "features.parquet"
         if feats.is_file():
             try:
-                inp.features[hook], inp.feature_counts[hook] = top_features(feats, top_n)
+                inp.features[hook], inp.feature_counts[hook], inp.feature_ranking[hook] = top_features(feats, top_n)
             except Exception as e:  # a malformed table must not sink the whole report
                 log.warning("cannot read %s: %s", feats, e)
                 inp.missing.append(str(feats.relative_to(root)))
