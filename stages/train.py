@@ -41,6 +41,27 @@ def check_validation_data(params: Params) -> None:
                             "train without validation")
 
 
+def import_source(params: Params) -> None:
+    """``sae.source`` is a published SAE: write it to ``models/sae/<hook>/`` as training would, with its
+    ``provenance.json``; ``metrics/train.json`` records the source (strings under ``source``) instead of a run."""
+    from pipeline.environment import environment
+    from pipeline.sae.published import import_published, source_versions
+
+    d_model = {h: open_activations(ACTIVATIONS / "train" / h).d_model for h in params.extract.hooks
+               if (ACTIVATIONS / "train" / h / "manifest.json").is_file()}
+    prov = import_published(params.sae.source, params.sae.source_format, params.extract.hooks, params.model.name,
+                            d_model, MODELS)
+    TRAIN_CURVES.mkdir(parents=True, exist_ok=True)  # declared outputs: nothing trained, so nothing in them
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {
+        prov["hook"]: {"imported": 1, "d_in": prov["d_in"], "d_sae": prov["d_sae"]},
+        "source": {k: prov[k] for k in ("source", "format", "architecture", "digest", "source_hook", "source_model")},
+        # the packages that read the files, besides the environment's own list
+        "environment": environment({"numerics.portable": params.numerics.portable, **source_versions()}),
+    }
+    write_stage_results("train", metrics, [prov["hook"]])
+
+
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="With --data: folder for sae.safetensors + cfg.json (default: models/sae/<hook of the dataset>).")
 @click.option("--val-data", "val_data", type=click.Path(file_okay=False, exists=True), default=None,
@@ -57,6 +78,9 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
 
     if data is None and (val_data or out):
         raise click.UsageError("--val-data and --out need --data")
+    if data is None and params.sae.source != "train":  # a published SAE: imported, not trained
+        import_source(params)
+        return
     if data is None:
         check_validation_data(params)
     if relaunched("train", params.train.processes, params.train.device):  # train.processes > 1: ran as N processes

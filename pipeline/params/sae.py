@@ -35,6 +35,15 @@ class SAEParams(SAEKnobs):
     turns it into an ``SAEConfig`` for a hook)."""
 
     expansion: int = knob(8, help="d_sae = expansion * d_model (ignored by 'dense').", ge=1)
+    source: str = knob("train", help="Where the SAE comes from: 'train' (`sae train` trains it), or a published SAE that "
+                       "`sae train` imports instead (README, 'Analyse a published SAE'): a local folder, "
+                       "'hf:<owner>/<repo>[/<path>][@<revision>]' (hub, cached, offline from the cache) or "
+                       "'saelens:<release>/<id>' (SAELens' registry; needs sae-lens installed). An imported SAE "
+                       "ignores the other keys of this section and train; its hook must be extract.hooks' only one.")
+    source_format: Literal["auto", "native", "saelens", "gemmascope", "sparsify", "dictionary_learning"] = knob(
+        "auto", help="Layout of the files of sae.source: 'auto' (from the file names), 'native' (this pipeline's), "
+        "'saelens', 'gemmascope' (Gemma Scope 1 params.npz or 2 params.safetensors), 'sparsify' (EleutherAI), "
+        "'dictionary_learning' (ae.pt + config.json).")
 
 
 @dataclass
