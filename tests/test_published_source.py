@@ -125,3 +125,16 @@ def test_unknown_source_and_format_are_errors(tmp_path: Path) -> None:
         import_published(str(tmp_path / "missing"), "auto", ["layers.3.resid_post"], "m", {}, tmp_path)
     with pytest.raises(UserError, match="sae.source_format: 'npz' is not allowed"):
         import_published(str(tmp_path), "npz", ["layers.3.resid_post"], "m", {}, tmp_path)
+
+
+def test_provenance_becomes_mlflow_tags(tmp_path: Path) -> None:
+    from pipeline.tracking.record import source_tags
+
+    folder = tmp_path / "gemma-scope-2b-pt-res" / GS_PATH
+    gemma_npz(folder / "params.npz")
+    prov = import_published(str(folder), "gemmascope", ["layers.3.resid_post"], "google/gemma-2-2b", {}, tmp_path / "m")
+    tags = source_tags(tmp_path / "m")
+    assert tags["source.layers.3.resid_post.format"] == "gemmascope"
+    assert tags["source.layers.3.resid_post.sha256.params.npz"] == prov["files_sha256"]["params.npz"]
+    assert tags["source.layers.3.resid_post.ref.kind"] == "local"
+    assert source_tags(tmp_path / "nothing") == {}

@@ -149,9 +149,27 @@ def read_manifest(root: Path, hook: str) -> dict[str, Any]:
     return {}
 
 
+def source_tags(models: Path) -> dict[str, str]:
+    """``source.<hook>.*`` tags from each imported SAE's ``provenance.json`` (``sae.source``): the reference, the
+    files' layout and sha256, the hook and model the files name; none for a trained SAE."""
+    tags: dict[str, str] = {}
+    for p in sorted(models.glob("*/provenance.json")) if models.is_dir() else []:
+        try:
+            prov = json.loads(p.read_text())
+        except (OSError, ValueError):
+            log.warning("skipping %s: not readable JSON", p)
+            continue
+        pre = f"source.{p.parent.name}"
+        tags.update({f"{pre}.{k}": str(prov.get(k)) for k in ("source", "format", "digest", "source_hook", "source_model")})
+        tags.update({f"{pre}.ref.{k}": str(v) for k, v in (prov.get("reference") or {}).items()})
+        tags.update({f"{pre}.sha256.{name.replace('../', 'parent/')}": str(sha)
+                     for name, sha in (prov.get("files_sha256") or {}).items()})
+    return tags
+
+
 def _artifacts(root: Path) -> list[list[str]]:
     arts: list[list[str]] = []
-    for p in sorted((root / MODELS).glob("*/cfg.json")):
+    for p in sorted((root / MODELS).glob("*/cfg.json")) + sorted((root / MODELS).glob("*/provenance.json")):
         arts.append([str(p), f"sae/{p.parent.name}"])
     for folder in (RESULTS, METRICS):  # everything each stage measured; its DVC headline
         for p in sorted((root / folder).glob("*.json")):
@@ -217,6 +235,7 @@ def build_record(root: Path, flat_params: Mapping[str, Any], experiment: str, ho
         tags["git.dirty_files"] = git["dirty_files"]
     tags.update({f"versions.{k}": v for k, v in package_versions().items()})
     tags.update(environment_tags(root / RESULTS))  # what the numbers were computed with, per stage
+    tags.update(source_tags(root / MODELS))  # an imported SAE's provenance
     record_id = uuid.uuid4().hex
     tags["sae.record_id"] = record_id
     return RunRecord(
