@@ -41,7 +41,7 @@ def adam_steps(sae, n_steps: int, lr: float = 1e-2, seed: int = 0) -> torch.opti
 
 
 def test_registry_has_all_architectures() -> None:
-    assert set(ARCHS) == {"relu_l1", "topk", "batchtopk", "jumprelu", "gated", "kl", "dense"}
+    assert set(ARCHS) == {"relu_l1", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "kl", "dense"}
     with pytest.raises(UserError, match=r"sae.arch: 'nope' is not an architecture \(allowed: batchtopk, dense, gated"):
         make_sae(SAEConfig(arch="nope", d_in=4, d_sae=8))  # checked where an SAE is built: the registry decides
 
@@ -296,7 +296,8 @@ def test_every_sae_knob_reaches_the_config() -> None:
 
     changed = {"arch": "relu_l1", "k": 3, "recipe": "2023", "l1_coeff": 0.7, "l1_warmup_steps": 9, "resample_every": 11,
                "l0_coeff": 0.3, "jumprelu_bandwidth": 0.02, "jumprelu_init_threshold": 0.04, "aux_coeff": 0.5,
-               "k_aux": 5, "target_rate": 0.2, "kl_coeff": 0.9, "hidden_sizes": [40, 20, 40]}
+               "k_aux": 5, "target_rate": 0.2, "kl_coeff": 0.9, "hidden_sizes": [40, 20, 40],
+               "matryoshka_fractions": [0.5, 0.5], "matryoshka_weighting": "saelens", "matryoshka_auxk": "per_level"}
     assert set(changed) == {f.name for f in dataclasses.fields(SAEKnobs)}
     assert {f.name for f in dataclasses.fields(SAEParams)} - set(changed) == {"expansion"}
     cfg = config_from_params(SAEParams(**changed, expansion=2), 16, "h")

@@ -13,8 +13,8 @@ class SAEKnobs:
     """The knobs of an SAE's model and loss, defined once: the ``sae`` params section (:class:`SAEParams`) and the
     config a built SAE carries (``pipeline.sae.SAEConfig``, saved as ``cfg.json``) both consist of them."""
 
-    arch: str = knob("topk", help="SAE architecture: a name in the registry pipeline.sae.ARCHS, checked when the SAE is built (built in: relu_l1, topk, batchtopk, jumprelu, gated, kl = sigmoid + KL sparsity, dense = MLP baseline; a module that registers its own with @pipeline.sae.register adds to them).")
-    k: int = knob(32, help="Active latents per token for topk/batchtopk (Gao et al. 2024).", ge=1)
+    arch: str = knob("topk", help="SAE architecture: a name in the registry pipeline.sae.ARCHS, checked when the SAE is built (built in: relu_l1, topk, batchtopk, matryoshka_batchtopk, jumprelu, gated, kl = sigmoid + KL sparsity, dense = MLP baseline; a module that registers its own with @pipeline.sae.register adds to them).")
+    k: int = knob(32, help="Active latents per token for topk/batchtopk/matryoshka_batchtopk (Gao et al. 2024).", ge=1)
     recipe: Literal["2024", "2023"] = knob("2024", help="relu_l1 recipe: '2024' (Anthropic April 2024 update) or '2023' (Towards Monosemanticity: unit-norm decoder, resampling).")
     l1_coeff: float = knob(5.0, help="relu_l1/gated L1 coefficient lambda (inputs scaled so E||x||^2 = d_model).", ge=0.0)
     l1_warmup_steps: int | None = knob(None, help="Steps of linear warm-up of the L1/L0 coefficient (null: 5% of training).", ge=0)
@@ -22,11 +22,24 @@ class SAEKnobs:
     l0_coeff: float = knob(1.0, help="jumprelu L0 coefficient lambda.", ge=0.0)
     jumprelu_bandwidth: float = knob(0.001, help="jumprelu straight-through kernel bandwidth epsilon (Rajamanoharan et al. 2024).", gt=0.0)
     jumprelu_init_threshold: float = knob(0.001, help="jumprelu initial threshold theta.", gt=0.0)
-    aux_coeff: float = knob(1 / 32, help="topk/batchtopk AuxK coefficient (Gao et al. 2024: 1/32).", ge=0.0)
-    k_aux: int | None = knob(None, help="topk/batchtopk AuxK dead latents per token (null: d_model // 2).", ge=1)
+    aux_coeff: float = knob(1 / 32, help="topk/batchtopk/matryoshka_batchtopk AuxK coefficient (Gao et al. 2024: 1/32).", ge=0.0)
+    k_aux: int | None = knob(None, help="topk/batchtopk/matryoshka_batchtopk AuxK dead latents per token (null: d_model // 2).", ge=1)
     target_rate: float = knob(0.05, help="kl: target mean activation rho of each sigmoid unit.", gt=0.0, lt=1.0)
     kl_coeff: float = knob(3.0, help="kl: weight beta of the KL sparsity penalty.", ge=0.0)
     hidden_sizes: list[int] = knob(factory=lambda: [128, 32, 128], help="dense: hidden widths; the narrowest is the code.", ge=1)
+    matryoshka_fractions: list[float] = knob(
+        factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32],
+        help="matryoshka_batchtopk: each nested group's share of d_sae, in order (sum 1; all but the last "
+        "int(share * d_sae) latents, the last the rest); level l is the prefix of the first l groups. Default: "
+        "SAEBench's Matryoshka baseline.", gt=0.0, le=1.0)
+    matryoshka_weighting: Literal["dictionary_learning", "bussmann", "saelens"] = knob(
+        "dictionary_learning", help="matryoshka_batchtopk: weight of the M levels' reconstruction losses L_l: "
+        "'dictionary_learning' = sum L_l / M^2 (its trainer, cited by the paper), 'bussmann' = mean over M + 1 levels "
+        "incl. the empty one ||x - b_dec||^2 (bartbussmann/matryoshka_sae), 'saelens' = sum L_l.")
+    matryoshka_auxk: Literal["full", "per_level"] = knob(
+        "full", help="matryoshka_batchtopk AuxK scope: 'full' = the dictionary's dead latents model the full "
+        "reconstruction's residual (dictionary_learning), 'per_level' = each group's dead latents model their own "
+        "level's residual, summed (SAELens use_matryoshka_aux_loss).")
 
 
 @dataclass

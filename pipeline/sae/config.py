@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,10 @@ class SAEConfig(SAEKnobs):
             raise UserError(f"sae config dtype: {self.dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
         if self.recipe not in RECIPES:
             raise UserError(f"sae config recipe: {self.recipe!r} is not allowed (allowed: {', '.join(RECIPES)})")
-        if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.arch in ("topk", "batchtopk", "matryoshka_batchtopk") and self.k > self.d_sae:
             raise UserError(f"sae config k: {self.k} exceeds d_sae={self.d_sae}")
+        if self.arch == "matryoshka_batchtopk":
+            self._check_matryoshka()
         if not 0.0 < self.target_rate < 1.0:
             raise UserError(f"sae config target_rate: {self.target_rate!r} must be in (0, 1)")
         if not 0.0 <= self.threshold_decay < 1.0:
@@ -75,6 +78,18 @@ class SAEConfig(SAEKnobs):
             if self.d_sae != min(self.hidden_sizes):
                 raise UserError(f"sae config d_sae: {self.d_sae} must equal the dense bottleneck "
                                 f"min(hidden_sizes)={min(self.hidden_sizes)}")
+
+    def _check_matryoshka(self) -> None:
+        fr = self.matryoshka_fractions
+        if not fr or min(fr) <= 0 or not math.isclose(sum(fr), 1.0, rel_tol=1e-6):
+            raise UserError(f"sae config matryoshka_fractions: {fr!r} must be positive shares summing to 1")
+        sizes = [int(f * self.d_sae) for f in fr[:-1]]
+        if min(sizes + [self.d_sae - sum(sizes)]) < 1:
+            raise UserError(f"sae config matryoshka_fractions: {fr!r} leaves an empty group at d_sae={self.d_sae}")
+        for name, allowed in (("matryoshka_weighting", ("dictionary_learning", "bussmann", "saelens")),
+                              ("matryoshka_auxk", ("full", "per_level"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"sae config {name}: {getattr(self, name)!r} is not allowed (allowed: {', '.join(allowed)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
