@@ -12,7 +12,8 @@ first:
 3. dead (never fired).
 
 Within a tier: the held-out evidence score (mean of the detection and fuzzing balanced accuracies that
-are defined, Paulo et al. 2024), then the best topic AUROC, then the firing count. Everything is a
+are defined, Paulo et al. 2024), then the best topic AUROC (callers pass the low end of its 95% interval
+where they have it, so a topic AUROC resting on few segments counts for less), then the firing count. Everything is a
 pure function of the ``features.parquet`` columns, so both readers rank identically.
 """
 
@@ -27,7 +28,7 @@ __all__ = ["MIN_SUPPORT", "RANKING", "detection_notes", "evidence_score", "rank_
 MIN_SUPPORT = 20  # activating tokens: at least as many as the default run's top examples (interpret.n_examples)
 RANKING = (f"ranked by interpretability: features firing on at least {MIN_SUPPORT} tokens and on at most "
            f"{DENSE_THRESHOLD:.0%} of them first (with a detection score), by held-out explanation score (mean of detection and fuzzing "
-           "balanced accuracy), then topic AUROC, then firing count; then dense or undetectable, rare, dead features")
+           "balanced accuracy), then topic AUROC (low end of its 95% interval), then firing count; then dense or undetectable, rare, dead features")
 
 
 def _finite_or(x: np.ndarray, fill: float) -> np.ndarray:

@@ -97,6 +97,8 @@ def test_first_screen_opens_on_the_interpretability_ranking(dashboard, tmp_path)
         if fire[int(r[0])] == 0:
             assert r[5] == "dead: never fired"
     assert "ranked by interpretability" in dom
+    # The topic AUROC comes with its 95% interval where the feature fired.
+    assert any(re.fullmatch(r"0\.\d{3} \[0\.\d\d, [01]\.\d\d\]", r[8]) for r in rows)
 
 
 def test_feature_view_has_histogram_ticks_and_visible_spaces(dashboard, tmp_path):

@@ -52,3 +52,14 @@ def test_top_example_tokens_are_the_tokens_under_each_top_maximum() -> None:
     # Rank 0 (row 2) peaks on " sat", rank 1 (row 1) on " the"; the quantile example is not a top one.
     assert top_example_tokens(kind, rank, tokens, acts, text) == [" sat", " the"]
     assert top_example_tokens(kind, rank, tokens, acts, text, n=1) == [" sat"]
+
+
+def test_auroc_interval_by_hand() -> None:
+    from pipeline.interpret.bins import auroc_interval
+
+    # A = 0.75, 10 + 10 units: Q1 = 0.6, Q2 = 0.642857, SE^2 = (0.1875 + 9 * 0.0375 + 9 * 0.080357) / 100 = 0.0124821.
+    lo, hi = auroc_interval(np.array([0.75, 0.75, NAN, 0.99]), np.array([10, 1000, 10, 10]),
+                            np.array([10, 1000, 10, 0]))
+    assert abs(lo[0] - (0.75 - 1.96 * 0.0124821 ** 0.5)) < 1e-6 and abs(hi[0] - (0.75 + 1.96 * 0.0124821 ** 0.5)) < 1e-6
+    assert lo[0] < lo[1] < 0.75 < hi[1] < hi[0]  # more units, a narrower interval
+    assert np.isnan(lo[2]) and np.isnan(hi[3])  # no AUROC, or an empty class: no interval

@@ -68,3 +68,19 @@ def best_topic(auroc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     idx = filled.argmax(1)
     best = auroc[np.arange(len(idx)), idx]
     return np.where(np.isnan(best), -1, idx), best
+
+
+def auroc_interval(auroc: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """95% interval of an AUROC from its class sizes (Hanley & McNeil 1982): ``[...]`` each -> (low, high) ``[...]``.
+
+    SE^2 = (A(1-A) + (n1-1)(Q1-A^2) + (n2-1)(Q2-A^2)) / (n1 n2), Q1 = A/(2-A), Q2 = 2A^2/(1+A); the normal
+    interval is clipped to [0, 1]. It assumes continuous scores: with many tied (silent) segments it is
+    conservative. NaN where the AUROC is NaN or a class is empty."""
+    a = np.asarray(auroc, dtype=np.float64)
+    n1, n2 = np.asarray(n_pos, dtype=np.float64), np.asarray(n_neg, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2)
+        se = np.sqrt(np.maximum(var, 0.0))
+    ok = np.isfinite(a) & (n1 > 0) & (n2 > 0)
+    return (np.where(ok, np.clip(a - z * se, 0.0, 1.0), np.nan), np.where(ok, np.clip(a + z * se, 0.0, 1.0), np.nan))

@@ -62,7 +62,8 @@ function renderIndex() {
     D.columns.forEach((c, i) => {
       if (c.hidden) return;
       if (c.why !== undefined && r[i] === null && r[c.why]) { tr.appendChild(el("td", {class: "meta"}, r[c.why])); return; }
-      const v = c.tokens ? (r[i] || []).map(vis).join("  ") : c.digits === undefined ? r[i] : fmt(r[i], c.digits);
+      let v = c.tokens ? (r[i] || []).map(vis).join("  ") : c.digits === undefined ? r[i] : fmt(r[i], c.digits);
+      if (c.ci && r[i] !== null && r[c.ci[0]] !== null) v += " [" + fmt(r[c.ci[0]], 2) + ", " + fmt(r[c.ci[1]], 2) + "]";
       tr.appendChild(el("td", c.tokens ? {class: "toks"} : {}, v));
     });
     tr.onclick = () => { location.hash = "#f=" + r[0]; };

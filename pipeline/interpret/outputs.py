@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.autointerp.simulate import FUZZING_VERSION
 from pipeline.feature_ranking import RANKING, detection_notes, rank_features
-from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN
+from pipeline.interpret.bins import BINS_PER_DECADE, LOG_MIN, auroc_interval
 from pipeline.interpret.contexts import ContextTable
 from pipeline.interpret.dashboard import DashboardShards, write_index
 from pipeline.interpret.examples import QUANTILE, TOP
@@ -72,6 +72,9 @@ def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labe
     """The columns of ``features.parquet``, one row per feature (``d`` of them); ``example_tokens``: feature ->
     :func:`top_example_tokens` (empty where absent: a dead feature)."""
     fire = stats.fire_count
+    n_seg = np.asarray(stats.n_segments, dtype=np.int64)  # [L] segments per topic
+    n_pos = n_seg[np.clip(best_idx, 0, None)] if len(n_seg) else np.zeros(d, dtype=np.int64)
+    lo, hi = auroc_interval(best_au, np.where(best_idx >= 0, n_pos, 0), n_seg.sum() - n_pos)
     get = lambda key: [results.get(j, {}).get(key) for j in range(d)]  # noqa: E731
     cols: dict[str, Any] = {
         "feature": np.arange(d, dtype=np.int32),
@@ -89,6 +92,8 @@ def feature_columns(d: int, stats: Any, results: dict[int, dict[str, Any]], labe
         "cooccurring": co_ids.astype(np.int32), "cooccurrence_jaccard": co_j.astype(np.float32),
         "topic": [labels[i] if i >= 0 else None for i in best_idx.tolist()],
         "topic_auroc@1": best_au.astype(np.float64),
+        # Its 95% interval from the segment counts (bins.auroc_interval): ranks by what survives the sample size.
+        "topic_auroc_ci95_low@1": lo, "topic_auroc_ci95_high@1": hi,
         "explanation": get("explanation"), "explainer": get("explainer"), "scorer": get("scorer"),
     }
     if labels:
@@ -105,7 +110,9 @@ def write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: di
     a blank detection cell says why (:func:`~pipeline.feature_ranking.detection_notes`)."""
     d = len(cols["feature"])
     det, fuzz = cols["detection_balanced_accuracy@1"], cols[FUZZING]
-    order, tier = rank_features(cols["fire_count"], m["interpret_tokens"], det, fuzz, cols["topic_auroc@1"])
+    au_lo = cols.get("topic_auroc_ci95_low@1", cols["topic_auroc@1"])
+    au_hi = cols.get("topic_auroc_ci95_high@1", cols["topic_auroc@1"])
+    order, tier = rank_features(cols["fire_count"], m["interpret_tokens"], det, fuzz, au_lo)
     rank = np.empty(d, dtype=np.int64)
     rank[order] = np.arange(1, d + 1)
     notes = detection_notes(cols["fire_count"], np.array([e is not None for e in cols["explanation"]]), det, fuzz)
@@ -114,15 +121,17 @@ def write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: di
         {"key": "fires", "label": "fires on"}, {"key": "frequency", "label": "frequency", "digits": 5},
         {"key": "max", "label": "max act", "digits": 2}, {"key": "score", "label": "detection", "digits": 3, "why": 12},
         {"key": "fuzz", "label": "fuzzing", "digits": 3}, {"key": "topic", "label": "topic"},
-        {"key": "auroc", "label": "topic AUROC", "digits": 3}, {"key": "tokens", "label": "top tokens", "tokens": True},
+        {"key": "auroc", "label": "topic AUROC [95% CI]", "digits": 3, "ci": [13, 14]},
+        {"key": "tokens", "label": "top tokens", "tokens": True},
         {"key": "explanation", "label": "explanation"}, {"key": "tier", "label": "tier", "hidden": True},
-        {"key": "why", "label": "", "hidden": True}]
+        {"key": "why", "label": "", "hidden": True}, {"key": "auroc_lo", "label": "", "hidden": True},
+        {"key": "auroc_hi", "label": "", "hidden": True}]
     f = partial(json_number, digits=6)
     rows = [[int(j), int(rank[j]), int(cols["fire_count"][j]), f(cols["frequency"][j]), f(cols["max_activation"][j]),
              f(det[j]), f(fuzz[j]), cols["topic"][j], f(cols["topic_auroc@1"][j]),
-             list(cols.get("example_tokens", [[]] * d)[j]), cols["explanation"][j], int(tier[j]), notes[j]]
-            for j in range(d)]
-    assert columns[5]["why"] == len(columns) - 1  # the note of a blank detection cell
+             list(cols.get("example_tokens", [[]] * d)[j]), cols["explanation"][j], int(tier[j]), notes[j],
+             f(au_lo[j]), f(au_hi[j])] for j in range(d)]
+    assert columns[5]["why"] == 12 and columns[8]["ci"] == [13, 14] and len(columns) == len(rows[0])
     med = m["median_topic_auroc@1"]
     summary = (f"{m['alive_features@1']} alive of {d} features over {m['interpret_tokens']:,} tokens; "
                f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}; explainer {m['explainer']}. "
