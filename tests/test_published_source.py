@@ -138,3 +138,36 @@ def test_provenance_becomes_mlflow_tags(tmp_path: Path) -> None:
     assert tags["source.layers.3.resid_post.sha256.params.npz"] == prov["files_sha256"]["params.npz"]
     assert tags["source.layers.3.resid_post.ref.kind"] == "local"
     assert source_tags(tmp_path / "nothing") == {}
+
+
+@pytest.mark.parametrize("d_model", [D_IN, 16])
+def test_train_stage_imports_instead_of_training(d_model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sae train` with sae.source set: the SAE lands where training writes it; a d_model mismatch with the extracted
+    activations is one line, exit 2, and writes nothing."""
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.params import Params, to_dict
+    from pipeline.synthetic import write_synthetic_activations
+    from stages.train import command
+
+    monkeypatch.chdir(tmp_path)
+    hook = "layers.3.resid_post"
+    write_synthetic_activations(Path("data/activations/train") / hook, 256, d_model, n_features=8, k_true=2, seed=0,
+                                sample_seed=0, hook=hook, dtype="float16", shard_rows=256, split="train")
+    gemma_npz(Path("gemma-scope-2b-pt-res") / GS_PATH / "params.npz")
+    p = to_dict(Params())
+    p["model"]["name"], p["extract"]["hooks"] = "google/gemma-2-2b", [hook]
+    p["sae"]["source"] = f"gemma-scope-2b-pt-res/{GS_PATH}"
+    Path("params.yaml").write_text(yaml.safe_dump(p))
+    res = CliRunner().invoke(command, [])
+    if d_model != D_IN:
+        assert res.exit_code == 2 and "d_in 12, the activations of layers.3.resid_post have d_model 16" in res.output
+        assert not Path("models/sae").exists() and not Path("results/train.json").exists()
+        return
+    assert res.exit_code == 0, res.output
+    assert load_sae(Path("models/sae") / hook).cfg.arch == "jumprelu"
+    results = json.loads(Path("results/train.json").read_text())
+    assert results[hook]["imported"] == 1 and results["source"]["format"] == "gemmascope"
+    assert results["environment"]["versions.huggingface-hub"]
+    assert not Path("checkpoints", hook, "state.pt").exists()
