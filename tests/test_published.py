@@ -178,6 +178,8 @@ def test_dictionary_learning_equals_dictionary_learning(cls: str, dl: dict, tmp_
         "submodule_name": "resid_post_layer_3"}}))
     f = read_folder(d)
     assert f.format == "dictionary_learning" and map_hook(f.hook) == "layers.3.resid_post"
+    if cls == "MatryoshkaBatchTopKSAE":  # the nested groups kept
+        assert f.sae.cfg.arch == "matryoshka_batchtopk" and f.sae.cfg.matryoshka_fractions == [0.2, 0.8]
     with torch.no_grad():
         same(f.sae, ae.encode, ae.decode, x_in())
 

@@ -8,8 +8,8 @@ encoder's is W_enc transposed and the decoder's W_dec transposed):
 - ``AutoEncoder``: f = ReLU(encoder(x - bias)), x_hat = decoder(f) + bias  -> relu_l1, input centred
 - ``AutoEncoderTopK``: TopK over ReLU(encoder(x - b_dec)) (its default, ``use_threshold=False``)  -> topk
 - ``BatchTopKSAE``: at inference f = ReLU(pre) · 1{ReLU(pre) > threshold}, pre = encoder(x - b_dec)  -> batchtopk
-- ``MatryoshkaBatchTopKSAE``: the same with W_enc/b_enc/W_dec/b_dec parameters; every group active  -> batchtopk
-  (its inference; the group sizes are recorded)
+- ``MatryoshkaBatchTopKSAE``: the same with W_enc/b_enc/W_dec/b_dec parameters; every group active
+  -> matryoshka_batchtopk with its group sizes (batchtopk where our fraction rule cannot give them back)
 - ``JumpReluAutoEncoder``: f = ReLU(pre · 1{pre > threshold}), input centred only if apply_b_dec_to_input  -> jumprelu
 - ``GatedAutoEncoder``: gate / magnitude paths sharing ``encoder``, ``decoder_bias`` centring the input  -> gated
 """
@@ -40,6 +40,21 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: expected a state dict of tensors")
     return dict(state)
+
+
+def _matryoshka(sizes: list[int], d_sae: int) -> dict:
+    """Our ``matryoshka_batchtopk`` keeps the nested groups (its levels, for the report and a further fine-tune) when
+    its fraction rule gives back exactly these group sizes; else plain ``batchtopk``, whose inference is the same."""
+    from pipeline.sae.base import ARCHS
+
+    if "matryoshka_batchtopk" not in ARCHS:
+        return {}
+    from pipeline.sae.matryoshka import group_sizes
+
+    fractions = [g / d_sae for g in sizes]
+    if group_sizes(fractions, d_sae) != sizes:
+        return {}
+    return {"arch": "matryoshka_batchtopk", "matryoshka_fractions": fractions}
 
 
 def read_dictionary_learning(d: Path) -> Foreign:
@@ -85,8 +100,9 @@ def read_dictionary_learning(d: Path) -> Foreign:
             raise UserError(f"{cpath}: trainer.{key} is {trainer[key]}, but {wpath.name} holds {want}")
     k = int(t["k"]) if "k" in t else 1
     apply = bool(trainer.get("apply_b_dec_to_input", False)) if arch == "jumprelu" else True
-    cfg = SAEConfig(arch=arch, d_in=int(d_in), d_sae=int(d_sae), k=min(k, int(d_sae)), hook="",
-                    dtype=dtype_name(ours["W_dec"]), apply_b_dec_to_input=apply)
+    knobs = _matryoshka(extra.get("group_sizes"), int(d_sae)) if "group_sizes" in extra else {}
+    cfg = SAEConfig(arch=knobs.pop("arch", arch), d_in=int(d_in), d_sae=int(d_sae), k=min(k, int(d_sae)), hook="",
+                    dtype=dtype_name(ours["W_dec"]), apply_b_dec_to_input=apply, **knobs)
     sae = build(cfg, ours, wpath)
     layer, sub = trainer.get("layer"), trainer.get("submodule_name")
     hook = sub if sub else (f"resid_post_layer_{layer}" if layer is not None else None)
