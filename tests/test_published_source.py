@@ -140,10 +140,37 @@ def test_provenance_becomes_mlflow_tags(tmp_path: Path) -> None:
     assert source_tags(tmp_path / "nothing") == {}
 
 
-@pytest.mark.parametrize("d_model", [D_IN, 16])
-def test_train_stage_imports_instead_of_training(d_model: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`sae train` with sae.source set: the SAE lands where training writes it; a d_model mismatch with the extracted
-    activations is one line, exit 2, and writes nothing."""
+def write_source(fmt: str, root: Path) -> tuple[str, str]:
+    """An SAE on layers.3.resid_post of width D_IN in layout ``fmt`` under ``root``: (sae.source, its architecture)."""
+    from pipeline.sae import SAEConfig, export_saelens, export_sparsify, make_sae
+
+    sae = make_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE, k=4, hook="layers.3.resid_post"), seed=0)
+    if fmt == "gemmascope":
+        gemma_npz(root / "gemma-scope-2b-pt-res" / GS_PATH / "params.npz")
+        return f"gemma-scope-2b-pt-res/{GS_PATH}", "jumprelu"
+    if fmt == "saelens":
+        export_saelens(sae, root / "lens", model_name="google/gemma-2-2b")
+        return "lens", "topk"
+    if fmt == "sparsify":
+        export_sparsify(sae, root / "run" / "layers.3")
+        return "run/layers.3", "topk"
+    d = root / "dl"  # dictionary_learning's BatchTopKSAE layout (nn.Linear weights are [out, in])
+    d.mkdir()
+    torch.save({"encoder.weight": sae.W_enc.detach().t().clone(), "encoder.bias": sae.b_enc.detach().clone(),
+                "decoder.weight": sae.W_dec.detach().t().clone(), "b_dec": sae.b_dec.detach().clone(),
+                "k": torch.tensor(4), "threshold": torch.tensor(0.1)}, d / "ae.pt")
+    (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKSAE", "layer": 3,
+                                                           "lm_name": "google/gemma-2-2b",
+                                                           "submodule_name": "resid_post_layer_3"}}))
+    return "dl", "batchtopk"
+
+
+@pytest.mark.parametrize("fmt,d_model", [("gemmascope", D_IN), ("saelens", D_IN), ("sparsify", D_IN),
+                                         ("dictionary_learning", D_IN), ("gemmascope", 16)])
+def test_train_stage_imports_instead_of_training(fmt: str, d_model: int, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sae train` with sae.source set, each format: the SAE lands where training writes it; a d_model mismatch with
+    the extracted activations is one line, exit 2, and writes nothing."""
     import yaml
     from click.testing import CliRunner
 
@@ -155,10 +182,10 @@ def test_train_stage_imports_instead_of_training(d_model: int, tmp_path: Path, m
     hook = "layers.3.resid_post"
     write_synthetic_activations(Path("data/activations/train") / hook, 256, d_model, n_features=8, k_true=2, seed=0,
                                 sample_seed=0, hook=hook, dtype="float16", shard_rows=256, split="train")
-    gemma_npz(Path("gemma-scope-2b-pt-res") / GS_PATH / "params.npz")
+    source, arch = write_source(fmt, tmp_path)
     p = to_dict(Params())
     p["model"]["name"], p["extract"]["hooks"] = "google/gemma-2-2b", [hook]
-    p["sae"]["source"] = f"gemma-scope-2b-pt-res/{GS_PATH}"
+    p["sae"]["source"] = source
     Path("params.yaml").write_text(yaml.safe_dump(p))
     res = CliRunner().invoke(command, [])
     if d_model != D_IN:
@@ -166,8 +193,8 @@ def test_train_stage_imports_instead_of_training(d_model: int, tmp_path: Path, m
         assert not Path("models/sae").exists() and not Path("results/train.json").exists()
         return
     assert res.exit_code == 0, res.output
-    assert load_sae(Path("models/sae") / hook).cfg.arch == "jumprelu"
+    assert load_sae(Path("models/sae") / hook).cfg.arch == arch
     results = json.loads(Path("results/train.json").read_text())
-    assert results[hook]["imported"] == 1 and results["source"]["format"] == "gemmascope"
+    assert results[hook]["imported"] == 1 and results["source"]["format"] == fmt
     assert results["environment"]["versions.huggingface-hub"]
     assert not Path("checkpoints", hook, "state.pt").exists()
