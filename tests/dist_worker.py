@@ -29,6 +29,10 @@ VARIANTS: dict[str, dict] = {
     "relu_l1_2023": {"arch": "relu_l1", "recipe": "2023", "resample_every": 5, "l1_coeff": 30.0, "l1_warmup_steps": 0},
     "jumprelu": {"arch": "jumprelu"}, "gated": {"arch": "gated"}, "kl": {"arch": "kl"},
     "dense": {"arch": "dense", "hidden_sizes": [32, 8, 32]},
+    # Matryoshka: the level losses and both AuxK scopes over the global batch (dense torch step only).
+    "matryoshka_batchtopk": {"arch": "matryoshka_batchtopk"},
+    "matryoshka_per_level": {"arch": "matryoshka_batchtopk", "matryoshka_auxk": "per_level",
+                             "matryoshka_weighting": "bussmann"},
     # The sparse Triton kernels' training path (CUDA's default), run by Triton's interpreter on CPU.
     "topk_triton": {"arch": "topk"}, "batchtopk_triton": {"arch": "batchtopk"},
 }
