@@ -52,7 +52,7 @@ def command(out: str, exp_json: str | None, include_workspace: bool) -> None:
 
         points = frontier_points(exp_show_json(exp_json), include_workspace=include_workspace)
         if not points:
-            raise UserError("no experiment has metrics/evaluate.json with l0@1 (run `dvc repro` or `dvc exp run` first)")
+            raise UserError("no experiment has an L0 in metrics/evaluate.json (run `dvc repro` or `dvc exp run` first)")
         plot_frontier(points, out)
         log.info("wrote %s: %d points from %d runs", out, len(points), len({p.name for p in points}))
 

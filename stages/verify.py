@@ -44,18 +44,22 @@ def _git(root: Path, *args: str) -> str:
     return res.stdout
 
 
-def recorded_metrics(root: Path, rev: str) -> tuple[str, dict[str, Any]]:
-    """``(commit, {stage: results/<stage>.json at that commit})``; a UserError when there are none."""
+def recorded_metrics(root: Path, rev: str, workspace: bool = False) -> tuple[str, dict[str, Any], bool]:
+    """``(commit, {stage: results/<stage>.json at that commit}, False)``. When the commit holds none (a fresh
+    clone that ran `dvc repro` without committing it) and ``workspace``: the workspace's ``results/`` of a
+    checkout of that commit, ``(commit, {...}, True)``. A UserError when there are none."""
     commit = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
     for folder in (RESULTS, LEGACY):
         names = [n for n in _git(root, "ls-tree", "--name-only", commit, f"{folder.as_posix()}/").split()
                  if n.endswith(".json")]
         if names:
-            break
-    if not names:
-        raise UserError(f"--rev {rev}: commit {commit[:7]} has no {RESULTS}/*.json: record a run first "
-                        f"(`dvc repro`, then `git add dvc.lock metrics results && git commit`), then verify")
-    return commit, {Path(n).stem: json.loads(_git(root, "show", f"{commit}:{n}")) for n in names}
+            return commit, {Path(n).stem: json.loads(_git(root, "show", f"{commit}:{n}")) for n in names}, False
+    ours = read_metrics(root / RESULTS)
+    if workspace and ours and commit == _git(root, "rev-parse", "HEAD").strip():
+        return commit, ours, True
+    raise UserError(f"--rev {rev}: commit {commit[:7]} has no {RESULTS}/*.json: record a run first (`dvc repro`, "
+                    "then `git add dvc.lock metrics results && git commit`), or run `dvc repro` on a checkout of it "
+                    "and `sae verify` compares those results with a rerun")
 
 
 def _git_bytes(root: Path, commit: str, path: str) -> bytes | None:
@@ -63,11 +67,12 @@ def _git_bytes(root: Path, commit: str, path: str) -> bytes | None:
     return res.stdout if res.returncode == 0 else None
 
 
-def commit_drift(root: Path, commit: str, stages: list[str]) -> LockDrift | None:
-    """How the commit's params and code differ from its ``dvc.lock`` (for ``stages``); None without a dvc.lock."""
+def commit_drift(root: Path, commit: str, stages: list[str], lock: bytes | None = None) -> LockDrift | None:
+    """How the commit's params and code differ from its ``dvc.lock`` (or ``lock``, another run's) for
+    ``stages``; None without a dvc.lock."""
     import yaml
 
-    lock = _git_bytes(root, commit, "dvc.lock")
+    lock = lock if lock is not None else _git_bytes(root, commit, "dvc.lock")
     if lock is None:
         return None
 
@@ -131,19 +136,26 @@ def command(rev: str, no_rerun: bool, show_all: bool, keep: bool, tolerances: bo
             click.echo(format_tolerances())
             return
         root = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel").strip())
-        commit, recorded = recorded_metrics(root, rev)
-        drift = commit_drift(root, commit, list(recorded))
+        # Nothing committed (a fresh clone after `dvc repro`): the workspace's results are one run of the
+        # commit, a rerun in a clone the other.
+        commit, recorded, ours = recorded_metrics(root, rev, workspace=not no_rerun)
+        lock = None
+        if ours:
+            lock = (root / "dvc.lock").read_bytes() if (root / "dvc.lock").is_file() else b""
+        drift = commit_drift(root, commit, list(recorded), lock) if lock != b"" else None
+        what = "the workspace's results" if ours else f"commit {commit[:12]}'s results"
         if drift is not None and not drift.ok:  # the recorded metrics are not the results of this commit
-            click.echo(f"sae verify: commit {commit[:12]} records metrics of other params or code than it holds:")
+            click.echo(f"sae verify: {what} come from other params or code than commit {commit[:12]} holds:")
             click.echo("\n".join(f"  {line}" for line in drift.describe()))
             click.echo("Nothing compared: its metrics are not the results of its params and code.")
             sys.exit(1)
         now = read_metrics(root / RESULTS) if no_rerun else rerun(root, commit, list(recorded), keep)
         result = compare(recorded, now)
-        click.echo(f"sae verify: metrics recorded at {commit[:12]} vs "
-                   f"{'the workspace' if no_rerun else 'a rerun of that commit'}")
-        click.echo("params and code: as its dvc.lock records them\n" if drift is not None else
-                   "params and code: not checked (the commit has no dvc.lock)\n")
+        first = (f"the workspace's results (nothing recorded at {commit[:12]}, the checked-out commit)" if ours
+                 else f"metrics recorded at {commit[:12]}")
+        click.echo(f"sae verify: {first} vs {'the workspace' if no_rerun else 'a rerun of that commit'}")
+        click.echo(f"params and code: as {'the workspace' if ours else 'its'} dvc.lock records them\n"
+                   if drift is not None else "params and code: not checked (no dvc.lock)\n")
         click.echo(format_report(result, show_all))
         if not result.ok:
             sys.exit(1)

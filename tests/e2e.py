@@ -33,7 +33,7 @@ def project_files() -> list[str]:
     """Files git would commit (tracked + untracked-not-ignored), so the copy matches a fresh clone."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True).stdout.split("\n")
-    skip = ("data/", "models/", "metrics/", "plots/", "checkpoints/", "reports/")
+    skip = ("data/", "models/", "metrics/", "results/", "plots/", "checkpoints/", "reports/")
     return [f for f in out if f and not f.startswith(skip) and (REPO_ROOT / f).is_file()]
 
 

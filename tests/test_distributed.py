@@ -145,9 +145,9 @@ def test_two_process_extraction_writes_the_one_process_dataset(tiny_workspace: P
         res = CliRunner().invoke(main, [stage])
         assert res.exit_code == 0, res.output
     root = tiny_workspace / "data/activations"
-    one, one_metrics = _tree(root), json.loads(Path("metrics/extract.json").read_text())
+    one, one_metrics = _tree(root), json.loads(Path("results/extract.json").read_text())
     assert len([k for k in one if k.startswith("train/") and k.endswith(".parquet")]) == 4  # 2 per process
-    for p in [root, Path("metrics/extract.json")]:
+    for p in [root, Path("results/extract.json")]:
         subprocess.run(["rm", "-rf", str(p)], check=True)
     log = tiny_workspace / "shards.log"
     res = torchrun(str(WORKER), "--shard-log", str(log), "extract", cwd=tiny_workspace)  # = sae extract, logged
@@ -160,7 +160,7 @@ def test_two_process_extraction_writes_the_one_process_dataset(tiny_workspace: P
     written = sorted((line.split()[0], Path(line.split()[1]).parts[-2], int(line.split()[2]))
                      for line in log.read_text().splitlines())
     assert written == [("0", "train", 0), ("0", "train", 2), ("0", "validation", 0), ("1", "train", 1), ("1", "train", 3)]
-    two_metrics = json.loads(Path("metrics/extract.json").read_text())
+    two_metrics = json.loads(Path("results/extract.json").read_text())
     assert {k: two_metrics[k] for k in ("tokens", "hooks")} == {k: one_metrics[k] for k in ("tokens", "hooks")}
 
 
@@ -190,12 +190,12 @@ def sae_cli(*args: str) -> subprocess.CompletedProcess:
 def test_train_processes_param_starts_the_processes(train_workspace: Path) -> None:
     res = CliRunner().invoke(main, ["train"])
     assert res.exit_code == 0, res.output
-    one, one_metrics = weights(Path("models/sae") / HOOK), json.loads(Path("metrics/train.json").read_text())[HOOK]
+    one, one_metrics = weights(Path("models/sae") / HOOK), json.loads(Path("results/train.json").read_text())[HOOK]
     res = sae_cli("train", "--set", "train.processes=2")  # what `dvc repro` runs, with the switch in params.yaml
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = json.loads((Path("models/sae") / HOOK / "cfg.json").read_text())
     assert cfg["training"]["world_size"] == 2
-    two, two_metrics = weights(Path("models/sae") / HOOK), json.loads(Path("metrics/train.json").read_text())[HOOK]
+    two, two_metrics = weights(Path("models/sae") / HOOK), json.loads(Path("results/train.json").read_text())[HOOK]
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
     assert two_metrics["steps"] == one_metrics["steps"] == 16

@@ -18,7 +18,7 @@ def test_dvc_repro_prepare_extract(tmp_path: Path, tiny_llama: Path, labelled_co
         for hook in ("embed", "layers.2.resid_post"):
             ds = open_activations(repo / "data/activations" / split / hook, verify=True)
             assert ds.n_tokens > 0 and ds.d_model == 32
-    assert json.loads((repo / "metrics/prepare.json").read_text())["labels"] == 3
+    assert json.loads((repo / "results/prepare.json").read_text())["labels"] == 3
     lock = (repo / "dvc.lock").read_text()
     assert "extract:" in lock and "data/activations" in lock
     # Nothing changed: a second repro runs nothing.

@@ -244,7 +244,7 @@ def test_evaluate_stage_writes_metrics_and_density(tiny_llama: Path, tmp_path: P
 
     res = CliRunner().invoke(command, [])
     assert res.exit_code == 0, res.output
-    out = json.loads(Path("metrics/evaluate.json").read_text())[HOOK]
+    out = json.loads(Path("results/evaluate.json").read_text())[HOOK]
     # Default exclude_special_tokens: the tokenizer's BOS/EOS/PAD rows and positions are left out.
     assert out["fvu@3"] == pytest.approx(0.0, abs=1e-10) and out[metrics.FVU] == pytest.approx(0.0, abs=1e-10)
     assert out["l0@2"] == 32.0 and out[metrics.L0] == 32.0  # one of relu(x_i), relu(-x_i) per coordinate
@@ -260,7 +260,7 @@ def test_evaluate_stage_writes_metrics_and_density(tiny_llama: Path, tmp_path: P
     Path("params.yaml").write_text(yaml.safe_dump(p))
     res = CliRunner().invoke(command, [])
     assert res.exit_code == 0, res.output
-    out = json.loads(Path("metrics/evaluate.json").read_text())[HOOK]
+    out = json.loads(Path("results/evaluate.json").read_text())[HOOK]
     assert set(out) == {metrics.MSE, metrics.UNCENTERED_NMSE, metrics.FVU, metrics.SHRINKAGE, metrics.L0, metrics.L1,
                         metrics.DEAD_FRACTION, metrics.DENSE_FRACTION, "n_tokens", metrics.CE_LOSS_RECOVERED,
                         metrics.DELTA_LM_LOSS, metrics.KL_DIV, metrics.CE_CLEAN, metrics.CE_SAE,
@@ -295,4 +295,4 @@ def test_frontier_reads_exp_show_and_draws_png(tmp_path: Path) -> None:
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "empty.json").write_text("[]")
     res = CliRunner().invoke(command, ["--exp-json", str(tmp_path / "empty.json"), "--out", str(tmp_path / "g.png")])
-    assert res.exit_code == 2 and "no experiment has metrics/evaluate.json" in res.output
+    assert res.exit_code == 2 and "no experiment has an L0 in metrics/evaluate.json" in res.output

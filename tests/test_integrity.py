@@ -278,7 +278,7 @@ def test_train_on_a_full_disk_is_one_line(root: Path, tmp_path: Path, monkeypatc
     _fill_disk_at(monkeypatch, pio, target)
     res = CliRunner().invoke(main, ["train"])
     path = {"state.pt": f"checkpoints/{HOOK}/state.pt", "sae.safetensors": f"models/sae/{HOOK}/sae.safetensors",
-            "train.json": "metrics/train.json"}[target]
+            "train.json": "results/train.json"}[target]
     _one_error_line(res, f"{path}: no space left on device: writing it needs ", " free; free up space and rerun")
     assert not list(tmp_path.rglob("*.tmp")) and not Path(path).exists()
 

@@ -62,7 +62,7 @@ def test_planted_topic_feature_auroc(planted):
     assert row["topic"] == world.topic and row["topic_auroc@1"] == 1.0
     others = feats.filter(pl.col("feature") != TOPIC_FEATURE)["topic_auroc@1"].drop_nans().drop_nulls()
     assert (others < 1.0).all()
-    m = json.loads((world.root / "metrics" / "interpret.json").read_text())[world.hook]
+    m = json.loads((world.root / "results" / "interpret.json").read_text())[world.hook]
     assert m == json.loads(json.dumps(metrics[world.hook]))
     assert m["alive_features@1"] == int((feats["fire_count"] > 0).sum())
     assert m["frac_topic_auroc_ge_0.9@1"] > 0 and 0 < m["mean_detection_balanced_accuracy@1"] <= 1

@@ -76,7 +76,7 @@ def test_a_new_architecture_in_one_file_trains_through_sae_train(tmp_path: Path)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = json.loads((work / "models/sae" / HOOK / "cfg.json").read_text())
     assert cfg["architecture"] == "tanh_l1" and cfg["d_sae"] == 64
-    metrics = json.loads((work / "metrics/train.json").read_text())[HOOK]
+    metrics = json.loads((work / "results/train.json").read_text())[HOOK]
     curve = list(csv.DictReader((work / "plots/train" / f"{HOOK}.csv").open()))
     assert metrics["steps"] == 32 and len(curve) == 4  # the trainer's curve: every 8 steps
     first_fvu = float(curve[0]["fvu"])

@@ -41,15 +41,15 @@ def test_report_with_no_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     ws = tmp_path / "empty"
     ws.mkdir()
     minimal_params(ws)
-    (ws / "metrics").mkdir()
-    (ws / "metrics" / "broken.json").write_text("{not json")  # a half-written or foreign file
-    (ws / "metrics" / "scalar.json").write_text("3")
+    (ws / "results").mkdir()
+    (ws / "results" / "broken.json").write_text("{not json")  # a half-written or foreign file
+    (ws / "results" / "scalar.json").write_text("3")
     md, html = run_stage(ws, monkeypatch, *NO_TRACKING)
     assert "broken" not in md and "scalar" not in md
-    for line in ("train: not run (metrics/train.json missing)", "Not run (metrics/steer.json missing)",
+    for line in ("train: not run (results/train.json missing)", "Not run (results/steer.json missing)",
                  f"{HOOK}: not run (data/interpret/{HOOK}/features.parquet missing)",
                  f"{HOOK}: no trained SAE found (train not run)", "No run has both L0 and FVU yet",
-                 "MLflow tracking disabled", "## Inputs not found", "- metrics/evaluate.json"):
+                 "MLflow tracking disabled", "## Inputs not found", "- results/evaluate.json"):
         assert line in md, line
     assert "not run" in html and html.count("<h2>") >= 8
     assert_self_contained(html)
@@ -157,7 +157,7 @@ def test_steer_verdict_with_intervals_is_rendered(tmp_path: Path) -> None:
                              "test_prompts": 10, "features": 3},
                "summary": "SAE 'add' steering (chosen on validation hm@2): test hm@2 0.110; is indistinguishable "
                           "from 'dim' (95% CI of the difference includes 0: difference -0.030, 95% CI [-0.238, +0.179])"}
-    (ws / "metrics" / "steer.json").write_text(json.dumps({"features": {"3": {"topic": "music"}}, "overall": overall}))
+    (ws / "results" / "steer.json").write_text(json.dumps({"features": {"3": {"topic": "music"}}, "overall": overall}))
     md = to_markdown(build_document(gather(ws, {}, [HOOK], top_n=2), top_n=2), "figures")
     section = md[md.index("# Steering against baselines"):]
     assert overall["summary"] in section and section.count("95% CI of the difference includes 0") == 1  # once

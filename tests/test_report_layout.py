@@ -82,7 +82,7 @@ def test_steering_is_summarised_per_method_and_per_concept(tmp_path: Path) -> No
              "likelihood": {"methods": {"sae_input": {"lik_effect@1": {"mean": 0.3, "ci95_low": 0.1, "ci95_high": 0.5}}},
                             "verdict_text": "a long sentence " * 10},
              "overall": {"summary": "SAE steering is what it is."}}
-    (ws / "metrics" / "steer.json").write_text(json.dumps(steer))
+    (ws / "results" / "steer.json").write_text(json.dumps(steer))
     md = _md(ws)
     section = md[md.index("## Steering against baselines"):md.index("## All metrics")]
     assert "| method | hm@2 | fluency@2 |" in section and "| dim | 0.250 | 0.400 |" in section

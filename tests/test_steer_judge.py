@@ -151,7 +151,7 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpo
     small = FAST + ["steer.methods=[add, dim]", "steer.coefficients=[2.0]"]
     _invoke("steer", *_sets(small))
     plain_gen = Path("data/steer/generations.parquet").read_bytes()
-    plain_metrics = Path("metrics/steer.json").read_text()
+    plain_metrics = Path("results/steer.json").read_text()
     plain = pl.read_parquet("data/steer/generations.parquet")
     assert "judge" not in plain_metrics and not any(c.startswith("judge") for c in plain.columns)
 
@@ -163,7 +163,7 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpo
     assert gen["judge_hm"].to_list() == pytest.approx([1.5] * gen.height)
     sent = [c["body"]["messages"][-1]["content"] for c in endpoint.calls]  # the user prompts the judge got
     assert len(sent) == len(set(sent)) <= 3 * gen.height  # duplicate texts hit the cache
-    m = json.loads(Path("metrics/steer.json").read_text())
+    m = json.loads(Path("results/steer.json").read_text())
     assert m["judge"]["backend"] == "openai:fake-judge" and m["judge"]["unparsed"] == 0
     assert m["judge"]["prompt_version"] == PROMPT_VERSION
     for f, concept in m["judge"]["concepts"].items():
@@ -185,7 +185,7 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpo
     # Judge off again: outputs byte for byte as before it ran.
     _invoke("steer", *_sets(small))
     assert Path("data/steer/generations.parquet").read_bytes() == plain_gen
-    assert Path("metrics/steer.json").read_text() == plain_metrics
+    assert Path("results/steer.json").read_text() == plain_metrics
     res = CliRunner().invoke(main, ["steer", *_sets(small + ["steer.judge=gpt4"])])
     assert res.exit_code == 2 and "steer.judge" in res.output
 
@@ -200,6 +200,6 @@ def test_steer_stage_local_judge_that_never_rates(workspace: Path, tiny_llama: P
     gen = pl.read_parquet("data/steer/generations.parquet")
     assert gen["judge_hm"].dtype == pl.Float64 and gen["judge_concept"].dtype == pl.Int64
     assert gen["judge_hm"].is_null().all()
-    m = json.loads(Path("metrics/steer.json").read_text())
+    m = json.loads(Path("results/steer.json").read_text())
     assert m["judge"]["unparsed"] == m["judge"]["ratings"] == 3 * gen.height
     assert m["methods"]["add"]["judge_hm"] is None and "judge_sae_method" not in m["overall"]

@@ -71,7 +71,7 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     add = gen.filter(pl.col("method") == "add")
     assert (add.filter(pl.col("coefficient") == 0.0)["kl@2"] == 0).all()
     assert (add.filter(pl.col("coefficient") == 6.0)["kl@2"] > 0).all()
-    m = json.loads(Path("metrics/steer.json").read_text())
+    m = json.loads(Path("results/steer.json").read_text())
     assert len(m["features"]) == 2
     for entry in m["features"].values():
         assert set(entry["methods"]) == {"add", "clamp", "dim", "random"}
@@ -110,7 +110,7 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     _invoke("steer", *_sets(FAST))
     again = pl.read_parquet("data/steer/generations.parquet")
     assert again.equals(gen)
-    assert json.loads(Path("metrics/steer.json").read_text()) == m  # bootstrap intervals included
+    assert json.loads(Path("results/steer.json").read_text()) == m  # bootstrap intervals included
 
 
 def test_dvc_steer_plots_name_every_steering_method() -> None:

@@ -107,8 +107,10 @@ def test_one_run_with_params_metrics_curves_tags_artifacts(tmp_path: Path, monke
     assert t["model.id"] == "tiny/llama" and t["model.weights_hash"] == "abc123def456" and t["hook"] == HOOK
     assert t["versions.mlflow"] and t["versions.torch"] and t["headline.fvu"] == f"evaluate/{HOOK}/fvu@2"
     client = MlflowClient(store)
-    listed = {a.path for top in ("report", "metrics", f"sae/{HOOK}") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"report/summary.html", "report/summary.md", "metrics/evaluate.json", f"sae/{HOOK}/cfg.json"} <= listed
+    listed = {a.path for top in ("report", "metrics", "results", f"sae/{HOOK}")
+              for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"report/summary.html", "report/summary.md", "metrics/evaluate.json", "results/evaluate.json",
+            f"sae/{HOOK}/cfg.json"} <= listed
 
     # A second execution is a second run, and the first one is on its frontier; a modified tracked file marks it dirty.
     (ws / "params.yaml").write_text((ws / "params.yaml").read_text().replace("\nseed: 0\n", "\nseed: 1\n"))

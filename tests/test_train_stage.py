@@ -51,7 +51,7 @@ def test_train_stage_writes_declared_outputs(workspace: Path) -> None:
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook) == (D, 4 * D, 4, HOOK)
     cfg = json.loads((Path("models/sae") / HOOK / "cfg.json").read_text())
     assert cfg["training"]["batch_size"] == 64 and cfg["training"]["seed"] == 0
-    m = json.loads(Path("metrics/train.json").read_text())[HOOK]
+    m = json.loads(Path("results/train.json").read_text())[HOOK]
     assert m["steps"] == 20 and m["tokens"] == 1280  # one pass, 1280 // 64
     assert 0 <= m["val_fvu@2"] < 1 and m["l0@1"] == 4.0
     with open(Path("plots/train") / f"{HOOK}.csv") as f:
@@ -61,9 +61,9 @@ def test_train_stage_writes_declared_outputs(workspace: Path) -> None:
     state = Path("checkpoints") / HOOK / "state.pt"
     assert state.is_file() and not list(Path("checkpoints", HOOK).glob("*.tmp"))
     # A rerun (finished checkpoint: trains from scratch) reproduces metrics and weights exactly.
-    first = Path("metrics/train.json").read_bytes()
+    first = Path("results/train.json").read_bytes()
     assert CliRunner().invoke(command, []).exit_code == 0
-    assert Path("metrics/train.json").read_bytes() == first
+    assert Path("results/train.json").read_bytes() == first
     again = load_sae(Path("models/sae") / HOOK)
     assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), again.state_dict().values(), strict=True))
 
@@ -79,7 +79,7 @@ def test_params_file_missing_a_key_stops_before_training(workspace: Path) -> Non
     assert res.exit_code == 2
     line = res.output.strip()
     assert line.startswith("error: params.yaml: missing keys: train.lr (") and "\n" not in line, res.output
-    assert not Path("models/sae").exists() and not Path("metrics/train.json").exists()
+    assert not Path("models/sae").exists() and not Path("results/train.json").exists()
     Path("params.yaml").write_text("")
     res = CliRunner().invoke(command, [])
     assert res.exit_code == 2 and res.output.startswith("error: params.yaml: empty (expected every section: "), res.output
@@ -95,11 +95,11 @@ def test_missing_validation_dataset_is_one_line_error(workspace: Path) -> None:
     assert res.exit_code == 2, res.output
     line = res.output.strip()
     assert line.startswith(f"error: {manifest}: missing input (train.val_every is 8)") and "\n" not in line, res.output
-    assert not Path("models/sae").exists() and not Path("metrics/train.json").exists()
+    assert not Path("models/sae").exists() and not Path("results/train.json").exists()
     # train.val_every 0 asks for no validation pass before the end: trains, without val_* metrics.
     res = CliRunner().invoke(command, ["--set", "train.val_every=0"])
     assert res.exit_code == 0, res.output
-    m = json.loads(Path("metrics/train.json").read_text())[HOOK]
+    m = json.loads(Path("results/train.json").read_text())[HOOK]
     assert m["steps"] == 20 and not any(k.startswith("val_") for k in m)
 
 
@@ -129,7 +129,7 @@ def test_changed_params_on_resume_is_one_line_error(workspace: Path) -> None:
     # Same params: resumes and finishes.
     res = CliRunner().invoke(command, [])
     assert res.exit_code == 0, res.output
-    assert json.loads(Path("metrics/train.json").read_text())[HOOK]["steps"] == 20
+    assert json.loads(Path("results/train.json").read_text())[HOOK]["steps"] == 20
 
 
 def test_resume_under_other_numerics_is_refused(workspace: Path, restore_numerics: None) -> None:
@@ -152,7 +152,7 @@ def test_resume_under_other_numerics_is_refused(workspace: Path, restore_numeric
     line = res.output.strip()
     assert line.startswith("error: ") and "cannot resume, params changed since the checkpoint" in line, res.output
     assert "numerics.deterministic (false -> true)" in line and "\n" not in line
-    assert not Path("metrics/train.json").exists()
+    assert not Path("results/train.json").exists()
 
 
 def test_train_on_your_own_activations(workspace: Path, tmp_path: Path) -> None:

@@ -120,10 +120,10 @@ def test_environment_is_strings_and_the_same_twice() -> None:
 def test_environment_blocks_become_mlflow_tags_not_metrics(tmp_path: Path) -> None:
     from pipeline.tracking.record import build_record
 
-    (tmp_path / "metrics").mkdir()
+    (tmp_path / "results").mkdir()
     for stage, env in (("train", {"cpu": "X", "threads": "2", "train.dtype": "bfloat16"}),
                        ("evaluate", {"cpu": "X", "threads": "1"})):
-        (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps({HOOK: {"fvu@2": 0.5}, "environment": env}))
+        (tmp_path / "results" / f"{stage}.json").write_text(json.dumps({HOOK: {"fvu@2": 0.5}, "environment": env}))
     record = build_record(tmp_path, {"extract.hooks": [HOOK]}, "e", [HOOK])
     env_tags = {k: v for k, v in record.tags.items() if k.startswith("env.")}
     assert env_tags == {"env.cpu": "X", "env.train.dtype": "bfloat16", "env.train.threads": "2",
@@ -191,7 +191,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _commit(message: str) -> None:
-    subprocess.run(["git", "add", "-A", "params.yaml", "metrics"], check=True)
+    subprocess.run(["git", "add", "-A", "params.yaml", "metrics", "results"], check=True)
     subprocess.run(["git", "commit", "-qm", message], check=True)
 
 
@@ -201,13 +201,13 @@ def test_bf16_on_and_off_is_recorded_and_verify_names_the_metrics_that_moved(rep
 
     assert CliRunner().invoke(train, []).exit_code == 0
     _commit("float32")
-    fp32 = json.loads(Path("metrics/train.json").read_text())
+    fp32 = json.loads(Path("results/train.json").read_text())
     res = CliRunner().invoke(verify, ["--no-rerun"])
     assert res.exit_code == 0 and "every metric must be bit-exact" in res.output, res.output
 
     res = CliRunner().invoke(train, ["--set", "train.dtype=bfloat16"])
     assert res.exit_code == 0, res.output
-    bf16 = json.loads(Path("metrics/train.json").read_text())
+    bf16 = json.loads(Path("results/train.json").read_text())
     assert (fp32["environment"]["train.dtype"], bf16["environment"]["train.dtype"]) == ("float32", "bfloat16")
     assert {k for k in fp32["environment"] if fp32["environment"][k] != bf16["environment"][k]} == {"train.dtype"}
 
@@ -228,9 +228,9 @@ def test_same_environment_other_result_fails_verify(repo: Path) -> None:
 
     assert CliRunner().invoke(train, []).exit_code == 0
     _commit("recorded")
-    data = json.loads(Path("metrics/train.json").read_text())
+    data = json.loads(Path("results/train.json").read_text())
     data[HOOK]["loss"] = data[HOOK]["loss"] * (1 + 1e-12)  # the last bits of one number
-    Path("metrics/train.json").write_text(json.dumps(data))
+    Path("results/train.json").write_text(json.dumps(data))
     res = CliRunner().invoke(verify, ["--no-rerun"])
     assert res.exit_code == 1 and f"train/{HOOK}/loss" in res.output and "NO (exact)" in res.output, res.output
 
@@ -241,7 +241,31 @@ def test_verify_without_committed_metrics_is_one_line_error(repo: Path) -> None:
     subprocess.run(["git", "add", "params.yaml"], check=True)
     subprocess.run(["git", "commit", "-qm", "params only"], check=True)
     res = CliRunner().invoke(verify, [])
-    assert res.exit_code == 2 and res.output.startswith("error: --rev HEAD: commit ") and "no metrics/*.json" in res.output
+    assert res.exit_code == 2 and res.output.startswith("error: --rev HEAD: commit ") and "no results/*.json" in res.output
+
+
+def test_nothing_recorded_compares_the_workspace_run_with_a_rerun(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh clone after `dvc repro`: the commit records nothing, the workspace's results are one run of it."""
+    from stages import verify
+    from stages.train import command as train
+
+    subprocess.run(["git", "add", "params.yaml"], check=True)
+    subprocess.run(["git", "commit", "-qm", "params only"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert CliRunner().invoke(train, []).exit_code == 0
+    reruns = []
+
+    def rerun(root: Path, commit: str, stages: list[str], keep: bool) -> dict:  # a bit-identical rerun in a clone
+        reruns.append((commit, stages))
+        return verify.read_metrics(root / "results")
+
+    monkeypatch.setattr(verify, "rerun", rerun)
+    res = CliRunner().invoke(verify.command, [])
+    assert res.exit_code == 0, res.output
+    assert f"the workspace's results (nothing recorded at {head[:12]}" in res.output and reruns == [(head, ["train"])]
+    assert "every metric must be bit-exact" in res.output
+    res = CliRunner().invoke(verify.command, ["--no-rerun"])  # the workspace against itself: nothing to check
+    assert res.exit_code == 2 and "no results/*.json" in res.output
 
 
 # ---- the whole thing: rerun in a clone (dvc repro) ----------------------------------------------------------

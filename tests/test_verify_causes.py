@@ -62,7 +62,7 @@ def test_a_params_change_committed_without_rerunning_is_named_not_excused(repo: 
                                      {"path": "data/activations", "hash": "md5", "md5": "0" * 32 + ".dir"}],
         "params": {"params.yaml": {"train": p["train"], "sae.k": 4, "seed": 0}}}}}
     Path("dvc.lock").write_text(yaml.safe_dump(lock))
-    _commit("trained", "metrics", "code.py", "dvc.lock")
+    _commit("trained", "metrics", "results", "code.py", "dvc.lock")
     res = CliRunner().invoke(verify, ["--no-rerun"])
     assert res.exit_code == 0, res.output
 
@@ -157,10 +157,10 @@ def test_world_size_is_recorded_and_named_as_the_cause(repo: Path) -> None:
 
     _set("train.dtype", "float32")
     _sae_train("--set", "train.processes=2")
-    assert json.loads(Path("metrics/train.json").read_text())["environment"]["train.world_size"] == "2"
-    _commit("2 processes", "metrics")
+    assert json.loads(Path("results/train.json").read_text())["environment"]["train.world_size"] == "2"
+    _commit("2 processes", "metrics", "results")
     _sae_train()  # one process, otherwise the same environment
-    env = json.loads(Path("metrics/train.json").read_text())["environment"]
+    env = json.loads(Path("results/train.json").read_text())["environment"]
     assert env["train.world_size"] == "1"
     res = CliRunner().invoke(verify, ["--no-rerun"])
     assert "Cause: world size differs (2 vs 1)." in res.output, res.output

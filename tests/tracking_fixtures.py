@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.headline import headline
 from pipeline.testing import default_params
 
 HOOK = "layers.1.resid_post"
@@ -50,8 +51,9 @@ def fabricate_workspace(root: Path, git: bool = False) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     minimal_params(root)
-    for stage, values in METRICS.items():
-        write_json(root / "metrics" / f"{stage}.json", values)
+    for stage, values in METRICS.items():  # what the stages write: everything, and its DVC headline
+        write_json(root / "results" / f"{stage}.json", values)
+        write_json(root / "metrics" / f"{stage}.json", headline(stage, values, [HOOK]))
     curve = root / "plots" / "train" / f"{HOOK}.csv"
     curve.parent.mkdir(parents=True, exist_ok=True)
     curve.write_text("step,loss,l0,fvu,dead_fraction\n" + "".join(",".join(map(str, r)) + "\n" for r in CURVE))

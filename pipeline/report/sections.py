@@ -94,16 +94,16 @@ def metrics_section(doc: Document, inp: ReportInputs) -> None:
     order = [s for s in STAGES if s in inp.stage_metrics] + sorted(set(inp.stage_metrics) - set(STAGES))
     for stage in STAGES:
         if stage not in inp.stage_metrics:
-            doc.add(Para(f"{stage}: not run (metrics/{stage}.json missing).", note=True))
+            doc.add(Para(f"{stage}: not run (results/{stage}.json missing).", note=True))
     for stage in order:
         # The steering file's per-feature leaves are summarised in its own section; here its overall numbers.
         values = [(path, v) for path, v in inp.stage_metrics[stage].items()
                   if not (stage == "steer" and path[0] == "features")]
         rows = [["/".join(path), fmt(v)] for path, v in values[:MAX_ROWS_PER_STAGE]]
-        fold = Fold(f"{stage} (metrics/{stage}.json): {len(values)} numbers",
+        fold = Fold(f"{stage} (results/{stage}.json): {len(values)} numbers",
                     [Table(["metric", "value"], rows, defs=[definition(p[-1]) for p, _ in values[:MAX_ROWS_PER_STAGE]])])
         if len(values) > MAX_ROWS_PER_STAGE:
-            fold.blocks.append(Para(f"{len(values) - MAX_ROWS_PER_STAGE} more in metrics/{stage}.json.", note=True))
+            fold.blocks.append(Para(f"{len(values) - MAX_ROWS_PER_STAGE} more in results/{stage}.json.", note=True))
         doc.add(fold)
 
 
@@ -163,7 +163,7 @@ def features_section(doc: Document, inp: ReportInputs, top_n: int) -> None:
 def steer_section(doc: Document, inp: ReportInputs) -> None:
     doc.add(Heading(1, "Steering against baselines"))
     if inp.steer is None:
-        doc.add(Para("Not run (metrics/steer.json missing).", note=True))
+        doc.add(Para("Not run (results/steer.json missing).", note=True))
         return
     # The verdict first, with its intervals: it answers the section's question.
     overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
@@ -175,7 +175,7 @@ def steer_section(doc: Document, inp: ReportInputs) -> None:
                    key=lambda t: not t.startswith("overall"))[:10]
     if texts:
         doc.add(Bullets(texts))
-    # Then one row per method and one per concept: the per-feature detail stays in metrics/steer.json.
+    # Then one row per method and one per concept: the per-feature detail stays in results/steer.json.
     doc.add(*steer_summary_blocks(inp.steer))
     for png in inp.steer_pngs:
         doc.add(Image(f"steer_{png.name}", png.read_bytes(), f"steering: {png.stem}"))

@@ -92,6 +92,6 @@ def environment_section(doc: Document, inp: ReportInputs) -> None:
         items.append(inp.tracking_note)
     doc.add(Heading(1, "Run and environment"), Bullets(items))
     if inp.environment:
-        doc.add(Para("From the environment block of each metrics/<stage>.json (env.<stage>.<key> where stages differ).",
+        doc.add(Para("From the environment block of each results/<stage>.json (env.<stage>.<key> where stages differ).",
                      note=True),
                 Table(["", "value"], [[k.removeprefix("env."), str(v)] for k, v in sorted(inp.environment.items())]))

@@ -1,5 +1,5 @@
 """The steering verdict in the report: per-method test means and SAE-minus-baseline differences with their
-95% bootstrap intervals, as written to ``overall`` of ``metrics/steer.json`` (``pipeline.steering.verdict``)."""
+95% bootstrap intervals, as written to ``overall`` of ``results/steer.json`` (``pipeline.steering.verdict``)."""
 
 from __future__ import annotations
 

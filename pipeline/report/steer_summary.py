@@ -1,5 +1,5 @@
 """Steering summaries in the report: one row per method and one per concept, read generically from
-``metrics/steer.json`` instead of a dump of its per-feature leaves.
+``results/steer.json`` instead of a dump of its per-feature leaves.
 
 Any object under a key of :data:`SUMMARY_KEYS` (``methods``, ``concepts``, ...) whose values are all objects is
 a summary: its entries become rows, their numbers (or ``{mean, ci95_low, ci95_high}`` estimates, shown with the
@@ -107,7 +107,7 @@ def _per_feature(features: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def steer_summary_blocks(steer: dict[str, Any]) -> list[Para | Table]:
-    """Tables per method and per concept (and any other summary object) of a ``metrics/steer.json`` object."""
+    """Tables per method and per concept (and any other summary object) of a ``results/steer.json`` object."""
     out: list[Para | Table] = []
     for path, entries in _summaries(steer):
         kind = path[-1].removeprefix("by_").rstrip("s")
@@ -115,7 +115,7 @@ def steer_summary_blocks(steer: dict[str, Any]) -> list[Para | Table]:
         if made is None:
             continue
         table, left = made
-        out.append(Para(f"Per {kind} ({'/'.join(path)} in metrics/steer.json)" + (
+        out.append(Para(f"Per {kind} ({'/'.join(path)} in results/steer.json)" + (
             f"; {left} more columns/rows there." if left else ".")))
         out.append(table)
     feats = steer.get("features")
@@ -124,6 +124,6 @@ def steer_summary_blocks(steer: dict[str, Any]) -> list[Para | Table]:
         if made is not None:
             table, left = made
             out.append(Para("Per concept: each method's test score at the coefficient chosen on validation "
-                            "(features/*/methods in metrics/steer.json" + (f"; {left} more there)." if left else ").")))
+                            "(features/*/methods in results/steer.json" + (f"; {left} more there)." if left else ").")))
             out.append(table)
     return out

@@ -127,7 +127,22 @@ def experiment_id(client: Any, name: str, uri: str, root: Path, create: bool = T
     # A local store's default artifact root is "./mlruns" relative to the *current* directory,
     # which under `dvc exp run --queue` is a temp copy deleted afterwards: pin it to the real root.
     location = None if is_remote(uri) else (Path(root) / DEFAULT_ARTIFACTS).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    created = client.create_experiment(name, artifact_location=location)
+    if not is_remote(uri):
+        _retire_default_experiment(client)
+    return created
+
+
+def _retire_default_experiment(client: Any) -> None:
+    """Delete the empty ``Default`` experiment MLflow creates with a new local store: it points at
+    ``./mlruns/0`` of whichever directory first opened the store (no such folder exists) and would be the
+    first thing the MLflow UI shows. Kept when it holds runs (someone logged there on purpose)."""
+    exp = client.get_experiment("0") if client.get_experiment_by_name("Default") is not None else None
+    if exp is None or exp.name != "Default" or exp.lifecycle_stage != "active":
+        return
+    if client.search_runs(["0"], max_results=1, run_view_type=3):  # 3: active and deleted runs
+        return
+    client.delete_experiment("0")
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
