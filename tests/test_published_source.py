@@ -76,10 +76,13 @@ def test_hub_download_asks_only_for_the_sae_files(tmp_path: Path, monkeypatch: p
     assert hub.parse_ref("google/gemma-scope-2b-pt-res/layer_3/x@abc") == ("google/gemma-scope-2b-pt-res", "layer_3/x", "abc")
 
 
-def test_saelens_release_resolves_through_its_registry() -> None:
+def test_saelens_release_resolves_through_its_registry(caplog: pytest.LogCaptureFixture) -> None:
     needs_saelens()
     repo, path, fmt, model = resolve_release("gemma-scope-2b-pt-res", GS_PATH)
     assert (repo, path, fmt, model) == ("google/gemma-scope-2b-pt-res", GS_PATH, "gemmascope", "gemma-2-2b")
+    assert resolve_release("gpt2-small-res-jb", "blocks.8.hook_resid_pre")[:3] == (
+        "jbloom/GPT2-Small-SAEs-Reformatted", "blocks.8.hook_resid_pre", "saelens")
+    assert "center_writing_weights" in caplog.text  # trained on TransformerLens-processed activations: said
     with pytest.raises(UserError, match="has no SAE 'nope'"):
         resolve_release("gemma-scope-2b-pt-res", "nope")
     with pytest.raises(UserError, match="not found"):

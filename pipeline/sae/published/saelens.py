@@ -13,6 +13,7 @@ latents before decoding: into W_dec's rows).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from pipeline.errors import UserError
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.io import _read_json, _read_tensors
 from pipeline.sae.published.common import Foreign, build, dtype_name, log_threshold, need, shape_of
+
+log = logging.getLogger(__name__)
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 _ARCHS = {"standard": "relu_l1", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
@@ -129,6 +132,11 @@ def resolve_release(release: str, sae_id: str, key: str = "sae.source") -> tuple
     if conv not in CONVERSIONS:
         raise UserError(f"{key}: release {release!r} is stored in a layout this pipeline does not import "
                         f"(SAELens converter {conv!r}; supported: SAELens native, gemma_2, gemma_3, dictionary_learning_1)")
+    processed = (entry.get("config_overrides") or {}).get("model_from_pretrained_kwargs") or {}
+    if processed.get("center_writing_weights"):
+        log.warning("%s: release %s was trained on TransformerLens-processed activations (center_writing_weights: each "
+                    "residual vector minus its mean over d_model); this pipeline records them unprocessed, so the "
+                    "reconstruction metrics also count the mean the SAE was never asked to reconstruct", key, release)
     for s in entry.get("saes", []):
         if s.get("id") == sae_id:
             return entry["repo_id"], s.get("path", sae_id), CONVERSIONS[conv], entry.get("model")
