@@ -98,7 +98,12 @@ def test_first_screen_opens_on_the_interpretability_ranking(dashboard, tmp_path)
             assert r[5] == "dead: never fired"
     assert "ranked by interpretability" in dom
     # The topic AUROC comes with its 95% interval where the feature fired.
-    assert any(re.fullmatch(r"0\.\d{3} \[0\.\d\d, [01]\.\d\d\]", r[8]) for r in rows)
+    assert any(re.fullmatch(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", r[8]) for r in rows)
+    # Example tokens: distinct, in order, repeats counted.
+    for r in rows:
+        toks = r[9].split("  ") if r[9] else []
+        assert len(toks) == len({t.split(" \u00d7")[0] for t in toks}), r[9]
+    assert any(" \u00d7" in r[9] for r in rows)  # the planted token feature fires on one token in every example
 
 
 def test_feature_view_has_histogram_ticks_and_visible_spaces(dashboard, tmp_path):

@@ -31,6 +31,11 @@ function el(tag, attrs, text) {
 function fmt(x, d) { return (x === null || x === undefined || Number.isNaN(x)) ? "" : Number(x).toFixed(d); }
 // A token's leading space shown as "\u2423" and a newline as "\u21b5", so " on" and "on" differ on screen.
 function vis(s) { return String(s).replace(/^ /, "\u2423").replace(/\n/g, "\u21b5"); }
+// Distinct tokens in order of first appearance, repeated ones counted: "\u2423well \u00d75".
+function tokenList(ts) {
+  const n = new Map(); for (const t of ts) n.set(t, (n.get(t) || 0) + 1);
+  return [...n].map(([t, k]) => vis(t) + (k > 1 ? " \u00d7" + k : "")).join("  ");
+}
 function ci(key) { return D.columns.findIndex(c => c.key === key); }
 const ASCENDING = new Set(["rank", "feature"]);  // lower is first; every other column opens highest first
 let sortCol = D.sort || "feature", sortDir = ASCENDING.has(sortCol) ? 1 : -1;
@@ -62,8 +67,8 @@ function renderIndex() {
     D.columns.forEach((c, i) => {
       if (c.hidden) return;
       if (c.why !== undefined && r[i] === null && r[c.why]) { tr.appendChild(el("td", {class: "meta"}, r[c.why])); return; }
-      let v = c.tokens ? (r[i] || []).map(vis).join("  ") : c.digits === undefined ? r[i] : fmt(r[i], c.digits);
-      if (c.ci && r[i] !== null && r[c.ci[0]] !== null) v += " [" + fmt(r[c.ci[0]], 2) + ", " + fmt(r[c.ci[1]], 2) + "]";
+      let v = c.tokens ? tokenList(r[i] || []) : c.digits === undefined ? r[i] : fmt(r[i], c.digits);
+      if (c.ci && r[i] !== null && r[c.ci[0]] !== null) v += " [" + fmt(r[c.ci[0]], 3) + ", " + fmt(r[c.ci[1]], 3) + "]";
       tr.appendChild(el("td", c.tokens ? {class: "toks"} : {}, v));
     });
     tr.onclick = () => { location.hash = "#f=" + r[0]; };
