@@ -43,7 +43,8 @@ def test_top_features_need_support_and_show_their_tokens(tmp_path: Path) -> None
         "feature": [0, 1, 2, 3], "fire_count": [2, 400, 0, 60], "frequency": [2e-4, 0.04, 0.0, 6e-3],
         "detection_balanced_accuracy@1": [1.0, 0.7, nan, 0.9], "fuzzing_balanced_accuracy@2": [1.0, 0.7, nan, 0.8],
         "topic_auroc@1": [0.5, 0.8, nan, 0.6], "topic": ["a", "b", None, "c"],
-        "example_tokens": [["x"], [" on", "on"], [], [" the", "\n"]],
+        "example_tokens": [["x"], [" on", "on"], [], [" the", "\n", " the"]],
+        "topic_auroc_ci95_low@1": [0.4, 0.75, nan, 0.55], "topic_auroc_ci95_high@1": [0.6, 0.85, nan, 0.65],
         "explanation": ["two tokens", "b", None, "c"], "top_tokens": [["lens"]] * 4,
     }).write_parquet(feats)
     rows, count, how = top_features(feats, 4)
@@ -51,7 +52,11 @@ def test_top_features_need_support_and_show_their_tokens(tmp_path: Path) -> None
     assert [r["feature"] for r in rows] == [3, 1, 0, 2] and count == 4
     assert "ranked by interpretability" in how and "at least 20 tokens" in how
     assert rows[0]["fires on"] == 60 and rows[0]["fuzzing"] == 0.8
-    assert rows[1]["example tokens"] == "\u2423on  on" and rows[0]["example tokens"] == "\u2423the  \u21b5"
+    assert rows[1]["example tokens"] == "\u2423on  on" and rows[0]["example tokens"] == "\u2423the \u00d72  \u21b5"
+    ws = fabricate_workspace(tmp_path / "ws")
+    (ws / "data" / "interpret" / HOOK / "features.parquet").write_bytes(feats.read_bytes())
+    md = _md(ws)
+    assert "| 3 | 60 | 0.006 | 0.9 | 0.8 | 0.600 [0.550, 0.650] | c | \u2423the \u00d72  \u21b5 | c |" in md
     assert "top_tokens" not in rows[0]  # logit-lens fragments stay on the dashboard
 
 
@@ -90,6 +95,7 @@ def test_steering_is_summarised_per_method_and_per_concept(tmp_path: Path) -> No
     assert "| sae_input | 0.300 [0.100, 0.500] |" in section  # an estimate with its interval
     assert "features/116" not in md  # no per-feature dump anywhere
     assert md.index("SAE steering is what it is.") < md.index("## Training curves")  # the verdict is a result
+    assert md.index("Steering, likelihood evidence: a long sentence") < md.index("## Training curves")
 
 
 def test_each_dead_fraction_has_its_own_definition() -> None:

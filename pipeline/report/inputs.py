@@ -36,6 +36,8 @@ FEATURE_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("score", ("score", "detection_balanced_accuracy", "detection_auc")),
     ("fuzzing", ("fuzzing_balanced_accuracy",)),
     ("topic_auroc", ("topic_auroc",)),
+    ("topic_auroc_low", ("topic_auroc_ci95_low",)),
+    ("topic_auroc_high", ("topic_auroc_ci95_high",)),
     ("best_topic", ("best_topic", "topic")),
     ("example tokens", ("example_tokens",)),
     ("explanation", ("explanation",)),
@@ -90,6 +92,14 @@ def _visible(token: str) -> str:
     return ("\u2423" + token[1:] if token.startswith(" ") else token).replace("\n", "\u21b5")
 
 
+def _token_list(tokens: Any) -> str:
+    """Distinct tokens in order, repeats counted: [" well", " well", "on"] -> "␣well ×2  on"."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return "  ".join(_visible(t) + (f" \u00d7{k}" if k > 1 else "") for t, k in counts.items())
+
+
 def top_features(path: Path, n: int) -> tuple[list[dict[str, Any]], int, str]:
     """Top ``n`` rows of a features table as ``{label: value}`` with the labels of :data:`FEATURE_COLUMNS` that
     the table has, the table's row count, and how they were ranked: by
@@ -111,7 +121,7 @@ def top_features(path: Path, n: int) -> tuple[list[dict[str, Any]], int, str]:
         nan = np.full(df.height, np.nan)
         order, _ = rank_features(fire, n_tokens, num("score") if "score" in df.columns else nan,
                                  num("fuzzing") if "fuzzing" in df.columns else nan,
-                                 num("topic_auroc") if "topic_auroc" in df.columns else nan)
+                                 next((num(c) for c in ("topic_auroc_low", "topic_auroc") if c in df.columns), nan))
         df = df[order.tolist()]
         how = RANKING
     else:
@@ -123,9 +133,7 @@ def top_features(path: Path, n: int) -> tuple[list[dict[str, Any]], int, str]:
                     how = f"by {label}"
                     break
     if "example tokens" in df.columns and isinstance(df.schema["example tokens"], pl.List):
-        df = df.with_columns(pl.col("example tokens").list.head(5)
-                             .list.eval(pl.element().map_elements(_visible, return_dtype=pl.String))
-                             .list.join("  ").alias("example tokens"))
+        df = df.with_columns(pl.col("example tokens").map_elements(_token_list, return_dtype=pl.String))
     return df.head(n).to_dicts(), df.height, how
 
 

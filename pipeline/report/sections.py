@@ -17,7 +17,7 @@ from pipeline.tracking.names import metric_base
 STAGES = ("prepare", "extract", "train", "evaluate", "interpret", "steer")
 MAX_ROWS_PER_STAGE = 40
 MAX_FRONTIER_ROWS = 30
-FEATURE_LABELS = {"score": "detection", "topic_auroc": "topic AUROC", "best_topic": "topic"}
+FEATURE_LABELS = {"score": "detection", "topic_auroc": "topic AUROC [95% CI]", "best_topic": "topic"}
 # The results a reader compares first, after the headline L0 / FVU / CE loss recovered: (stage, metric base name).
 KEY_RESULTS = (("evaluate", "dead_fraction"), ("evaluate", "kl_div"), ("interpret", "mean_explanation_score"),
                ("interpret", "median_topic_auroc"), ("steer", "sae_hm"), ("steer", "sae_concept_gain"))
@@ -86,6 +86,10 @@ def results_section(doc: Document, inp: ReportInputs) -> None:
     overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
     if isinstance(overall, dict) and isinstance(overall.get("summary"), str):
         doc.add(Para(f"Steering: {overall['summary']}"))
+    # The likelihood evidence (matched-KL steering and ablation against baselines), where the steer stage ran it.
+    lik = inp.steer.get("likelihood") if isinstance(inp.steer, dict) else None
+    if isinstance(lik, dict) and isinstance(lik.get("verdict_text"), str):
+        doc.add(Para(f"Steering, likelihood evidence: {lik['verdict_text']}"))
 
 
 def metrics_section(doc: Document, inp: ReportInputs) -> None:
@@ -157,7 +161,17 @@ def features_section(doc: Document, inp: ReportInputs, top_n: int) -> None:
                      f"{inp.feature_ranking.get(hook, 'in table order')}. Detection and fuzzing: balanced accuracy "
                      "of the explanation on held-out examples; example tokens: the token under each top example's "
                      "maximum (\u2423 = a leading space)."))
-        doc.add(Table([FEATURE_LABELS.get(c, c) for c in header], [[fmt(r[c]) for c in header] for r in rows]))
+        # The topic AUROC shown with its interval, in one cell.
+        shown = [c for c in header if c not in ("topic_auroc_low", "topic_auroc_high")]
+        cells = [[_auroc_cell(r) if c == "topic_auroc" else fmt(r[c]) for c in shown] for r in rows]
+        doc.add(Table([FEATURE_LABELS.get(c, c) for c in shown], cells))
+
+
+def _auroc_cell(row: dict[str, Any]) -> str:
+    lo, hi = row.get("topic_auroc_low"), row.get("topic_auroc_high")
+    if _finite(row.get("topic_auroc")) and _finite(lo) and _finite(hi):
+        return f"{row['topic_auroc']:.3f} [{lo:.3f}, {hi:.3f}]"
+    return fmt(row.get("topic_auroc"))
 
 
 def steer_section(doc: Document, inp: ReportInputs) -> None:
