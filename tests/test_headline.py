@@ -34,20 +34,24 @@ RESULTS = {
         "sae_hm@3": 0.191, "sae_method": "clamp", "summary": "SAE 'clamp' steering ... " * 20,
         "sae_minus_random_hm@3": {"mean": 0.066, "ci95_low": 0.038, "ci95_high": 0.098, "verdict": "beats"}},
         "environment": ENV},
+    "bench": {H1: {"sae_top_1_test_accuracy@1": 0.71, "sae_top_1_test_accuracy@1_ci_low": 0.6, "absorption_letters@1": 4,
+                   "mean_absorption_fraction@1": 0.05, "per_label": {"music": {"sae_top_1_test_accuracy@1": 0.8}}},
+              "environment": ENV},
 }
 
 
 def test_headline_is_flat_numbers_named_by_their_versioned_keys() -> None:
     got = {stage: headline(stage, r, [H1, H2]) for stage, r in RESULTS.items()}
     assert got == {
-        "prepare": {"train_tokens": 943744},
+        "prepare": {},
         "extract": {},
-        "train": {"loss": 47.3},
+        "train": {},
         # the highest version of each base name; the second hook's under its own name; null/NaN left out
         "evaluate": {"fvu@3": 0.133, "l0@2": 31.99, "ce_loss_recovered@2": 0.981, "dead_fraction@2": 0.0245,
                      f"{H2}/fvu@3": 0.2, f"{H2}/l0@2": 30.0},
         "interpret": {"mean_explanation_score@1": 0.68},
         "steer": {"sae_hm@3": 0.191, "sae_minus_random_hm@3": 0.066},
+        "bench": {"sae_top_1_test_accuracy@1": 0.71},
     }
 
 
@@ -60,6 +64,8 @@ def test_headline_base_names_are_unique_across_stages() -> None:
 
 
 def test_write_stage_results_writes_both_files(tmp_path: Path) -> None:
+    assert write_stage_results("train", RESULTS["train"], [H1], root=tmp_path) == {}
+    assert json.loads((tmp_path / "metrics/train.json").read_text()) == {}  # a DVC metric file all the same
     head = write_stage_results("steer", RESULTS["steer"], root=tmp_path)
     assert json.loads((tmp_path / "results/steer.json").read_text()) == RESULTS["steer"]
     assert json.loads((tmp_path / "metrics/steer.json").read_text()) == head == {"sae_hm@3": 0.191,
@@ -139,7 +145,8 @@ def test_two_runs_compare_at_200_columns(tmp_path: Path) -> None:
 
     record(32, 1.0)
     record(16, 0.9)
-    names = [n for stage in RESULTS for n in headline(stage, RESULTS[stage], [H1])]
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]  # DVC shows these stages' metrics
+    names = [n for stage in RESULTS if stage in declared for n in headline(stage, RESULTS[stage], [H1])]
     # 186 = 200 less the room an experiment's row label takes beyond "main" ("├── 1a2b3c4 [kempt-flax]").
     shown = _dvc(repo, "exp", "show", "--no-pager", "--only-changed", "-n", "2", columns=186)
     assert shown.returncode == 0, shown.stderr
