@@ -296,3 +296,14 @@ def test_frontier_reads_exp_show_and_draws_png(tmp_path: Path) -> None:
     (tmp_path / "empty.json").write_text("[]")
     res = CliRunner().invoke(command, ["--exp-json", str(tmp_path / "empty.json"), "--out", str(tmp_path / "g.png")])
     assert res.exit_code == 2 and "no experiment has an L0 in metrics/evaluate.json" in res.output
+
+
+def test_frontier_finds_dvc_beside_its_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.venv/bin/sae frontier` without an activated venv: dvc is found next to the interpreter, not on PATH."""
+    from pipeline.errors import UserError
+    from stages.frontier import exp_show_json
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no venv on PATH
+    monkeypatch.chdir(tmp_path)  # not a DVC repository: dvc runs and fails, rather than "command not found"
+    with pytest.raises(UserError, match="dvc exp show --json failed"):
+        exp_show_json(None)
