@@ -110,9 +110,10 @@ def write_dashboard_index(dash_dir: Path, hook: str, cols: dict[str, Any], m: di
     a blank detection cell says why (:func:`~pipeline.feature_ranking.detection_notes`)."""
     d = len(cols["feature"])
     det, fuzz = cols["detection_balanced_accuracy@1"], cols[FUZZING]
-    au_lo = cols.get("topic_auroc_ci95_low@1", cols["topic_auroc@1"])
-    au_hi = cols.get("topic_auroc_ci95_high@1", cols["topic_auroc@1"])
-    order, tier = rank_features(cols["fire_count"], m["interpret_tokens"], det, fuzz, au_lo)
+    none = np.full(d, np.nan)  # a table without intervals (an older run): the point AUROC ranks, no interval shown
+    au_lo, au_hi = cols.get("topic_auroc_ci95_low@1", none), cols.get("topic_auroc_ci95_high@1", none)
+    order, tier = rank_features(cols["fire_count"], m["interpret_tokens"], det, fuzz,
+                                au_lo if "topic_auroc_ci95_low@1" in cols else cols["topic_auroc@1"])
     rank = np.empty(d, dtype=np.int64)
     rank[order] = np.arange(1, d + 1)
     notes = detection_notes(cols["fire_count"], np.array([e is not None for e in cols["explanation"]]), det, fuzz)
