@@ -201,3 +201,19 @@ def test_train_stage_imports_instead_of_training(fmt: str, d_model: int, tmp_pat
     assert results[hook]["imported"] == 1 and results["source"]["format"] == fmt
     assert results["environment"]["versions.huggingface-hub"]
     assert not Path("checkpoints", hook, "state.pt").exists()
+
+
+def test_report_says_the_sae_was_imported(tmp_path: Path) -> None:
+    from pipeline.report.document import Document, to_markdown
+    from pipeline.report.inputs import ReportInputs
+    from pipeline.report.setup import setup_section
+
+    folder = tmp_path / "gemma-scope-2b-pt-res" / GS_PATH
+    gemma_npz(folder / "params.npz")
+    import_published(str(folder), "auto", ["layers.3.resid_post"], "google/gemma-2-2b", {}, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "layers.3.resid_post" / "cfg.json").read_text())
+    doc = Document("t")
+    setup_section(doc, ReportInputs(params={}, hooks=["layers.3.resid_post"], sae_cfgs={"layers.3.resid_post": cfg}))
+    md = to_markdown(doc, "figures")
+    assert f"Not trained here: imported from {folder}" in md and "Training loop" not in md
+    assert "files_sha256" in md and "params.npz: " in md

@@ -75,7 +75,13 @@ def setup_section(doc: Document, inp: ReportInputs) -> None:
         if hidden:
             doc.add(Para(f"Not used by {arch}, so not shown: {', '.join(hidden)}.", note=True))
         training = cfg.get("training")
-        if isinstance(training, dict):
+        imported = training.get("imported") if isinstance(training, dict) else None
+        if isinstance(imported, dict):  # sae.source: a published SAE, imported by the train stage
+            rows = [[k, _fmt(v) if not isinstance(v, dict) else ", ".join(f"{a}: {b}" for a, b in v.items())]
+                    for k, v in sorted(imported.items()) if k != "notes"]
+            doc.add(Para(f"Not trained here: imported from {imported.get('source')} "
+                         f"(models/sae/{hook}/provenance.json):"), Table(["field", "value"], rows))
+        elif isinstance(training, dict):
             doc.add(Para("Training loop (train params the SAE was trained with):"),
                     Table(["field", "value"], [[k, _fmt(v)] for k, v in sorted(training.items())
                                                if not isinstance(v, dict)]))
