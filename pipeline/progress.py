@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -89,8 +90,11 @@ class Progress:
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
                              dynamic_ncols=True, smoothing=0.1)
         else:
-            # A daemon thread: a stage that dies mid-loop is never kept alive by its progress lines.
-            self._thread = threading.Thread(target=self._beat, name=f"progress {desc}", daemon=True)
+            # A daemon thread holding only a weak reference: a stage that dies mid-loop is never kept alive
+            # by its progress lines, and a loop that raised without closing them silences them once its
+            # Progress is gone.
+            self._thread = threading.Thread(target=_beat, args=(weakref.ref(self), self._stop, self.interval),
+                                            name=f"progress {desc}", daemon=True)
             self._thread.start()
 
     # -- the loop's side ---------------------------------------------------------------------------
@@ -147,7 +151,12 @@ class Progress:
         parts += [f"{k}={v}" for k, v in self.postfix.items()]
         return f"{self.desc}: " + ", ".join(parts)
 
-    def _beat(self) -> None:
-        # Also stops once the main thread is gone: a loop that raised without closing its progress.
-        while not self._stop.wait(self.interval) and threading.main_thread().is_alive():
-            log.info("%s", self.line())
+
+def _beat(ref: weakref.ref[Progress], stop: threading.Event, interval: float) -> None:
+    """Log ``ref()``'s line every ``interval`` s until ``stop``, the Progress is collected or the main thread ends."""
+    while not stop.wait(interval) and threading.main_thread().is_alive():
+        progress = ref()
+        if progress is None:
+            return
+        log.info("%s", progress.line())
+        del progress  # no strong reference between beats

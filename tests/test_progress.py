@@ -68,6 +68,25 @@ def test_disabled_and_failing_loops_are_silent(caplog: pytest.LogCaptureFixture)
     assert not [r for r in caplog.records if r.name == "sae.progress"]
 
 
+def test_a_progress_left_open_by_a_failed_loop_goes_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
+    caplog.set_level(logging.INFO, logger="sae.progress")
+
+    def loop() -> None:
+        p = Progress("leaky", 10, terminal=False, interval=0.02)  # no `with`, no close(): the loop raises
+        p.update(1)
+        raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        loop()
+    gc.collect()
+    time.sleep(0.1)
+    n = len(caplog.records)
+    time.sleep(0.2)
+    assert len(caplog.records) == n  # its thread saw the Progress collected and stopped
+
+
 def test_train_stage_with_stderr_to_a_file_logs_progress(tmp_path: Path) -> None:
     """`sae train` as DVC runs it (stderr a file, not a terminal): progress lines at the set interval."""
     from pipeline.params import Params, to_dict
