@@ -217,3 +217,11 @@ def test_report_says_the_sae_was_imported(tmp_path: Path) -> None:
     md = to_markdown(doc, "figures")
     assert f"Not trained here: imported from {folder}" in md and "Training loop" not in md
     assert "files_sha256" in md and "params.npz: " in md
+
+
+def test_gemma_mlp_out_sae_is_refused(tmp_path: Path) -> None:
+    """Gemma Scope's mlp_out is after Gemma's post-MLP norm; this pipeline's layers.{i}.mlp_out is before it."""
+    folder = tmp_path / "gemma-scope-2b-pt-mlp" / GS_PATH
+    gemma_npz(folder / "params.npz")
+    with pytest.raises(UserError, match="after Gemma's post-norm"):
+        import_published(str(folder), "auto", ["layers.3.mlp_out"], "google/gemma-2-2b", {}, tmp_path / "m")
