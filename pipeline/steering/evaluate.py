@@ -118,7 +118,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     timing = SweepTiming()
     unparsed = 0
     # Off a terminal (dvc repro) a line every few seconds: one feature's sweep takes tens of seconds on a CPU.
-    progress = Progress("steer", len(features), unit="features", tokens_per_unit=None)
+    progress = Progress(f"steer {hook}", len(features), unit="features", tokens_per_unit=None)
     for f in features:
         scale = stats.scale(f, p.scale, p.scale_quantile)
         if scale <= 0:
