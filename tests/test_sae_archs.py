@@ -15,6 +15,8 @@ from pipeline.sae.ops import geometric_median
 
 D_IN, D_SAE, K = 16, 48, 4
 SPARSE = [a for a in ARCHS if a != "dense"]
+# Architectures trained on one tensor (a transcoder trains on (input, target) pairs: tests/test_transcoder.py).
+PLAIN = [a for a in ARCHS if a != "transcoder"]
 
 
 def cfg_for(arch: str, **kw) -> SAEConfig:
@@ -41,12 +43,12 @@ def adam_steps(sae, n_steps: int, lr: float = 1e-2, seed: int = 0) -> torch.opti
 
 
 def test_registry_has_all_architectures() -> None:
-    assert set(ARCHS) == {"relu_l1", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "kl", "dense"}
+    assert set(ARCHS) == {"relu_l1", "topk", "batchtopk", "matryoshka_batchtopk", "transcoder", "jumprelu", "gated", "kl", "dense"}
     with pytest.raises(UserError, match=r"sae.arch: 'nope' is not an architecture \(allowed: batchtopk, dense, gated"):
         make_sae(SAEConfig(arch="nope", d_in=4, d_sae=8))  # checked where an SAE is built: the registry decides
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", PLAIN)
 def test_shapes_and_gradients_flow(arch: str) -> None:
     sae = make_sae(cfg_for(arch), seed=0)
     x = batch(32)
@@ -68,7 +70,7 @@ def test_shapes_and_gradients_flow(arch: str) -> None:
         assert (sae.encode(x) >= 0).all()  # feature activations are non-negative
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", PLAIN)
 def test_training_loss_has_no_host_sync(arch: str) -> None:
     """On the meta device any .item()/bool()/int() of a tensor raises: the loss must not need one."""
     sae = make_sae(cfg_for(arch), seed=0).to("meta")
@@ -241,7 +243,7 @@ def test_init_from_data_scaling_and_median() -> None:
     assert geometric_median(pts).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", PLAIN)
 def test_fold_scaling_keeps_function(arch: str) -> None:
     sae = make_sae(cfg_for(arch, scaling_factor=0.37), seed=0)
     adam_steps(sae, 2)
@@ -253,7 +255,7 @@ def test_fold_scaling_keeps_function(arch: str) -> None:
     assert torch.allclose(sae.encode(x), f, atol=1e-5) and torch.allclose(sae(x), x_hat, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", PLAIN)
 def test_same_seed_is_bit_for_bit(arch: str) -> None:
     def run() -> dict[str, torch.Tensor]:
         sae = make_sae(cfg_for(arch), seed=123)
@@ -297,7 +299,8 @@ def test_every_sae_knob_reaches_the_config() -> None:
     changed = {"arch": "relu_l1", "k": 3, "recipe": "2023", "l1_coeff": 0.7, "l1_warmup_steps": 9, "resample_every": 11,
                "l0_coeff": 0.3, "jumprelu_bandwidth": 0.02, "jumprelu_init_threshold": 0.04, "aux_coeff": 0.5,
                "k_aux": 5, "target_rate": 0.2, "kl_coeff": 0.9, "hidden_sizes": [40, 20, 40],
-               "matryoshka_fractions": [0.5, 0.5], "matryoshka_weighting": "saelens", "matryoshka_auxk": "per_level"}
+               "matryoshka_fractions": [0.5, 0.5], "matryoshka_weighting": "saelens", "matryoshka_auxk": "per_level",
+               "skip": True, "transcoder_activation": "batchtopk"}
     assert set(changed) == {f.name for f in dataclasses.fields(SAEKnobs)}
     assert {f.name for f in dataclasses.fields(SAEParams)} - set(changed) == {"expansion"}
     cfg = config_from_params(SAEParams(**changed, expansion=2), 16, "h")

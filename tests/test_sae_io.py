@@ -56,7 +56,7 @@ def same_function(a, b) -> None:
     assert torch.allclose(a(x), b(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "transcoder"])  # pairs: test_transcoder.py
 def test_save_load_same_function(arch: str, tmp_path: Path) -> None:
     sae = trained(arch)
     assert sae.cfg.scaling_factor != 1.0

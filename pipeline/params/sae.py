@@ -13,8 +13,8 @@ class SAEKnobs:
     """The knobs of an SAE's model and loss, defined once: the ``sae`` params section (:class:`SAEParams`) and the
     config a built SAE carries (``pipeline.sae.SAEConfig``, saved as ``cfg.json``) both consist of them."""
 
-    arch: str = knob("topk", help="SAE architecture: a name in the registry pipeline.sae.ARCHS, checked when the SAE is built (built in: relu_l1, topk, batchtopk, matryoshka_batchtopk, jumprelu, gated, kl = sigmoid + KL sparsity, dense = MLP baseline; a module that registers its own with @pipeline.sae.register adds to them).")
-    k: int = knob(32, help="Active latents per token for topk/batchtopk/matryoshka_batchtopk (Gao et al. 2024).", ge=1)
+    arch: str = knob("topk", help="SAE architecture: a name in the registry pipeline.sae.ARCHS, checked when the SAE is built (built in: relu_l1, topk, batchtopk, matryoshka_batchtopk, transcoder = MLP input -> MLP output, jumprelu, gated, kl = sigmoid + KL sparsity, dense = MLP baseline; a module that registers its own with @pipeline.sae.register adds to them).")
+    k: int = knob(32, help="Active latents per token for topk/batchtopk/matryoshka_batchtopk/transcoder (Gao et al. 2024).", ge=1)
     recipe: Literal["2024", "2023"] = knob("2024", help="relu_l1 recipe: '2024' (Anthropic April 2024 update) or '2023' (Towards Monosemanticity: unit-norm decoder, resampling).")
     l1_coeff: float = knob(5.0, help="relu_l1/gated L1 coefficient lambda (inputs scaled so E||x||^2 = d_model).", ge=0.0)
     l1_warmup_steps: int | None = knob(None, help="Steps of linear warm-up of the L1/L0 coefficient (null: 5% of training).", ge=0)
@@ -40,6 +40,11 @@ class SAEKnobs:
         "full", help="matryoshka_batchtopk AuxK scope: 'full' = the dictionary's dead latents model the full "
         "reconstruction's residual (dictionary_learning), 'per_level' = each group's dead latents model their own "
         "level's residual, summed (SAELens use_matryoshka_aux_loss).")
+    skip: bool = knob(False, help="transcoder: add a skip connection W_skip x, zero-initialised (skip transcoder, Paulo "
+                      "et al. 2025).")
+    transcoder_activation: Literal["topk", "batchtopk"] = knob(
+        "topk", help="transcoder: 'topk' (sparsify's; exports to sparsify transcode) or 'batchtopk' (inference "
+        "threshold; exports to SAELens jumprelu_transcoder / jumprelu_skip_transcoder).")
 
 
 @dataclass

@@ -39,6 +39,9 @@ class SAEConfig(SAEKnobs):
     """Inputs are multiplied by this before encoding (and outputs divided by it) so that
     E||x||^2 = d_in during training (Anthropic, April 2024 update). ``save_sae`` folds it into the
     weights, so a saved SAE has 1.0 and works on raw activations."""
+    target_scaling_factor: float = 1.0
+    """transcoder: targets (MLP outputs) are multiplied by this in the loss (and predictions divided by it), so that
+    E||y||^2 = d_in; folded into the weights on save like ``scaling_factor``."""
     apply_b_dec_to_input: bool | None = None
     """Subtract ``b_dec`` from the input before encoding. None: the architecture's default
     (False for relu_l1 recipe 2024 and kl, True otherwise)."""
@@ -62,7 +65,7 @@ class SAEConfig(SAEKnobs):
             raise UserError(f"sae config dtype: {self.dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
         if self.recipe not in RECIPES:
             raise UserError(f"sae config recipe: {self.recipe!r} is not allowed (allowed: {', '.join(RECIPES)})")
-        if self.arch in ("topk", "batchtopk", "matryoshka_batchtopk") and self.k > self.d_sae:
+        if self.arch in ("topk", "batchtopk", "matryoshka_batchtopk", "transcoder") and self.k > self.d_sae:
             raise UserError(f"sae config k: {self.k} exceeds d_sae={self.d_sae}")
         if self.arch == "matryoshka_batchtopk":
             self._check_matryoshka()

@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 from pipeline.devices import TORCH_DTYPES
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json
+from pipeline.sae import transcoder_io
 from pipeline.sae.base import SAE, make_sae
 from pipeline.sae.config import SAEConfig
 
@@ -128,7 +129,7 @@ def _load_state(sae: SAE, tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 # ---- SAELens -------------------------------------------------------------------------------------
 _TO_SAELENS = {"relu_l1": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-               "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+               "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu", "transcoder": "jumprelu_transcoder"}
 
 
 def export_saelens(sae: SAE, directory: str | Path, model_name: str | None = None) -> Path:
@@ -140,6 +141,12 @@ def export_saelens(sae: SAE, directory: str | Path, model_name: str | None = Non
                         f"(supported: {', '.join(sorted(_TO_SAELENS))})")
     s = folded_copy(sae)
     c = s.cfg
+    if arch == "transcoder":  # MLP input -> MLP output: SAELens's transcoder classes
+        tensors, tcfg = transcoder_io.saelens_files(s, model_name)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        _write_tensors(Path(directory) / SAELENS_WEIGHTS, tensors)
+        atomic_write_json(Path(directory) / CFG, tcfg)
+        return Path(directory)
     sd = s.state_dict()
     names = ["W_enc", "W_dec", "b_dec"] + (["b_gate", "b_mag", "r_mag"] if arch == "gated" else ["b_enc"])
     t: dict[str, torch.Tensor] = {n: sd[n] for n in names}
@@ -177,8 +184,14 @@ def import_saelens(directory: str | Path, hook: str | None = None) -> SAE:
 # ---- EleutherAI sparsify ---------------------------------------------------------------------------
 def export_sparsify(sae: SAE, directory: str | Path) -> Path:
     """Write a topk SAE in sparsify format (the encoder input is always x - b_dec there)."""
+    if sae.cfg.arch == "transcoder":  # sparsify's transcode (and skip_connection) layout
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        transcoder_io.write_sparsify(folded_copy(sae), d, _write_tensors)
+        return d
     if sae.cfg.arch != "topk":
-        raise UserError(f"export_sparsify: only 'topk' SAEs have a sparsify equivalent, not {sae.cfg.arch!r}")
+        raise UserError(f"export_sparsify: only 'topk' SAEs and transcoders have a sparsify equivalent, "
+                        f"not {sae.cfg.arch!r}")
     s = folded_copy(sae)
     if not s.apply_b_dec:
         raise UserError("export_sparsify: sparsify always subtracts b_dec from the input (apply_b_dec_to_input)")
