@@ -5,6 +5,7 @@ Names (one vocabulary for every architecture; the table per architecture is in d
 - ``embed``: the residual stream entering decoder block 0 (token + position embeddings, after
   dropout; for Gemma *after* the sqrt(d_model) scaling), recorded as block 0's input.
 - ``layers.{i}.attn_out``: output[0] of block i's attention module (before it is added back).
+- ``layers.{i}.mlp_in``: input of block i's MLP module (after its norm): what a transcoder reads.
 - ``layers.{i}.mlp_out``: output of block i's MLP module (before it is added back).
 - ``layers.{i}.resid_post``: output of decoder block i (the residual stream after block i).
 
@@ -31,9 +32,9 @@ __all__ = [
     "final_norm_and_unembed", "n_layers", "d_model", "decoder_layers",
 ]
 
-HookKind = Literal["resid_post", "mlp_out", "attn_out", "embed"]
-ALLOWED_FORMS = "layers.{i}.resid_post | layers.{i}.mlp_out | layers.{i}.attn_out | embed"
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(resid_post|mlp_out|attn_out)$")
+HookKind = Literal["resid_post", "mlp_in", "mlp_out", "attn_out", "embed"]
+ALLOWED_FORMS = "layers.{i}.resid_post | layers.{i}.mlp_in | layers.{i}.mlp_out | layers.{i}.attn_out | embed"
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(resid_post|mlp_in|mlp_out|attn_out)$")
 # Attribute names seen in transformers' decoder-only models, most common first.
 _LAYER_LISTS = ("layers", "h", "blocks", "layer")
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -125,7 +126,7 @@ def _embed_module(model: nn.Module) -> nn.Module:
 
 
 def hook_module(model: nn.Module, name: str) -> nn.Module:
-    """The module whose output is the hook's activation.
+    """The module whose output is the hook's activation (for ``mlp_in``: the MLP, whose *input* it is).
 
     For ``embed`` this is the embedding (or embedding-dropout) module; Gemma scales its output by
     sqrt(d_model) afterwards, so :func:`run_to_hooks` and :func:`intervene` use block 0's *input*
@@ -165,7 +166,18 @@ def _replace_first(out: Any, new: Tensor) -> Any:
 
 def _register(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor | None]) -> torch.utils.hooks.RemovableHandle:
     """Call ``fn(h)`` on the hook's hidden state ``h [B, T, d]``; if it returns a tensor, use it instead."""
-    if parse_hook(name).kind == "embed":
+    kind = parse_hook(name).kind
+    if kind == "mlp_in":  # the MLP's first argument (the normed residual stream), by a forward pre-hook
+        def mlp_pre(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            key = next(iter(kwargs))
+            new = fn(kwargs[key])
+            return None if new is None else (args, {**kwargs, key: new})
+
+        return hook_module(model, name).register_forward_pre_hook(mlp_pre, with_kwargs=True)
+    if kind == "embed":
         block0 = decoder_layers(model)[0]
 
         def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

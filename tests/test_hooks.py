@@ -203,3 +203,26 @@ def test_validate_hooks_messages() -> None:
         validate_hooks(["layers.3.residual"], cfg, key="steer.hook")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("steer.hook: 'layers.3.residual'") and "layers.{i}.resid_post" in msg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_in_is_what_the_mlp_reads_in_the_same_forward_as_mlp_out(models: dict, arch: str) -> None:
+    """A transcoder's pair: ``mlp_in`` (the MLP's input, after its norm) and ``mlp_out`` recorded in one forward, with
+    ``mlp(mlp_in) == mlp_out``; replacing ``mlp_in`` changes what the MLP computes."""
+    model = models[arch]
+    mlp = hook_module(model, "layers.1.mlp_in")
+    assert mlp is hook_module(model, "layers.1.mlp_out")
+    seen: dict[str, torch.Tensor] = {}
+    handle = mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0]))
+    try:
+        _logits(model, _ids())
+    finally:
+        handle.remove()
+    acts = run_to_hooks(model, _ids(), ["layers.1.mlp_in", "layers.1.mlp_out"])
+    torch.testing.assert_close(acts["layers.1.mlp_in"], seen["in"], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(acts["layers.1.mlp_in"]), acts["layers.1.mlp_out"], rtol=0, atol=0)
+    with intervene(model, "layers.1.mlp_in", lambda h: torch.zeros_like(h)):
+        zeroed = run_to_hooks(model, _ids(), ["layers.1.mlp_out"])["layers.1.mlp_out"]
+    with torch.no_grad():
+        torch.testing.assert_close(zeroed, mlp(torch.zeros_like(acts["layers.1.mlp_in"])), rtol=0, atol=0)

@@ -43,7 +43,7 @@ class CorpusParams:
 class ExtractParams:
     hooks: list[str] = knob(
         factory=lambda: ["layers.9.resid_post"],
-        help="Hook points to record: layers.{i}.resid_post | layers.{i}.mlp_out | layers.{i}.attn_out | embed.",
+        help="Hook points to record: layers.{i}.resid_post | layers.{i}.mlp_in | layers.{i}.mlp_out | layers.{i}.attn_out | embed (mlp_in + mlp_out: a transcoder's pair, one forward).",
     )
     batch_size: int | Literal["auto"] = knob(
         16, help="Contexts per forward pass, or 'auto': from free GPU memory (16 on CPU), a divisor of contexts_per_shard.", ge=1)
