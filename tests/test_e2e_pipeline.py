@@ -43,7 +43,8 @@ def out_hashes(lock_text: str) -> dict[str, str]:
 
 
 def metrics_of(repo: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in sorted((repo / "metrics").glob("*.json"))}
+    """Every stage's results and DVC headline: ``{"results/train.json": text, "metrics/train.json": text, ...}``."""
+    return {f"{d}/{p.name}": p.read_text() for d in ("results", "metrics") for p in sorted((repo / d).glob("*.json"))}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,10 @@ def test_full_repro_writes_every_stage_output(repo: Path) -> None:
         assert (repo / path).is_file(), path
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert shown, "dvc metrics show lists nothing"
-    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    evaluate = json.loads((repo / "results/evaluate.json").read_text())
     assert 0.0 <= evaluate[HOOK]["fvu@2"] < 1.5
+    headline = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert headline["fvu@3"] == evaluate[HOOK]["fvu@3"] and all(isinstance(v, float) for v in headline.values())
 
 
 def test_noop_repro_runs_nothing(repo: Path) -> None:
@@ -93,7 +96,7 @@ def test_checkout_old_commit_reproduces_its_metrics_exactly(repo: Path) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "k=2"], repo)
     second = metrics_of(repo)
-    assert second["train.json"] != first["train.json"]
+    assert second["results/train.json"] != first["results/train.json"]
     run(["git", "checkout", "-q", "HEAD~1"], repo)
     committed = out_hashes(run(["git", "show", "HEAD:dvc.lock"], repo).stdout)
     run(["dvc", "repro", "--no-run-cache"], repo)  # recompute, don't restore
@@ -146,3 +149,35 @@ def test_push_pull_round_trips_every_output(repo: Path, tmp_path: Path) -> None:
     # Checkpoints are uncached working state (resume only), the one output DVC neither pushes nor restores.
     changed = {str(o) for st in json.loads(status).values() for entry in st for o in entry.get("changed outs", {})}
     assert changed <= {"checkpoints"}, status
+
+
+def test_an_experiment_compares_with_the_committed_run(repo: Path) -> None:
+    """After one `dvc exp run` on the committed run: `dvc metrics diff` loads both sides and prints short lines,
+    `dvc exp show --only-changed` shows every headline column at 200 columns, and every stage that ran logged
+    progress lines to its stderr (a file here, as under any `dvc repro`)."""
+    import subprocess
+
+    from e2e import env
+
+    run(["git", "checkout", "-q", "-f", "main"], repo)
+    run(["dvc", "checkout", "-q", "-f"], repo)
+    e = {**env(), "SAE_LOG_LEVEL": "INFO", "SAE_PROGRESS_INTERVAL": "0.05"}
+    with open(repo.parent / "exp.log", "w") as log:
+        res = subprocess.run(["dvc", "exp", "run", "-S", "sae.k=3", "-n", "k3-compare"], cwd=repo, env=e,
+                             stdout=log, stderr=subprocess.STDOUT)
+    text = (repo.parent / "exp.log").read_text()
+    assert res.returncode == 0, text[-3000:]
+    for stage in ("train", "evaluate", "interpret", "steer"):
+        assert f"sae.progress: {stage} " in text, stage
+    diff = run(["dvc", "metrics", "diff"], repo)
+    assert "failed" not in diff.stderr, diff.stderr
+    lines = diff.stdout.splitlines()
+    assert any("fvu@3" in line for line in lines) and max(map(len, lines)) < 120, diff.stdout
+    shown = subprocess.run(["dvc", "exp", "show", "--no-pager", "--only-changed"], cwd=repo, capture_output=True,
+                           text=True, env={**env(), "COLUMNS": "200"})
+    header = shown.stdout.splitlines()[1].split()
+    changed = []  # the headline numbers the experiment moved (--only-changed hides the others)
+    for p in sorted((repo / "metrics").glob("*.json")):
+        before = json.loads(run(["git", "show", f"HEAD:metrics/{p.name}"], repo).stdout)
+        changed += [n for n, v in json.loads(p.read_text()).items() if before.get(n) != v]
+    assert changed and not [n for n in changed if n not in header], shown.stdout
