@@ -112,6 +112,17 @@ DEFINITIONS = {
     "sae_concept_gain": "Test concept@2 of the validation-chosen SAE method minus the unsteered continuation's.",
     "test_hm": "Per method: mean test hm@2 over (test prompt, feature) units with a 95% two-way bootstrap interval.",
     "validation_hm": "Per SAE method: mean validation hm@2 at each feature's chosen coefficient (chooses the SAE method).",
+    # Likelihood steering evidence (pipeline/steering/{likelihood,decide}.py): every corpus label a concept.
+    "lik_effect": "Change of log sum_{v in lexicon} p(v), the next-token probability mass of the concept's topic lexicon "
+                  "(top-PMI tokens of the label on the train split), when steering; mean over the positions of a held-out "
+                  "neutral text (nats). Compared across methods at a matched KL budget (interpolated along each method's "
+                  "coefficient sweep).",
+    "lik_kl": "KL(base || steered) of the next-token distribution on the held-out neutral text, mean over positions (nats).",
+    "lik_dloss": "Change of the neutral text's own next-token loss when steering, at the KL budget (nats/token).",
+    "anti_steered": "Fraction of (concept, held-out text) units whose lexicon log-mass fell under steering at the KL budget.",
+    "abl_selectivity": "Ablation on held-out documents of the topic: mean drop of log p(actual next token) over positions "
+                       "whose target is a lexicon token minus the mean drop over the other positions (nats).",
+    "abl_dloss": "Ablation: mean change of the next-token loss over all positions of the topic's held-out documents (nats/token).",
 }
 # Steering values computed from the feature statistics (m_f, firing, the difference-in-means direction,
 # the ablation contexts; pipeline/steering/stats.py) -- nearly all of them, since every method's

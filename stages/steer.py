@@ -2,6 +2,7 @@
 
 Reads ``models/sae/<hook>/``, ``data/activations/<steer.stats_split>/<hook>/``, ``data/tokens/`` and
 (when present) ``data/interpret/<hook>/features.parquet``; writes ``data/steer/generations.parquet``,
+``data/steer/{likelihood,ablation}.parquet`` (the likelihood evidence per unit, ``steer.likelihood``),
 ``metrics/steer.json``, ``plots/steer/{concept,fluency}.csv``, ``plots/steer/frontier/<method>.csv`` and
 ``reports/steer/*.png``. The protocol is documented in ``pipeline/steering/``. With ``steer.judge`` on,
 the LLM judge's calls are cached under ``data/steer_cache/`` (DVC ``persist: true``, ``cache: false``).
@@ -79,6 +80,11 @@ def command(params: Params) -> None:
                       "backend); delete it to re-judge.\n")
 
     atomic_write_parquet(OUT / "generations.parquet", result.generations)
+    for name, table in (("likelihood", result.likelihood), ("ablation", result.ablation)):
+        if table is not None:  # the likelihood evidence per unit: what its intervals resample
+            atomic_write_parquet(OUT / f"{name}.parquet", table)
+        else:
+            (OUT / f"{name}.parquet").unlink(missing_ok=True)
     curves = sweep_curves(result.generations)
     for d in (PLOTS, STEER_FIGURES):  # the method set may have changed: no stale series
         shutil.rmtree(d, ignore_errors=True)

@@ -16,7 +16,7 @@ from stages.cli import main
 HOOK = "layers.1.resid_post"
 PROMPTS = "steer.prompts=['The music was', 'I cooked a', 'We saw the planet', 'It is']"
 FAST = [PROMPTS, "steer.max_new_tokens=6", "steer.coefficients=[0.0, 2.0, 6.0]", "steer.n_features=2",
-        "steer.ablation_contexts=2"]
+        "steer.ablation_contexts=2", "steer.lexicon_min_count=3"]
 
 
 def _invoke(*args: str) -> None:
@@ -90,6 +90,14 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     rt = json.loads(Path("reports/steer/runtime.json").read_text())
     assert rt["generations"] == gen.height and rt["generated_tokens"] == gen.height * 6
     assert 0.0 <= m["topic_model_accuracy@1"] <= 1.0
+    # The likelihood evidence (default on): every label a concept, one row per (concept, method, coefficient, text).
+    lik = m["likelihood"]
+    assert lik["n_concepts"] == 3 and set(lik["concepts"]) == {"astronomy", "cooking", "music"}, lik.get("notes_text")
+    assert isinstance(lik["verdict_text"], str) and "Holm" in lik["verdict_text"]
+    assert all(d["verdict"] in VERDICTS for d in lik["comparisons"].values()) and len(lik["comparisons"]) == 14
+    lt = pl.read_parquet("data/steer/likelihood.parquet")
+    assert lt.height == 3 * 5 * 4 * lik["n_test_texts"] and (lt.filter(pl.col("coefficient") == 0)["lik_kl@1"] == 0).all()
+    assert rt["likelihood_s"] > 0
     # Only current steering versions: no name the special-token exclusion retired is written anywhere.
     from pipeline.metric_names import STEERING_EXCLUDING_SPECIAL
 
@@ -110,6 +118,7 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     _invoke("steer", *_sets(FAST))
     again = pl.read_parquet("data/steer/generations.parquet")
     assert again.equals(gen)
+    assert pl.read_parquet("data/steer/likelihood.parquet").equals(lt)
     assert json.loads(Path("results/steer.json").read_text()) == m  # bootstrap intervals included
 
 

@@ -10,7 +10,7 @@ from pipeline.report.document import Bullets, Document, Fold, Heading, Image, Li
 from pipeline.report.inputs import FEATURE_COLUMNS, ReportInputs
 from pipeline.report.plots import curves_png, frontier_png
 from pipeline.report.setup import environment_section, setup_section
-from pipeline.report.steer import verdict_blocks
+from pipeline.report.steer import likelihood_blocks, verdict_blocks
 from pipeline.report.steer_summary import steer_summary_blocks
 from pipeline.tracking.names import metric_base
 
@@ -179,13 +179,18 @@ def steer_section(doc: Document, inp: ReportInputs) -> None:
     if inp.steer is None:
         doc.add(Para("Not run (results/steer.json missing).", note=True))
         return
-    # The verdict first, with its intervals: it answers the section's question.
+    # The verdict first, with its intervals: it answers the section's question. The likelihood evidence
+    # (every label, matched KL, ablation) is the primary result; the judged generations follow.
+    lik = likelihood_blocks(inp.steer.get("likelihood")) if isinstance(inp.steer, dict) else []
+    doc.add(*lik)
     overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
     blocks = verdict_blocks(overall) if isinstance(overall, dict) else []
     doc.add(*blocks)
+    if lik and blocks:
+        doc.add(Para("Secondary view: generated continuations, scored by a topic model and fluency.", note=True))
     shown = {("overall", "summary")} if blocks else set()
     texts = sorted((f"{'/'.join(path)}: {v}" for path, v in _iter_text(inp.steer)
-                    if path not in shown and path[0] not in ("features", "settings", "model", "environment")),
+                    if path not in shown and path[0] not in ("features", "settings", "model", "environment", "likelihood")),
                    key=lambda t: not t.startswith("overall"))[:10]
     if texts:
         doc.add(Bullets(texts))

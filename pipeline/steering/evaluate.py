@@ -2,7 +2,8 @@
 
 statistics pass → feature choice and scales → baseline directions → topic model → sweep (generate,
 re-encode, score; optionally the LLM judge) → ablation effect → coefficient and SAE-method choice on
-validation prompts, report on test with bootstrap intervals.
+validation prompts, report on test with bootstrap intervals → likelihood evidence on every corpus label
+(``steer.likelihood``: matched-KL steering and ablation against baselines, the primary result).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pipeline.io import nan_to_null
 from pipeline.params.analysis import SteerParams
 from pipeline.progress import Progress
 from pipeline.steering.baselines import dim_direction, feature_topics, random_direction, select_features
+from pipeline.steering.decide import decide
+from pipeline.steering.evidence import run_evidence
 from pipeline.steering.interventions import SAELike, feature_write
 from pipeline.steering.judge import JUDGE_COLUMNS, PROMPT_VERSION, TextBackend, judge_rows
 from pipeline.steering.metrics import TopicModel, label_windows
@@ -51,6 +54,8 @@ class SteeringResult:
     generations: pl.DataFrame  # one row per (feature, method, coefficient, prompt)
     metrics: dict[str, Any]  # metrics/steer.json, complete (NaN already null)
     runtime: dict[str, Any]  # wall-clock numbers: kept out of the metrics so a rerun reproduces them byte for byte
+    likelihood: pl.DataFrame | None = None  # one row per (concept, method, coefficient, test text)
+    ablation: pl.DataFrame | None = None  # one row per (concept, ablation variant, window)
 
 
 def _topic_model(contexts: pl.DataFrame, rows: dict[int, int], grid: np.ndarray, topics: list[str],
@@ -180,9 +185,22 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
             log.warning("steer.judge: %d of %d answers had no 0-2 rating (recorded as null)", unparsed, 3 * len(df))
     if model_info is not None:
         report["model"] = dict(model_info)
+    lik_tables: tuple[pl.DataFrame, pl.DataFrame] | None = None
+    t_lik = 0.0
+    if p.likelihood and topics:  # the primary evidence: every label, matched KL, ablation (pipeline/steering/decide.py)
+        t0 = time.perf_counter()
+        ev = run_evidence(model, tokenizer, sae, hook, contexts, stats, interp, rows, grid, p, seed, special, bos)
+        block, *tables = decide(ev, list(p.kl_budgets), p.verdict_kl, seed, p.bootstrap_resamples,
+                                lambda ids: tokenizer.decode(ids))
+        report["likelihood"] = block
+        lik_tables = (tables[0], tables[1])
+        t_lik = time.perf_counter() - t0
+        log.info("steer (likelihood): %s", block.get("verdict_text", ""))
+    elif p.likelihood:
+        report["likelihood"] = {"verdict_text": "not run: the corpus has no labels to take concepts from"}
     runtime = {"generations": timing.rows, "generated_tokens": timing.tokens, "generate_s": round(timing.generate_s, 2),
                "generate_tokens_per_s": round(timing.tokens / max(timing.generate_s, 1e-9), 1),
-               "ablation_s": round(t_ablate, 2), **({"judge_s": round(t_judge, 2)} if judge is not None else {}),
+               "ablation_s": round(t_ablate, 2), "likelihood_s": round(t_lik, 2), **({"judge_s": round(t_judge, 2)} if judge is not None else {}),
                "total_s": round(time.perf_counter() - t_start, 2)}
     log.info("steer: %s", report["overall"].get("summary", ""))
-    return SteeringResult(df, nan_to_null(report), nan_to_null(runtime))
+    return SteeringResult(df, nan_to_null(report), nan_to_null(runtime), *(lik_tables or (None, None)))
