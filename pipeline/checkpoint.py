@@ -118,9 +118,11 @@ def load_checkpoint(directory: str | Path, expected: dict[str, str], world_size:
     if written_by != world_size:
         # The data stream is the same for any world size, but the float summation order is not: resuming on
         # another number of processes would continue to nearly, not exactly, the same weights.
-        raise UserError(f"{path}: written by {written_by} ranks, this run has {world_size}; resume with "
-                        f"{written_by} processes (train.processes or torchrun --nproc-per-node), or delete "
-                        f"{Path(directory)} to start over")
+        # Every process finds this alike: shown once (by rank 0), not once per process.
+        raise distributed.EveryRankError(
+            f"{path}: written by a run of {distributed.plural(written_by)}, this run has {world_size}; resume with "
+            f"{distributed.plural(written_by)} (train.processes or torchrun --nproc-per-node), or delete "
+            f"{Path(directory)} to start over")
     if changed:
         shown = ", ".join(f"{k} ({old.get(k, 'absent')} -> {expected.get(k, 'absent')})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

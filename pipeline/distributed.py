@@ -7,14 +7,20 @@ leaves logging to rank 0. Without torchrun it changes nothing: a world of one pr
 
 Every collective goes through this module, so that one failing process shows one error line: its own. The
 others' collectives then fail with the backend's "connection closed" traceback; here that becomes
-:class:`PeerLost`, a one-line :class:`UserError` pointing at the first process's error.
+:class:`PeerLost`, a one-line :class:`UserError` pointing at the first process's error. An error every process
+finds alike (a bad param, a checkpoint of another process count) is an :class:`EveryRankError`: rank 0 alone
+shows it. A launched process dies with its launcher (:func:`die_with_launcher`): a ``kill -9`` of ``sae train``
+or of torchrun leaves no process training.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
+import signal
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,13 +29,42 @@ import torch
 import torch.distributed as dist
 
 from pipeline.devices import resolve_device
-from pipeline.errors import UserError
+from pipeline.errors import EveryRankError, UserError
 
 log = logging.getLogger(__name__)
 
 
 class PeerLost(UserError):
     """A collective failed: another process of the run stopped (or could not be reached)."""
+
+
+def plural(n: int, word: str = "process") -> str:
+    """``1 process``, ``2 processes``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """Ask the kernel to SIGKILL this process when its parent (torchrun's agent, or ``sae train`` relaunched)
+    dies, however it dies: a launcher killed with ``kill -9`` cannot stop its workers itself, and without this
+    they would go on training and writing checkpoints. Linux only (elsewhere a no-op).
+
+    The parent may already be gone by the time this runs (the process is then adopted by init or a subreaper):
+    ``sae train`` relaunching itself names its pid in ``SAE_LAUNCHER_PID``, and a process whose parent is no
+    longer that one exits at once. (Under a bare torchrun the parent is whoever it is now.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = int(os.environ.get("SAE_LAUNCHER_PID", "0")) or os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: an exotic libc; the launcher's own cleanup still applies
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+        return
+    if os.getppid() != parent:  # died between our start and the prctl: nobody will signal us
+        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -72,6 +107,7 @@ def start(device_name: str, key: str) -> tuple[Ranks, torch.device]:
     device = resolve_device(device_name, key)
     if not launched():
         return Ranks(), device
+    die_with_launcher()
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         if device.index is not None:
@@ -151,5 +187,5 @@ def barrier() -> None:
         _collective("barrier", dist.barrier)
 
 
-__all__ = ["Ranks", "PeerLost", "launched", "current", "start", "all_reduce_", "all_gather_rows", "broadcast_object",
+__all__ = ["Ranks", "PeerLost", "EveryRankError", "plural", "die_with_launcher", "launched", "current", "start", "all_reduce_", "all_gather_rows", "broadcast_object",
            "broadcast_tensors_", "sum_gradients_", "barrier"]

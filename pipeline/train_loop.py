@@ -117,7 +117,8 @@ class TrainRun:
         use_bf16 = use_bf16_autocast(cfg.dtype, device)
         B = cfg.batch_size
         if B % ranks.world:
-            raise UserError(f"train.batch_size: {B} is not divisible by the {ranks.world} training processes")
+            raise distributed.EveryRankError(f"train.batch_size: {B} is not divisible by the {ranks.world} training "
+                                             f"processes")
         per_epoch = batches_per_epoch(dataset, B)
         total_steps = (cfg.n_tokens or per_epoch * B) // B
         if total_steps == 0:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, shown_here
 from pipeline.params import Params, load_params
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,7 +53,8 @@ def stage_command(help: str) -> Callable[[F], F]:
                 params = load_params(params_path, overrides)
                 fn(params, **kwargs)
             except UserError as e:
-                click.echo(f"error: {e}", err=True)
+                if shown_here(e):  # an error every process finds alike: rank 0's line only
+                    click.echo(f"error: {e}", err=True)
                 sys.exit(2)
             except KeyboardInterrupt:
                 click.echo("interrupted: completed work is kept; rerun to resume", err=True)

@@ -11,9 +11,11 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -120,7 +122,8 @@ def test_killed_two_process_run_resumes_bit_identical(data: Path, two_processes:
     assert state["step"] == 10 and not state["complete"] and state["cursor"]["world_size"] == 2
     assert not (tmp_path / "topk" / "sae.safetensors").exists()
     # One process may not continue a 2-process run: one line, naming the checkpoint and both counts.
-    with pytest.raises(UserError, match=r"state\.pt: written by 2 ranks, this run has 1; resume with 2 processes"):
+    with pytest.raises(UserError, match=r"state\.pt: written by a run of 2 processes, this run has 1; resume with 2 "
+                                        r"processes"):
         train_sae(open_activations(data), sae_config("topk"), train_params("topk"), tmp_path / "topk", ckpt, seed=SEED)
     # A process that does not see rank 0's checkpoint (another machine, no shared filesystem) does not start.
     other_node = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk",
@@ -206,8 +209,73 @@ def test_a_failing_process_is_one_error_line(train_workspace: Path) -> None:
     res = sae_cli("train", "--set", "train.processes=2", "--set", "train.batch_size=63")
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
-    errors = {line for line in res.stderr.splitlines() if line.startswith("error:")}
-    assert errors == {"error: train.batch_size: 63 is not divisible by the 2 training processes"}
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]  # once, not once per process
+    assert errors == ["error: train.batch_size: 63 is not divisible by the 2 training processes"]
+
+
+def test_a_resume_refused_on_every_process_is_one_line(train_workspace: Path) -> None:
+    # An unfinished checkpoint of a one-process run, which 2 processes may not continue.
+    res = CliRunner().invoke(main, ["train", "--set", "train.n_tokens=320"])
+    assert res.exit_code == 0, res.output
+    path = Path("checkpoints") / HOOK / CHECKPOINT_FILE
+    assert path.is_file(), sorted(str(p) for p in Path(".").rglob("state.pt"))
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, "complete": False}, path)
+    res = sae_cli("train", "--set", "train.processes=2", "--set", "train.n_tokens=320")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "written by a run of 1 process, this run has 2; resume with 1 process (" in errors[0]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def _start_long_run(tmp: Path) -> tuple[subprocess.Popen, list[int]]:
+    """``sae train --set train.processes=2`` with steps enough for minutes; returns once both processes train."""
+    err = open(tmp / "stderr.log", "w")  # noqa: SIM115 - the child writes it; read by the caller
+    launcher = subprocess.Popen([sys.executable, "-m", "stages", "train", "--set", "train.processes=2", "--set",
+                                 "train.n_tokens=6400000", "--set", "train.val_every=0"],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=err, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (Path("checkpoints") / HOOK / CHECKPOINT_FILE).exists():  # the first checkpoint: both are training
+        assert launcher.poll() is None and time.monotonic() < deadline, (tmp / "stderr.log").read_text()[-3000:]
+        time.sleep(0.2)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2 and all(_alive(w) for w in workers)
+    return launcher, workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killed_launcher_takes_its_processes_with_it(train_workspace: Path, tmp_path: Path) -> None:
+    launcher, workers = _start_long_run(tmp_path)
+    launcher.kill()  # SIGKILL: the launcher cannot stop them itself
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [w for w in workers if _alive(w)]
+    for w in orphans:  # (on failure) not left training
+        os.kill(w, signal.SIGKILL)
+    assert not orphans, "workers outlived a kill -9 of their launcher"
+
+
+def test_sigterm_stops_every_process_with_one_line(train_workspace: Path, tmp_path: Path) -> None:
+    launcher, workers = _start_long_run(tmp_path)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not any(_alive(w) for w in workers)
+    lines = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if " INFO " not in line]
+    assert lines == ["error: train: stopped by SIGTERM: the 2 processes were stopped; completed work is kept, rerun "
+                     "to resume"]
 
 
 def test_relaunch_command_line_gives_the_same_options() -> None:
