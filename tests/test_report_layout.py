@@ -11,10 +11,16 @@ import polars as pl
 from tracking_fixtures import HOOK, fabricate_workspace
 
 from pipeline.report import build_document, gather
-from pipeline.report.document import to_html, to_markdown
+from pipeline.report.document import Document, to_html, to_markdown
 from pipeline.report.inputs import top_features
 from pipeline.report.plots import curves_figure
 from pipeline.report.sections import definition
+
+
+def to_markdown_blocks(blocks: list) -> str:
+    doc = Document("t")
+    doc.add(*blocks)
+    return to_markdown(doc, "figures")
 
 
 def _md(ws: Path, params: dict | None = None, top_n: int = 5) -> str:
@@ -94,6 +100,10 @@ def test_steering_is_summarised_per_method_and_per_concept(tmp_path: Path) -> No
     assert "| feature 116 (Mathematics) | 0.200 | 2 | 0.250 | 8 |" in section
     assert "| sae_input | 0.300 [0.100, 0.500] |" in section  # an estimate with its interval
     assert "features/116" not in md  # no per-feature dump anywhere
+    from pipeline.report.steer_summary import steer_summary_blocks
+
+    kept = to_markdown_blocks(steer_summary_blocks(steer, skip=("likelihood",)))
+    assert "sae_input" not in kept and "| dim | 0.250 | 0.400 |" in kept  # a block rendered elsewhere is left out
     assert md.index("SAE steering is what it is.") < md.index("## Training curves")  # the verdict is a result
     assert md.index("Steering, likelihood evidence: a long sentence") < md.index("## Training curves")
 

@@ -70,17 +70,18 @@ def _table(entries: dict[str, Any], first: str) -> tuple[Table, int] | None:
     return Table([first, *shown], body), len(cols) - len(shown) + max(0, len(rows) - MAX_ROWS)
 
 
-def _summaries(tree: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+def _summaries(tree: Any, path: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+               ) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     found: list[tuple[tuple[str, ...], dict[str, Any]]] = []
     if not isinstance(tree, dict):
         return found
     for k, v in tree.items():
-        if k == "features" or not isinstance(v, dict):
+        if k == "features" or k in skip or not isinstance(v, dict):
             continue
         if k in SUMMARY_KEYS and v and all(isinstance(e, dict) for e in v.values()):
             found.append(((*path, k), v))
         else:
-            found += _summaries(v, (*path, k))
+            found += _summaries(v, (*path, k), skip)
     return found
 
 
@@ -106,10 +107,11 @@ def _per_feature(features: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def steer_summary_blocks(steer: dict[str, Any]) -> list[Para | Table]:
-    """Tables per method and per concept (and any other summary object) of a ``results/steer.json`` object."""
+def steer_summary_blocks(steer: dict[str, Any], skip: tuple[str, ...] = ()) -> list[Para | Table]:
+    """Tables per method and per concept (and any other summary object) of a ``results/steer.json`` object;
+    ``skip``: keys whose objects another renderer already shows (e.g. ``likelihood``)."""
     out: list[Para | Table] = []
-    for path, entries in _summaries(steer):
+    for path, entries in _summaries(steer, skip=skip):
         kind = path[-1].removeprefix("by_").rstrip("s")
         made = _table(entries, kind)
         if made is None:
