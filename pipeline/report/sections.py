@@ -195,7 +195,8 @@ def steer_section(doc: Document, inp: ReportInputs) -> None:
     if texts:
         doc.add(Bullets(texts))
     # Then one row per method and one per concept: the per-feature detail stays in results/steer.json.
-    doc.add(*steer_summary_blocks(inp.steer))
+    # The likelihood block has its own tables above (likelihood_blocks): not again as generic summaries.
+    doc.add(*steer_summary_blocks(inp.steer, skip=("likelihood",) if lik else ()))
     for png in inp.steer_pngs:
         doc.add(Image(f"steer_{png.name}", png.read_bytes(), f"steering: {png.stem}"))
 
