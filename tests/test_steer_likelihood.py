@@ -53,6 +53,8 @@ def test_at_budget_interpolates_one_coefficient_for_all_units() -> None:
     np.testing.assert_allclose(at_budget(kl, vals, 0.2), [2.0, 4.0])  # halfway between 0.1 and 0.3
     np.testing.assert_allclose(at_budget(kl, vals, 0.05), [0.5, 1.0])
     assert np.isnan(at_budget(kl, vals, 0.31)).all()  # never reached: no credit
+    # A coefficient whose KL dips (0.1 after 0.3) is never interpolated to: 0.2 lies between 0 and 0.3.
+    np.testing.assert_allclose(at_budget(np.array([0.0, 0.3, 0.1, 0.5]), np.array([[0.0], [3.0], [10.0], [5.0]]), 0.2), [2.0])
 
 
 def test_selectivity_by_hand() -> None:
@@ -209,3 +211,26 @@ def test_steer_grid_is_bit_for_bit_repeatable(tiny_llama: Path) -> None:
         np.testing.assert_array_equal(x.effect, y.effect)
         np.testing.assert_array_equal(x.kl, y.kl)
     assert (one.concepts[0].kl[:, 1:] > 0).all()
+
+
+def test_report_shows_the_likelihood_verdict_comparisons_and_concepts() -> None:
+    from pipeline.io import nan_to_null
+    from pipeline.report.document import Para, Table
+    from pipeline.report.steer import likelihood_blocks
+
+    rng = np.random.default_rng(1)
+    cs = []
+    for c in range(3):
+        z = np.zeros((len(STEER_ARMS), 2, 4))
+        z[:, 1] = rng.normal(0.2, 0.05, (len(STEER_ARMS), 4))
+        abl = rng.normal(0.0, 0.1, (len(ABLATION_ARMS), 5))
+        cs.append(ConceptGrids(f"c{c}", [1, 2], {"sae_input": 1, "sae_output": 2, "random_latent": 3}, {1: 0.5},
+                               z, np.abs(z) + np.array([0, 1.0])[None, :, None], z, abl, abl))
+    block, _, _ = decide(Evidence(cs, [0.0, 1.0], 1.0, {"validation": 0, "test": 4}), [0.5], 0.5, 0, 200,
+                         decode=lambda ids: f"<{ids[0]}>")
+    blocks = likelihood_blocks(nan_to_null(block))
+    assert isinstance(blocks[0], Para) and blocks[0].text == block["verdict_text"]
+    tables = [b for b in blocks if isinstance(b, Table)]
+    assert len(tables) == 3 and len(tables[0].rows) == 14 and len(tables[2].rows) == 3
+    assert block["concepts"]["c0"]["lexicon_text"] == "<1> | <2>"
+    assert likelihood_blocks(None) == []
