@@ -10,7 +10,7 @@ L0 and better fidelity) are joined by a line, the usual way SAE sweeps are compa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,10 @@ from pipeline.paths import METRICS
 log = logging.getLogger(__name__)
 
 EVALUATE_METRICS = (METRICS / "evaluate.json").as_posix()  # its key in `dvc exp show --json`
+BENCH_METRICS = (METRICS / "bench.json").as_posix()  # the bench stage's headline (SAEBench-comparable evals)
+# Bench headline base names plotted against L0 when a run has them: (axis label, higher is better).
+BENCH_PANELS = {"sae_top_1_test_accuracy": ("sparse probing top-1 accuracy", True),
+                "mean_absorption_fraction": ("mean absorption fraction", False)}
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Point:
     l0: float
     fvu: float | None
     ce_recovered: float | None
+    extra: dict[str, float] = field(default_factory=dict)  # bench headline values (BENCH_PANELS names)
 
 
 def _runs(entries: list[dict[str, Any]], include_workspace: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -73,11 +78,13 @@ def frontier_points(exp_show: list[dict[str, Any]], include_workspace: bool = Fa
     seen: set[tuple[str, str]] = set()
     for label, data in _runs(exp_show, include_workspace):
         head = ((data.get("metrics") or {}).get(EVALUATE_METRICS) or {}).get("data") or {}
+        bench = _by_hook(((data.get("metrics") or {}).get(BENCH_METRICS) or {}).get("data") or {}, _first_hook(data))
         for hook, m in _by_hook(head, _first_hook(data)).items():
             if m.get("l0") is None or (label, hook) in seen:
                 continue
             seen.add((label, hook))
-            points.append(Point(label, hook, m["l0"], m.get("fvu"), m.get("ce_loss_recovered")))
+            extra = {k: v for k, v in bench.get(hook, {}).items() if k in BENCH_PANELS}
+            points.append(Point(label, hook, m["l0"], m.get("fvu"), m.get("ce_loss_recovered"), extra))
     return points
 
 
@@ -91,7 +98,8 @@ def pareto(points: list[tuple[float, float]], higher_is_better: bool) -> list[tu
 
 
 def plot_frontier(points: list[Point], out: str | Path) -> Path:
-    """Two panels (L0-FVU, L0-CE loss recovered), one colour per hook, one labelled point per run; PNG."""
+    """Panels L0-FVU, L0-CE loss recovered, and L0 against each :data:`BENCH_PANELS` metric some run has
+    (sparse probing accuracy, absorption); one colour per hook, one labelled point per run; PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,12 +107,17 @@ def plot_frontier(points: list[Point], out: str | Path) -> Path:
 
     from pipeline.io import atomic_write_bytes
 
-    panels = (("FVU", "fvu", False), ("CE loss recovered", "ce_recovered", True))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = [("FVU", "fvu", False), ("CE loss recovered", "ce_recovered", True)]
+    panels += [(title, name, higher) for name, (title, higher) in BENCH_PANELS.items() if any(name in p.extra for p in points)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5))
     hooks = sorted({p.hook for p in points})
+
+    def value(p: Point, attr: str) -> float | None:
+        return getattr(p, attr) if attr in ("fvu", "ce_recovered") else p.extra.get(attr)
+
     for ax, (title, attr, higher) in zip(axes, panels, strict=True):
         for i, hook in enumerate(hooks):
-            pts = [(p.l0, getattr(p, attr), p.name) for p in points if p.hook == hook and getattr(p, attr) is not None]
+            pts = [(p.l0, value(p, attr), p.name) for p in points if p.hook == hook and value(p, attr) is not None]
             if not pts:
                 continue
             color = f"C{i}"
@@ -131,4 +144,4 @@ def plot_frontier(points: list[Point], out: str | Path) -> Path:
     return out
 
 
-__all__ = ["Point", "frontier_points", "pareto", "plot_frontier"]
+__all__ = ["Point", "BENCH_PANELS", "frontier_points", "pareto", "plot_frontier"]

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("stages.evaluate:command", "Reconstruction and spliced-model metrics of each SAE."),
     "interpret": ("stages.interpret:command", "Feature statistics, explanations, scores and dashboard."),
     "steer": ("stages.steer:command", "Causal steering evaluation against baselines."),
+    "bench": ("stages.bench:command", "SAEBench-comparable evals: sparse probing, absorption, result files."),
     "report": ("stages.report:command", "Summary report (Markdown + HTML) and MLflow run."),
     "frontier": ("stages.frontier:command", "L0-FVU / L0-CE-recovered frontier across DVC experiments (PNG)."),
     "sync": ("stages.tracking_sync:command", "Upload MLflow runs saved while the tracker was unreachable."),

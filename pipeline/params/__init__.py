@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.params.analysis import InterpretParams, LLMParams, SteerParams
+from pipeline.params.analysis import BenchParams, InterpretParams, LLMParams, SteerParams
 from pipeline.params.core import ParamsError, describe, flatten, from_dict, knob, missing_keys, to_dict
 from pipeline.params.data import CorpusParams, ExtractParams, ModelParams
 from pipeline.params.numerics import NumericsParams, apply_portable
@@ -36,6 +36,7 @@ class Params:
     llm: LLMParams = knob(factory=LLMParams, help="OpenAI-compatible LLM endpoint of the openai: backends (interpret, steer).")
     interpret: InterpretParams = knob(factory=InterpretParams, help="Feature interpretation.")
     steer: SteerParams = knob(factory=SteerParams, help="Causal steering evaluation.")
+    bench: BenchParams = knob(factory=BenchParams, help="SAEBench-comparable evaluation: sparse probing, absorption, result files.")
     tracking: TrackingParams = knob(factory=TrackingParams, help="MLflow tracking.")
     report: ReportParams = knob(factory=ReportParams, help="Report.")
     numerics: NumericsParams = knob(factory=NumericsParams, help="Numerics of the compute stages: the portable (cross-machine) path, threads.")

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from pipeline.metric_names import DEFINITIONS
+from pipeline.report.bench import bench_section
 from pipeline.report.document import Bullets, Document, Fold, Heading, Image, Links, Para, Table
 from pipeline.report.inputs import FEATURE_COLUMNS, ReportInputs
 from pipeline.report.plots import curves_png, frontier_png
@@ -234,6 +235,7 @@ def build_document(inp: ReportInputs, top_n: int) -> Document:
     frontier_section(doc, inp)
     features_section(doc, inp, top_n)
     steer_section(doc, inp)
+    bench_section(doc, inp.stage_metrics, inp.hooks)
     metrics_section(doc, inp)
     setup_section(doc, inp)
     environment_section(doc, inp)
