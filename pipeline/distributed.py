@@ -181,6 +181,60 @@ def sum_gradients_(params: Iterable[torch.nn.Parameter]) -> None:
         _collective("all_reduce", w.wait)
 
 
+class GradientSync:
+    """Sum each parameter's gradient over all processes while backward still runs (DDP's overlap, without DDP).
+
+    ``with sync: loss.backward()``: a hook on every parameter (``register_post_accumulate_grad_hook``) starts the
+    asynchronous all-reduce of its gradient as soon as backward has accumulated it, so the sums of the decoder's
+    gradients travel while the encoder's are computed; leaving the block waits for all of them. The result is
+    :func:`sum_gradients_`'s, bit for bit (the same sums, only started earlier).
+
+    The collectives must be issued in the same order on every process (gloo and NCCL match them by order), so
+    they start in one fixed order, the reverse of ``params`` (roughly the order backward reaches them): a
+    gradient that is ready early waits for those before it in that order. Outside the block the hooks do nothing.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]):
+        self.order = [p for p in reversed(list(params)) if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self.order)}
+        self._ready = [False] * len(self.order)
+        self._next = 0  # the first parameter, in order, whose all-reduce has not started
+        self._works: list[Any] = []
+        self._armed = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.order]
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        self._ready[self._index[id(p)]] = True
+        self._launch(until=len(self.order), only_ready=True)
+
+    def _launch(self, until: int, only_ready: bool) -> None:
+        while self._next < until and (self._ready[self._next] or not only_ready):
+            grad = self.order[self._next].grad
+            if grad is not None:  # no gradient on one process means none on any: the graphs are the same
+                self._works.append(_collective("all_reduce", dist.all_reduce, grad, async_op=True))
+            self._next += 1
+
+    def __enter__(self) -> GradientSync:
+        self._ready = [False] * len(self.order)
+        self._next, self._works, self._armed = 0, [], True
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self._armed = False
+        if kind is not None:  # backward raised: nothing to wait for that matters
+            return
+        self._launch(until=len(self.order), only_ready=False)  # parameters backward did not reach
+        for w in self._works:
+            _collective("all_reduce", w.wait)
+        self._works = []
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
 def barrier() -> None:
     """Wait until every process gets here (a no-op in a world of one)."""
     if dist.is_available() and dist.is_initialized():
@@ -188,4 +242,4 @@ def barrier() -> None:
 
 
 __all__ = ["Ranks", "PeerLost", "EveryRankError", "plural", "die_with_launcher", "launched", "current", "start", "all_reduce_", "all_gather_rows", "broadcast_object",
-           "broadcast_tensors_", "sum_gradients_", "barrier"]
+           "broadcast_tensors_", "sum_gradients_", "GradientSync", "barrier"]

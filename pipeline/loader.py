@@ -3,7 +3,9 @@
 The stream is a pure function of (dataset, batch_size, seed): step ``s`` is batch ``s % B`` of
 epoch ``s // B`` (``B`` full batches per epoch; the last partial batch is dropped so every step
 sees the same number of tokens), and each epoch reshuffles with a seed derived from
-``(seed, epoch)``. So a checkpoint only needs the step to resume the data exactly.
+``(seed, epoch)``. So a checkpoint only needs the step to resume the data exactly. Its batches are read in
+lanes (:mod:`pipeline.activations.lanes`): a data-parallel process reads, hashes and decodes only the
+shards and row groups that hold its rows, and the batches are those of one process.
 
 Reading and decoding Parquet happens in a background thread (pyarrow and numpy release the GIL),
 ``prefetch`` batches ahead, with bounded memory: at most ``prefetch`` batches plus the dataset's
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 
 from pipeline.activations import ActivationDataset
+from pipeline.activations.lanes import LoaderWork, lane_batches
+from pipeline.activations.reader import ActivationBatch
 from pipeline.errors import UserError
 
 _DONE = object()
@@ -39,14 +43,15 @@ def batches_per_epoch(dataset: ActivationDataset, batch_size: int, key: str = "t
 
 
 def _host_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
-                  dtype: torch.dtype, pin: bool, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+                  dtype: torch.dtype, pin: bool, part: tuple[int, int] = (0, 1),
+                  work: LoaderWork | None = None) -> Iterator[torch.Tensor]:
     """CPU tensors [batch_size / world, d_model] (``part=(rank, world)``) for steps start_step..total_steps-1."""
     per_epoch = batches_per_epoch(dataset, batch_size)
     step = start_step
     while step < total_steps:
         epoch, first = divmod(step, per_epoch)
-        stream = dataset.iter_batches(batch_size, shuffle=True, seed=epoch_seed(seed, epoch), start_batch=first,
-                                      device="cpu", dtype=dtype, drop_last=True, part=part)
+        stream = lane_batches(dataset, batch_size, epoch_seed(seed, epoch), start_batch=first, part=part, dtype=dtype,
+                              work=work)
         for batch in stream:
             acts = batch.acts.pin_memory() if pin else batch.acts
             yield acts
@@ -102,16 +107,24 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
+def first_batch(dataset: ActivationDataset, batch_size: int, seed: int) -> ActivationBatch:
+    """Step 0's whole batch (every row, whatever the process): what the data-dependent initialisation sees."""
+    return next(lane_batches(dataset, batch_size, epoch_seed(seed, 0)))
+
+
 def train_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
-                  device: torch.device, prefetch: int, part: tuple[int, int] = (0, 1)) -> Generator[torch.Tensor, None, None]:
+                  device: torch.device, prefetch: int, part: tuple[int, int] = (0, 1),
+                  work: LoaderWork | None = None) -> Generator[torch.Tensor, None, None]:
     """Float32 (CPU) or storage-dtype-then-float32 (CUDA) batches ``acts [batch_size, d_model]`` on ``device``.
 
     ``part=(rank, world)``: this data-parallel process's ``batch_size / world`` rows of each batch (see
-    ``ActivationDataset.iter_batches``): the global stream, hence resume, does not depend on the world size."""
+    :mod:`pipeline.activations.lanes`): the global stream, hence resume, does not depend on the world size.
+    ``work`` counts what this process's reader read and decoded."""
     on_cuda = device.type == "cuda"
     # On CUDA ship the storage dtype (half the bytes for fp16) and widen on the GPU.
     host_dtype = torch.float16 if (on_cuda and dataset.manifest.dtype == "float16") else torch.float32
-    gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda, part=part)
+    gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda, part=part,
+                        work=work)
     prefetcher = _Prefetcher(gen, prefetch) if prefetch > 0 else None
     host = prefetcher if prefetcher is not None else gen
     try:
@@ -150,4 +163,4 @@ def _side_stream_copies(host: Iterable[torch.Tensor], device: torch.device) -> I
         yield on_dev.float()
 
 
-__all__ = ["train_batches", "batches_per_epoch", "epoch_seed"]
+__all__ = ["train_batches", "first_batch", "batches_per_epoch", "epoch_seed", "LoaderWork"]

@@ -31,7 +31,7 @@ from pipeline.checkpoint import capture_rng, load_checkpoint, restore_rng, same_
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
-from pipeline.loader import batches_per_epoch, epoch_seed, train_batches
+from pipeline.loader import batches_per_epoch, first_batch, train_batches
 from pipeline.params.sae import TrainParams
 from pipeline.progress import Progress
 from pipeline.sae import SAE, SAEConfig, batch, make_sae, save_sae
@@ -97,6 +97,7 @@ class TrainRun:
     step_start: int = 0
     t_log: float = 0.0
     tokens_log: int = 0
+    grad_sync: distributed.GradientSync | None = None  # data-parallel: gradient sums overlapped with backward
 
     @property
     def batch_size(self) -> int:
@@ -135,7 +136,8 @@ class TrainRun:
         return cls(cfg, sae_cfg, dataset, val_dataset, checkpoint_dir, seed, ranks, device, use_bf16, per_epoch,
                    total_steps, fp, sae, make_optimizer(sae, cfg, device),
                    LatentTracker(sae_cfg.d_sae, cfg.dead_window_tokens, device), RunningStats(device), emit,
-                   torch.full((), -1, dtype=torch.int64, device=device))
+                   torch.full((), -1, dtype=torch.int64, device=device),
+                   grad_sync=distributed.GradientSync(sae.parameters()) if ranks.parallel else None)
 
     # ---- resume -----------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -157,7 +159,7 @@ class TrainRun:
             # Data-dependent initialisation (b_dec, input scaling) from the first training batch.
             # Every process reads the whole batch: the same statistics; rank 0's result is then the one kept.
             B = self.batch_size
-            first = next(self.dataset.iter_batches(B, shuffle=True, seed=epoch_seed(self.seed, 0), drop_last=True))
+            first = first_batch(self.dataset, B, self.seed)
             init_from_first_batch(sae, first, self.dataset, self.device)
             if self.ranks.parallel:  # identical starting weights even where processes on different machines round differently
                 distributed.broadcast_tensors_([*sae.parameters(), *sae.buffers()])
@@ -198,9 +200,11 @@ class TrainRun:
             # AuxK's candidates.
             out = sae.training_loss(x, step, self.total_steps, self.tracker.dead_mask())
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if self.ranks.parallel:
-            distributed.sum_gradients_(sae.parameters())
+        if self.grad_sync is not None:
+            with self.grad_sync:  # each gradient's sum over the processes starts as soon as backward has it
+                out.loss.backward()
+        else:
+            out.loss.backward()
         sae.before_optimizer_step()  # e.g. remove gradient parallel to unit-norm decoder rows
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from pipeline.activations import ActivationBatch, ActivationDataset
+from pipeline.activations.lanes import STREAM_VERSION
 from pipeline.checkpoint import fingerprint
 from pipeline.devices import resolve_device
 from pipeline.environment import cpu_has_fast_bf16
@@ -21,7 +22,7 @@ from pipeline.params.sae import TrainParams
 from pipeline.sae import SAE, SAEConfig
 
 # Params that cannot change the trained weights: excluded from the resume fingerprint.
-# The number of processes is checked on its own (pipeline.checkpoint: "written by N ranks").
+# The number of processes is checked on its own (pipeline.checkpoint: "written by a run of N processes").
 NOT_FINGERPRINTED = ("device", "log_every", "val_every", "val_tokens", "checkpoint_every", "prefetch", "processes")
 
 
@@ -92,7 +93,7 @@ def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: 
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     m = dataset.manifest
     data = {"n_tokens": m.n_tokens, "d_model": m.d_model, "hook": m.hook, "dtype": m.dtype,
-            "shards": [s.sha256 for s in m.shards]}
+            "shards": [s.sha256 for s in m.shards], "stream": STREAM_VERSION}
     return fingerprint(sae=sae_cfg.to_dict(), train=train, seed=seed, data=data, numerics=numerics_fingerprint(device))
 
 

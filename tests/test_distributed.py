@@ -306,3 +306,44 @@ def test_lost_peer_is_one_line() -> None:
         distributed._collective("all_reduce", collective)
     assert str(e.value) == ("process 0 of 1: all_reduce failed ([gloo/transport/tcp/pair.cc:553] Connection closed by "
                             "peer [127.0.0.1]:24988.); another process of this run stopped first: its error is above")
+
+
+def test_gradient_sums_start_during_backward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gloo world of one in this process: the last layer's gradient sum must start before backward has reached
+    # the first layer (the overlap), and the sums must equal those taken after backward (sum_gradients_).
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        w1, w2 = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 3))
+        events: list[str] = []
+        real = dist.all_reduce
+
+        def recorded(t: torch.Tensor, *a: object, **kw: object) -> object:
+            events.append("sum w2" if t is w2.grad else "sum w1" if t is w1.grad else "sum ?")
+            return real(t, *a, **kw)
+
+        monkeypatch.setattr(dist, "all_reduce", recorded)
+        sync = distributed.GradientSync([w1, w2])
+        w1.register_post_accumulate_grad_hook(lambda p: events.append("w1 ready"))  # after the sync's own hook
+        x = torch.randn(5, 4)
+
+        def backward() -> None:
+            ((x @ w1).relu() @ w2).square().sum().backward()
+
+        with sync:
+            backward()
+        assert events == ["sum w2", "sum w1", "w1 ready"], events  # on the old code: ready, then both sums
+        overlapped = w1.grad.clone(), w2.grad.clone()
+        w1.grad = w2.grad = None
+        backward()
+        distributed.sum_gradients_([w1, w2])
+        assert torch.equal(overlapped[0], w1.grad) and torch.equal(overlapped[1], w2.grad)
+        events.clear()
+        w1.grad = w2.grad = None
+        backward()  # outside the block the hooks do nothing
+        assert events == ["w1 ready"]
+        sync.close()
+    finally:
+        dist.destroy_process_group()

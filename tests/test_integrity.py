@@ -21,6 +21,7 @@ import pipeline.activations.reader as reader
 import pipeline.activations.writer as writer
 import pipeline.io as pio
 from pipeline.activations import open_activations, write_activations
+from pipeline.activations.lanes import lane_batches
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.loader import epoch_seed
@@ -131,7 +132,7 @@ def _train_params(**kw: object) -> TrainParams:
 def test_training_stops_before_an_optimizer_step_uses_the_corrupted_shard(root: Path, tmp_path: Path) -> None:
     # Before: a flipped byte in a data page trained silently (rc 0, a different SAE).
     B, seed = 64, 5
-    stream = open_activations(root).iter_batches(B, shuffle=True, seed=epoch_seed(seed, 0), drop_last=True)
+    stream = lane_batches(open_activations(root), B, epoch_seed(seed, 0))  # the trainer's stream
     first_use: dict[int, int] = {}
     for i, b in enumerate(stream):
         for s in _shards_of([b]):
