@@ -4,7 +4,7 @@ The stream is a pure function of (dataset, batch_size, seed): step ``s`` is batc
 epoch ``s // B`` (``B`` full batches per epoch; the last partial batch is dropped so every step
 sees the same number of tokens), and each epoch reshuffles with a seed derived from
 ``(seed, epoch)``. So a checkpoint only needs the step to resume the data exactly. Its batches are read in
-lanes (:mod:`pipeline.activations.lanes`): a data-parallel process reads, hashes and decodes only the
+lanes (:mod:`pipeline.lanes`): a data-parallel process reads, hashes and decodes only the
 shards and row groups that hold its rows, and the batches are those of one process.
 
 Reading and decoding Parquet happens in a background thread (pyarrow and numpy release the GIL),
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from pipeline.activations import ActivationDataset
-from pipeline.activations.lanes import LoaderWork, lane_batches
 from pipeline.activations.reader import ActivationBatch
 from pipeline.errors import UserError
+from pipeline.lanes import LoaderWork, lane_batches
 
 _DONE = object()
 
@@ -118,7 +118,7 @@ def train_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_
     """Float32 (CPU) or storage-dtype-then-float32 (CUDA) batches ``acts [batch_size, d_model]`` on ``device``.
 
     ``part=(rank, world)``: this data-parallel process's ``batch_size / world`` rows of each batch (see
-    :mod:`pipeline.activations.lanes`): the global stream, hence resume, does not depend on the world size.
+    :mod:`pipeline.lanes`): the global stream, hence resume, does not depend on the world size.
     ``work`` counts what this process's reader read and decoded."""
     on_cuda = device.type == "cuda"
     # On CUDA ship the storage dtype (half the bytes for fp16) and widen on the GPU.

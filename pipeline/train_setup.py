@@ -11,12 +11,12 @@ import math
 import torch
 
 from pipeline.activations import ActivationBatch, ActivationDataset
-from pipeline.activations.lanes import STREAM_VERSION
 from pipeline.checkpoint import fingerprint
 from pipeline.devices import resolve_device
 from pipeline.environment import cpu_has_fast_bf16
 from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
+from pipeline.lanes import STREAM_VERSION
 from pipeline.numerics import numerics_fingerprint
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAE, SAEConfig

@@ -347,3 +347,27 @@ def test_gradient_sums_start_during_backward(tmp_path: Path, monkeypatch: pytest
         sync.close()
     finally:
         dist.destroy_process_group()
+
+
+def test_two_nodes_rehearsed_on_one_box_train_the_two_process_sae(data: Path, two_processes: Path,
+                                                                    tmp_path: Path) -> None:
+    # Two torchrun agents, one process each, meeting through a c10d rendezvous on 127.0.0.1, as two machines
+    # would (the agent that binds the port hosts the store): the run of 2 processes on one machine, bit for bit.
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "rehearsal", str(WORKER), "--data", str(data), "--out",
+           str(tmp_path), "--variants", "topk"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        outs = [n.communicate(timeout=300) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    for n, (_, err) in zip(nodes, outs, strict=True):
+        assert n.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "topk" / "cfg.json").read_text())["training"]["world_size"] == 2
+    ref, got = weights(two_processes / "topk"), weights(tmp_path / "topk")
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

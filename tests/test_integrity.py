@@ -21,9 +21,9 @@ import pipeline.activations.reader as reader
 import pipeline.activations.writer as writer
 import pipeline.io as pio
 from pipeline.activations import open_activations, write_activations
-from pipeline.activations.lanes import lane_batches
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
+from pipeline.lanes import lane_batches
 from pipeline.loader import epoch_seed
 from pipeline.params import Params, to_dict
 from pipeline.params.sae import TrainParams

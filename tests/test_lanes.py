@@ -1,4 +1,4 @@
-"""The training stream in lanes (pipeline.activations.lanes), in one process: every process's rows of a batch put
+"""The training stream in lanes (pipeline.lanes), in one process: every process's rows of a batch put
 together are the one-process batch, for any process count; each reads a 1/N share of the shards and row groups;
 every row once per epoch; resuming mid-epoch continues the same stream."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.activations import open_activations
-from pipeline.activations.lanes import LANES, LoaderWork, lane_batches, lane_sizes
+from pipeline.lanes import LANES, LoaderWork, lane_batches, lane_sizes
 from pipeline.loader import epoch_seed
 from pipeline.synthetic import write_synthetic_activations
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.activations import open_activations, write_activations
-from pipeline.activations.lanes import lane_batches
 from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.errors import UserError
+from pipeline.lanes import lane_batches
 from pipeline.loader import epoch_seed
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAEConfig, load_sae
