@@ -10,7 +10,8 @@ optionally ``data/interpret``. Each repeat runs ``sae steer`` in a fresh process
 of the workspace's inputs (the workspace itself is never written), so model loading is counted as
 the stage pays it. Reported: each run's wall seconds, the stage's own breakdown
 (``reports/steer/runtime.json``: generation, ablation, likelihood), the CPU, the thread count and
-whether ``metrics/steer.json`` (environment block aside) was identical across repeats.
+whether the results (``results/steer.json`` and the ``data/steer`` tables, environment block aside) were
+identical across repeats.
 """
 
 from __future__ import annotations
@@ -31,10 +32,19 @@ from typing import Any
 INPUTS = ("params.yaml", "data/tokens", "data/activations", "models/sae", "data/interpret")
 
 
-def _digest(metrics: Path) -> str:
-    d = json.loads(metrics.read_text())
-    d.pop("environment", None)  # the versions block: not a result
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+def _digest(run: Path) -> str:
+    """sha256 over what the stage measured (``results/steer.json``, the ``metrics/`` headline, the per-unit
+    tables), the environment block (versions, not results) left out."""
+    h = hashlib.sha256()
+    for rel in ("results/steer.json", "metrics/steer.json"):
+        if (run / rel).is_file():
+            d = json.loads((run / rel).read_text())
+            d.pop("environment", None)
+            h.update(json.dumps(d, sort_keys=True).encode())
+    for rel in ("data/steer/generations.parquet", "data/steer/likelihood.parquet", "data/steer/ablation.parquet"):
+        if (run / rel).is_file():
+            h.update((run / rel).read_bytes())
+    return h.hexdigest()
 
 
 def run_once(workspace: Path, sets: list[str], scratch: Path) -> dict[str, Any]:
@@ -56,7 +66,7 @@ def run_once(workspace: Path, sets: list[str], scratch: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     rt = scratch / "reports/steer/runtime.json"
     return {"wall_s": round(wall, 2), "runtime": json.loads(rt.read_text()) if rt.is_file() else {},
-            "metrics_sha256": _digest(scratch / "metrics/steer.json")}
+            "results_sha256": _digest(scratch)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append(run_once(args.workspace.resolve(), args.sets, Path(tmp) / f"run{i}"))
     report = {"sets": args.sets, "runs": runs, "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "load_avg": list(os.getloadavg()),
-              "bits_repeat": len({r["metrics_sha256"] for r in runs}) == 1 if len(runs) > 1 else None}
+              "bits_repeat": len({r["results_sha256"] for r in runs}) == 1 if len(runs) > 1 else None}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out is not None:

@@ -151,3 +151,17 @@ def test_steer_stage_listed_features_generated_positions_and_errors(workspace: P
     res = CliRunner().invoke(main, ["steer", *_sets(FAST + ["steer.features=[9999]"])])
     assert res.exit_code == 2 and "steer.features" in res.output
     torch.manual_seed(0)  # leave global RNG state predictable for other tests
+
+
+def test_steer_benchmark_times_the_stage_in_fresh_processes_and_bits_repeat(prepared: Path, tmp_path: Path) -> None:
+    """benchmarks/steer.py: two `sae steer` processes on a scratch copy of a finished workspace (never
+    written): wall seconds, the stage's breakdown, and the same results bit for bit."""
+    from bench_load import load_benchmark
+
+    before = sorted(p.relative_to(prepared) for p in prepared.rglob("*") if p.is_file())
+    report = load_benchmark("steer").main(["--workspace", str(prepared), "--repeats", "2",
+                                           "--out", str(tmp_path / "b.json"), *_sets(FAST)])
+    assert report["bits_repeat"] is True and len(report["runs"]) == 2
+    assert all(r["wall_s"] > 0 and r["runtime"]["likelihood_s"] > 0 for r in report["runs"])
+    assert json.loads((tmp_path / "b.json").read_text())["sets"] == FAST
+    assert sorted(p.relative_to(prepared) for p in prepared.rglob("*") if p.is_file()) == before
