@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class PeerLost(UserError):
     """A collective failed: another process of the run stopped (or could not be reached)."""
 
+    follows_another = True  # sae's launcher names the process that failed first instead (pipeline.errors.shown_here)
+
 
 def plural(n: int, word: str = "process") -> str:
     """``1 process``, ``2 processes``."""

@@ -15,5 +15,9 @@ class EveryRankError(UserError):
 
 
 def shown_here(error: UserError) -> bool:
-    """Whether this process prints ``error``: not an :class:`EveryRankError` on a launched rank other than 0."""
+    """Whether this process prints ``error``: not an :class:`EveryRankError` on a launched rank other than 0, nor,
+    under ``sae``'s own launcher (which reports the process that failed first), an error that only echoes another
+    process's failure (``follows_another``: a collective that lost its peer)."""
+    if getattr(error, "follows_another", False) and "SAE_LAUNCHER_PID" in os.environ:
+        return False
     return not (isinstance(error, EveryRankError) and "LOCAL_RANK" in os.environ and os.environ.get("RANK", "0") != "0")

@@ -76,7 +76,10 @@ def relaunched(stage: str, setting: int | Literal["auto"], device: str) -> bool:
     try:
         elastic_launch(config, sys.executable)(*argv)
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: it printed nothing, and the others' lost-peer lines are hidden
+            click.echo(f"error: {stage}: process {rank} of {n} was killed by {signal.Signals(-failure.exitcode).name}; "
+                       f"completed work is kept, rerun to resume", err=True)
         raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
     except SignalException as e:  # the launcher has already stopped the processes (SIGTERM, then SIGKILL)
         what = "interrupted" if e.sigval == signal.SIGINT else f"error: {stage}: stopped by {e.sigval.name}"

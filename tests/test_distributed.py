@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,6 +267,16 @@ def test_killed_launcher_takes_its_processes_with_it(train_workspace: Path, tmp_
     for w in orphans:  # (on failure) not left training
         os.kill(w, signal.SIGKILL)
     assert not orphans, "workers outlived a kill -9 of their launcher"
+
+
+def test_a_killed_process_is_one_line(train_workspace: Path, tmp_path: Path) -> None:
+    # The killed process prints nothing; the other's lost-peer error only echoes it: the launcher names the first.
+    launcher, workers = _start_long_run(tmp_path)
+    os.kill(workers[1], signal.SIGKILL)
+    assert launcher.wait(timeout=60) == 1
+    lines = [line for line in (tmp_path / "stderr.log").read_text().splitlines() if " INFO " not in line]
+    assert len(lines) == 1 and re.fullmatch(r"error: train: process [01] of 2 was killed by SIGKILL; completed work is "
+                                            r"kept, rerun to resume", lines[0]), lines
 
 
 def test_sigterm_stops_every_process_with_one_line(train_workspace: Path, tmp_path: Path) -> None:
