@@ -205,7 +205,7 @@ class BenchParams:
     absorption_words: int | None = knob(2000, help="Alphabetic vocabulary words drawn (by seed) for the absorption task, split 80/20; null: all (slow on CPU).", ge=50)
     absorption_min_letters: int = knob(20, help="Letters whose ground-truth probe needs test F1 > 0.6 before absorption is reported (SAEBench: 20).", ge=2, le=26)
     absorption_batch_size: int = knob(32, help="Prompts per model forward in the absorption task.", ge=1)
-    core_tokens: int = knob(65536, help="Validation tokens (non-special) behind the core result file's reconstruction and density numbers.", ge=1)
+    core_tokens: int = knob(32768, help="Validation tokens (non-special) behind the core result file's reconstruction and density numbers.", ge=1)
     n_splice_contexts: int = knob(8, help="Validation contexts run with the SAE spliced in and zero-ablated for the core file's CE and KL.", ge=1)
 
     def check(self, prefix: str) -> None:

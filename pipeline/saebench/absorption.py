@@ -157,16 +157,28 @@ def absorption(x_train: np.ndarray, letter_train: np.ndarray, x_test: np.ndarray
     :return: ``{"letters": {letter: {...}}, "n_present": n, "mean": {...} or None, "note": str or None}``
     """
     W, b = ground_truth_probe(x_train, letter_train, seed)
-    z_train, z_test = encode(x_train), encode(x_test)
-    ranking = l1_latent_ranking(z_train, letter_train, seed)
-    dec_unit = W_dec / (np.linalg.norm(W_dec, axis=1, keepdims=True) + EPS)
     letters: dict[str, dict] = {}
     for i, letter in enumerate(LETTERS):
         y_tr, y_te = letter_train == i, letter_test == i
-        if not y_tr.any() or not y_te.any():
+        if y_tr.any() and y_te.any():
+            probe_pos = (x_test @ W[i] + b[i]) > 0
+            letters[letter] = {"probe_f1": f1(y_te, probe_pos), "num_probe_true_positives": int(np.sum(y_te & probe_pos))}
+            letters[letter]["present"] = letters[letter]["probe_f1"] > MIN_PROBE_F1 and letters[letter]["num_probe_true_positives"] > 0
+    n_present = sum(v["present"] for v in letters.values())
+    out: dict = {"letters": letters, "n_present": n_present, "mean": None, "note": None}
+    if n_present < max(min_letters, 2):  # nothing below needs computing: no number will be reported
+        out["note"] = (f"absorption not evaluated: {n_present} of 26 letters have a ground-truth probe with test "
+                       f"F1 > {MIN_PROBE_F1} (needs {max(min_letters, 2)}); the model does not represent first letters "
+                       f"linearly enough at this hook")
+        return out
+    z_train, z_test = encode(x_train), encode(x_test)
+    ranking = l1_latent_ranking(z_train, letter_train, seed)
+    dec_unit = W_dec / (np.linalg.norm(W_dec, axis=1, keepdims=True) + EPS)
+    for letter, v in letters.items():
+        if not v["present"]:  # SAEBench computes these for every letter but reports only present ones
             continue
-        probe_pos = (x_test @ W[i] + b[i]) > 0
-        probe_f1 = f1(y_te, probe_pos)
+        i = LETTERS.index(letter)
+        y_tr, y_te = letter_train == i, letter_test == i
         f1s, feats = [], []
         for k in range(1, MAX_K + 1):
             cols = ranking[i, :k].tolist()
@@ -176,23 +188,13 @@ def absorption(x_train: np.ndarray, letter_train: np.ndarray, x_test: np.ndarray
         main = split_features(f1s, feats)
         direction = W[i] / (np.linalg.norm(W[i]) + EPS)
         cos = dec_unit @ direction
-        true_pos = np.flatnonzero(y_te & probe_pos)
+        true_pos = np.flatnonzero(y_te & ((x_test @ W[i] + b[i]) > 0))
         scores = [score_word(x_test[j], z_test[j], cos, direction, main) for j in true_pos]
         n = len(true_pos)
-        letters[letter] = {
-            "probe_f1": probe_f1, "sparse_f1": f1s, "split_feats": main, "num_probe_true_positives": n,
-            "num_full_absorption": int(sum(s.full_absorption for s in scores)),
-            "mean_absorption_fraction": sum(s.absorption_fraction for s in scores) / n if n else 0.0,
-            "full_absorption_rate": sum(s.full_absorption for s in scores) / n if n else 0.0,
-            "present": probe_f1 > MIN_PROBE_F1 and n > 0,
-        }
+        v.update({"sparse_f1": f1s, "split_feats": main, "num_full_absorption": int(sum(s.full_absorption for s in scores)),
+                  "mean_absorption_fraction": sum(s.absorption_fraction for s in scores) / n,
+                  "full_absorption_rate": sum(s.full_absorption for s in scores) / n})
     present = [v for v in letters.values() if v["present"]]
-    out: dict = {"letters": letters, "n_present": len(present), "mean": None, "note": None}
-    if len(present) < max(min_letters, 2):
-        out["note"] = (f"absorption not evaluated: {len(present)} of 26 letters have a ground-truth probe with test "
-                       f"F1 > {MIN_PROBE_F1} (needs {max(min_letters, 2)}); the model does not represent first letters "
-                       f"linearly enough at this hook")
-        return out
     fr = [v["mean_absorption_fraction"] for v in present]
     full = [v["full_absorption_rate"] for v in present]
     nsplit = [len(v["split_feats"]) for v in present]

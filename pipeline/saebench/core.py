@@ -37,8 +37,8 @@ def reconstruction_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], e
             if s["n"] >= n_tokens:
                 break
             continue
-        f = encode(x.float()).double()
-        xh = decode(f.float()).double()
+        f = encode(x.float())  # [n, d_sae] float32: sums over d_sae stay float32, the d-sized ones float64
+        xh = decode(f).double()
         r2 = (x - xh).pow(2).sum(-1)
         n_in, n_out = x.norm(dim=-1), xh.norm(dim=-1)
         s["n"] += len(x)
@@ -52,10 +52,10 @@ def reconstruction_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], e
         s["xdot"] += float((x * xh).sum())
         s["cos"] += float(F.cosine_similarity(x, xh, dim=-1).sum())
         s["l0"] += float((f != 0).sum())
-        s["l1"] += float(f.abs().sum())
+        s["l1"] += float(f.abs().sum(-1).double().sum())
         var = (x - x.mean(0)).pow(2).sum(-1)
         s["legacy"] += float((1 - r2 / var.clamp(min=1e-12)).sum())
-        fires += (f > 0).sum(0).double()
+        fires += (f > 0).sum(0).to(torch.float64)
     n = max(s["n"], 1.0)
     assert mean_acc is not None, "no non-special token to evaluate"
     total_var = s["sumsq"] - float(mean_acc.pow(2).sum()) / n

@@ -95,7 +95,8 @@ def pool_documents(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Ten
             row_of[d] = i
     special = torch.tensor(sorted(special_ids), dtype=torch.int64)
     llm_sum: torch.Tensor | None = None
-    sae_sum = torch.zeros(len(chosen), d_sae, dtype=torch.float64)
+    # float32 sums: a document has a few hundred tokens, and the [B, d_sae] latents in float64 cost 2x the encode
+    sae_sum = torch.zeros(len(chosen), d_sae, dtype=torch.float32)
     count = torch.zeros(len(chosen), dtype=torch.float64)
     for acts, ctx, pos, tok in batches:
         docs = torch.from_numpy(doc_of[ctx.numpy(), pos.numpy()])  # [B]
@@ -108,12 +109,12 @@ def pool_documents(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Ten
         if llm_sum is None:
             llm_sum = torch.zeros(len(chosen), x.shape[1], dtype=torch.float64)
         llm_sum.index_add_(0, r, x.double())
-        sae_sum.index_add_(0, r, encode(x).float().double())
+        sae_sum.index_add_(0, r, encode(x).float())
         count.index_add_(0, r, torch.ones(len(r), dtype=torch.float64))
     if llm_sum is None:
         raise ValueError("no token of the chosen documents was found in the activations")
     denom = count.clamp(min=1)[:, None]
-    return ((llm_sum / denom).float().numpy(), (sae_sum / denom).float().numpy(), count.numpy().astype(np.int64))
+    return ((llm_sum / denom).float().numpy(), (sae_sum.double() / denom).float().numpy(), count.numpy().astype(np.int64))
 
 
 __all__ = ["Pooled", "TRAIN", "VALIDATION", "TEST", "choose_documents", "context_span", "split_documents", "document_index",

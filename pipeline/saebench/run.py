@@ -36,7 +36,7 @@ class BenchConfig:
     absorption_words: int | None = 2000
     absorption_min_letters: int = 20
     absorption_batch_size: int = 32
-    core_tokens: int = 65536
+    core_tokens: int = 32768
     n_splice_contexts: int = 8
     batch_size: int = 4096
     encode_dtype: str = "float32"
