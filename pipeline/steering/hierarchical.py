@@ -10,7 +10,7 @@ of paired differences (same concept, same unit). Draws are integers from a seede
 sums have a fixed order: bounds repeat bit for bit.
 
 p-values are two-sided bootstrap p-values (twice the smaller tail share of resampled means at or
-beyond 0); Holm's step-down correction (Holm 1979) controls the family-wise error across every
+beyond 0, counted as (k + 1) / (n + 1) so that none is 0); Holm's step-down correction (Holm 1979) controls the family-wise error across every
 comparison of a verdict, so listing more comparisons does not manufacture a "beats".
 """
 
@@ -75,8 +75,9 @@ def estimate(values: np.ndarray, rs: HierResamples, level: float = LEVEL) -> Est
     means = num[den > 0] / den[den > 0]
     alpha = (1.0 - level) / 2
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    tail = min(float((means <= 0).mean()), float((means >= 0).mean()))
-    return Estimate(mean, float(low), float(high), min(1.0, 2.0 * tail))
+    # (tail count + 1) / (resamples + 1): a bootstrap never shows p = 0 (Davison & Hinkley 1997, eq. 4.11)
+    tail = min(int((means <= 0).sum()), int((means >= 0).sum()))
+    return Estimate(mean, float(low), float(high), min(1.0, 2.0 * (tail + 1) / (len(means) + 1)))
 
 
 def holm(p: list[float]) -> list[float]:
