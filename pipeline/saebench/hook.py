@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipeline.progress import Progress
 from pipeline.saebench import core, probing, results, run
 
 log = logging.getLogger(__name__)
@@ -48,18 +49,23 @@ def bench_hook(hook: str, sae: Any, inp: HookInputs, model: Any, tokenizer: Any,
     """Sparse probing, absorption and core for one SAE; writes its result files under ``eval_results``;
     returns the hook's entry of ``results/bench.json``."""
     seconds: dict[str, float] = {}
+    # Off a terminal (dvc repro) a line every few seconds through the four phases: pooling, probing, absorption, core.
+    progress = Progress(f"bench {hook}", 4, unit="phases", tokens_per_unit=None)
     encode = run.encoder(sae, cfg.encode_dtype, device)
     d_sae = int(sae.W_dec.shape[0])
     pooled = run.timed(lambda: run.probe_documents(inp.datasets, inp.contexts, inp.documents, special, encode, d_sae,
                                                    cfg, info.seed, cfg.batch_size), "pooling", seconds)
+    progress.update(1)
     res = run.timed(lambda: probing.sparse_probing(pooled.llm, pooled.sae, pooled.labels, pooled.split,
                                                    list(cfg.k_values), info.seed, cfg.bootstrap_resamples),
                     "probing", seconds)
+    progress.update(1)
     m: dict[str, Any] = run.probing_metrics(res)
     m["n_probe_documents"] = int(len(pooled.doc_ids))
     W_dec = sae.W_dec.detach().float().cpu().numpy()
     ab = run.timed(lambda: run.absorption_eval(model, tokenizer, hook, encode, W_dec, cfg, info.seed, device),
                    "absorption", seconds)
+    progress.update(1)
     m.update(run.absorption_metrics(ab))
     if ab["note"]:
         log.warning("%s: %s", hook, ab["note"])
@@ -77,6 +83,8 @@ def bench_hook(hook: str, sae: Any, inp: HookInputs, model: Any, tokenizer: Any,
             return stats, core.splice_kl_ce(model, hook, reconstruct, splice_contexts, special)
 
     stats, splice = run.timed(core_numbers, "core", seconds)
+    progress.update(1)
+    progress.close()
     m["core_ce_loss_score"], m["core_kl_div_score"] = splice["ce_loss_score"], splice["kl_div_score"]
     sae_cfg = results.sae_cfg_dict(json.loads((inp.sae_dir / "cfg.json").read_text()), info.model_name, info.model_dtype)
     write_files(eval_results, hook, sae, sae_cfg, res, ab, stats, splice, inp.features, info, cfg)
