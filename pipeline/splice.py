@@ -78,13 +78,13 @@ def splice_metrics(model: nn.Module, hook: str, reconstruct: Reconstruct, contex
     every = metrics.LMLossAccumulator() if special_ids else None  # all positions (reference)
     for start in range(0, contexts.shape[0], batch_size):
         ids = contexts[start:start + batch_size]  # [b, T]
-        if progress is not None:
-            progress.update(ids.shape[0])
         clean = _logits(model, ids)
         ce_clean = _ce(clean, ids)  # [b, T-1]
         if every is None:
             ce_sae, ce_zero, kl = _edited(model, hook, ids, clean, splice, zero)
             acc.update(ce_clean, ce_sae, ce_zero, kl)
+            if progress is not None:
+                progress.update(ids.shape[0])
             continue
         special = metrics.special_mask(ids, special_ids)  # [b, T]
         where = ~special[..., None]  # [b, T, 1]: positions edited; the others keep the original activation
@@ -94,6 +94,8 @@ def splice_metrics(model: nn.Module, hook: str, reconstruct: Reconstruct, contex
         if special.any():  # else the masked edits above were the full ones
             ce_sae, ce_zero, kl = _edited(model, hook, ids, clean, splice, zero)
         every.update(ce_clean, ce_sae, ce_zero, kl)
+        if progress is not None:
+            progress.update(ids.shape[0])
     if every is None:
         return acc.result()
     ref = every.result()
