@@ -32,7 +32,7 @@ __all__ = ["HEADLINE", "HOOK", "headline", "write_stage_results", "results_path"
 HOOK = "<hook>"
 # (path into results/<stage>.json, headline name or None for the matched key). The numbers a user
 # compares across `dvc exp run -S ...`: reconstruction fidelity, sparsity, dead latents, how well the
-# latents are explained, whether steering with them beats a random direction, sparse probing. Few and
+# latents are explained, how well steering with them works, sparse probing. Few and
 # short on purpose: `dvc exp show --only-changed` of an experiment against the default run must show
 # every one of them at 200 columns (tests/test_headline.py), so prepare, extract and train, whose
 # numbers evaluate measures better, have none; their results are in results/<stage>.json and MLflow.
@@ -43,7 +43,9 @@ HEADLINE: dict[str, tuple[tuple[tuple[str, ...], str | None], ...]] = {
     "evaluate": (((HOOK, "fvu"), None), ((HOOK, "l0"), None), ((HOOK, "ce_loss_recovered"), None),
                  ((HOOK, "dead_fraction"), None)),
     "interpret": (((HOOK, "mean_explanation_score"), None),),
-    "steer": ((("overall", "sae_hm"), None), (("overall", "sae_minus_random_hm", "mean"), None)),
+    # steering: the likelihood evidence (steer.likelihood, the primary result: the SAE input latents' effect at the
+    # verdict KL) and the generated text's hm; the comparisons with baselines are in results/steer.json
+    "steer": ((("likelihood", "methods", "sae_input", "lik_effect", "mean"), None), (("overall", "sae_hm"), None)),
     "bench": (((HOOK, "sae_top_1_test_accuracy"), None),),
 }
 

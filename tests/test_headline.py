@@ -30,7 +30,9 @@ RESULTS = {
                  "environment": ENV},
     "interpret": {H1: {"mean_explanation_score@1": 0.68, "explainer": "stats", "median_topic_auroc@1": 0.54},
                   "environment": ENV},
-    "steer": {"features": {"116": {"fire_rate@2": 0.03}}, "overall": {
+    "steer": {"features": {"116": {"fire_rate@2": 0.03}}, "likelihood": {
+        "verdict_text": "...", "methods": {"sae_input": {"lik_effect@1": {"mean": 0.42, "ci95_low": 0.1}},
+                                           "random_latent": {"lik_effect@1": {"mean": 0.01}}}}, "overall": {
         "sae_hm@3": 0.191, "sae_method": "clamp", "summary": "SAE 'clamp' steering ... " * 20,
         "sae_minus_random_hm@3": {"mean": 0.066, "ci95_low": 0.038, "ci95_high": 0.098, "verdict": "beats"}},
         "environment": ENV},
@@ -50,7 +52,7 @@ def test_headline_is_flat_numbers_named_by_their_versioned_keys() -> None:
         "evaluate": {"fvu@3": 0.133, "l0@2": 31.99, "ce_loss_recovered@2": 0.981, "dead_fraction@2": 0.0245,
                      f"{H2}/fvu@3": 0.2, f"{H2}/l0@2": 30.0},
         "interpret": {"mean_explanation_score@1": 0.68},
-        "steer": {"sae_hm@3": 0.191, "sae_minus_random_hm@3": 0.066},
+        "steer": {"lik_effect@1": 0.42, "sae_hm@3": 0.191},
         "bench": {"sae_top_1_test_accuracy@1": 0.71},
     }
 
@@ -68,8 +70,7 @@ def test_write_stage_results_writes_both_files(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics/train.json").read_text()) == {}  # a DVC metric file all the same
     head = write_stage_results("steer", RESULTS["steer"], root=tmp_path)
     assert json.loads((tmp_path / "results/steer.json").read_text()) == RESULTS["steer"]
-    assert json.loads((tmp_path / "metrics/steer.json").read_text()) == head == {"sae_hm@3": 0.191,
-                                                                                  "sae_minus_random_hm@3": 0.066}
+    assert json.loads((tmp_path / "metrics/steer.json").read_text()) == head == {"lik_effect@1": 0.42, "sae_hm@3": 0.191}
 
 
 def test_frontier_reads_the_flat_headline_and_older_nested_files() -> None:
