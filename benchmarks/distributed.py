@@ -122,6 +122,7 @@ def worker_overlap(d_model: int, d_sae: int, k: int, batch: int, steps: int) -> 
     ways = {"compute": compute, "sums_only": sums_only, "after": after, "overlapped": overlapped}
     times: dict[str, list[float]] = {w: [] for w in ways}
     compute()
+    overlapped()  # the first block records the order backward produces the gradients in
     for _ in range(steps):  # interleaved rounds: the box's load moves all four alike
         for name, fn in ways.items():
             distributed.barrier()
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["loader", "overlap"])
     ap.add_argument("--result", type=Path)
     ap.add_argument("--args", default="{}")
+    ap.add_argument("--only", choices=["loader", "overlap"], default=None)
     a = ap.parse_args()
     if a.worker:
         kw = json.loads(a.args)
@@ -154,13 +156,15 @@ def main() -> None:
     for p in sorted(data.glob("*.parquet")):  # a warm page cache for every N
         p.read_bytes()
     loader = {}
-    for n in (1, 2, 4):
+    for n in (1, 2, 4) if a.only != "overlap" else ():
         loader[n] = launch(n, "loader", {"data": str(data), "batch": 1024 if a.tiny else 4096})
         print(f"loader N={n}: " + "; ".join(f"rank {r['rank']}: {r['rows_decoded']} rows decoded, "
                                             f"{r['shards_hashed']} shards hashed, {r['seconds']} s" for r in loader[n]))
+    # 512 -> 8,192: 34 MB of gradients per step against ~0.1 s of compute per process at 64 rows each, so that
+    # on gloo over loopback the sums are a visible share of the step (larger batches hide them in any case).
     shape = (dict(d_model=64, d_sae=512, k=8, batch=256, steps=3) if a.tiny
-              else dict(d_model=768, d_sae=16384, k=32, batch=2048, steps=9))
-    overlap = launch(2, "overlap", shape)[0]
+             else dict(d_model=512, d_sae=8192, k=32, batch=128, steps=15))
+    overlap = launch(2, "overlap", shape)[0] if a.only != "loader" else {}
     print("overlap N=2: " + ", ".join(f"{k} {v}" for k, v in overlap.items() if k.endswith("_ms")))
     result = {"dataset": {"shards": shards, "rows_per_shard": rows, "d_model": d, "dtype": "float16"},
               "loader": {str(n): r for n, r in loader.items()}, "overlap": {**shape, **overlap},

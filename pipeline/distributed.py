@@ -192,45 +192,56 @@ class GradientSync:
     :func:`sum_gradients_`'s, bit for bit (the same sums, only started earlier).
 
     The collectives must be issued in the same order on every process (gloo and NCCL match them by order), so
-    they start in one fixed order, the reverse of ``params`` (roughly the order backward reaches them): a
-    gradient that is ready early waits for those before it in that order. Outside the block the hooks do nothing.
+    they start in one fixed order: the first block only records the order in which backward produced the
+    gradients (its sums start at the end, in ``params`` order) and rank 0's record becomes everyone's order, as
+    DDP rebuilds its buckets after the first iteration. A gradient ready before its turn waits for those before
+    it in that order. Outside the block the hooks do nothing.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]):
-        self.order = [p for p in reversed(list(params)) if p.requires_grad]
-        self._index = {id(p): i for i, p in enumerate(self.order)}
-        self._ready = [False] * len(self.order)
-        self._next = 0  # the first parameter, in order, whose all-reduce has not started
+        self.params = [p for p in params if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.order: list[int] | None = None  # indices into params; None until the first block has recorded it
+        self._seen: list[int] = []
+        self._ready: set[int] = set()
+        self._next = 0  # position in order of the first gradient whose sum has not started
         self._works: list[Any] = []
         self._armed = False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.order]
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self._armed:
             return
-        self._ready[self._index[id(p)]] = True
-        self._launch(until=len(self.order), only_ready=True)
+        i = self._index[id(p)]
+        if self.order is None:
+            self._seen.append(i)
+            return
+        self._ready.add(i)
+        self._launch(only_ready=True)
 
-    def _launch(self, until: int, only_ready: bool) -> None:
-        while self._next < until and (self._ready[self._next] or not only_ready):
-            grad = self.order[self._next].grad
+    def _launch(self, only_ready: bool) -> None:
+        order = self.order if self.order is not None else list(range(len(self.params)))
+        while self._next < len(order) and (order[self._next] in self._ready or not only_ready):
+            grad = self.params[order[self._next]].grad
             if grad is not None:  # no gradient on one process means none on any: the graphs are the same
                 self._works.append(_collective("all_reduce", dist.all_reduce, grad, async_op=True))
             self._next += 1
 
     def __enter__(self) -> GradientSync:
-        self._ready = [False] * len(self.order)
-        self._next, self._works, self._armed = 0, [], True
+        self._ready, self._seen, self._next, self._works, self._armed = set(), [], 0, [], True
         return self
 
     def __exit__(self, kind: Any, *exc: Any) -> None:
         self._armed = False
         if kind is not None:  # backward raised: nothing to wait for that matters
             return
-        self._launch(until=len(self.order), only_ready=False)  # parameters backward did not reach
+        self._launch(only_ready=False)  # the first block's sums, and those of parameters backward did not reach
         for w in self._works:
             _collective("all_reduce", w.wait)
         self._works = []
+        if self.order is None:
+            seen = self._seen + [i for i in range(len(self.params)) if i not in self._seen]
+            self.order = broadcast_object(seen)
 
     def close(self) -> None:
         for h in self._hooks:

@@ -44,10 +44,10 @@ TRAIN_OVERRIDES: dict[str, dict] = {"relu_l1_2023": {"lr": 0.05}, "topk_triton":
 TRITON_VARIANTS = ("topk_triton", "batchtopk_triton")
 
 
-def sae_config(name: str) -> SAEConfig:
+def sae_config(name: str, d_in: int = D, d_sae: int = D_SAE) -> SAEConfig:
     kw = dict(VARIANTS[name])
-    d_sae = min(kw.get("hidden_sizes", [D_SAE]))
-    return SAEConfig(d_in=D, d_sae=d_sae, k=K, hook="synthetic", **kw)
+    d_sae = min(kw.get("hidden_sizes", [d_sae]))
+    return SAEConfig(d_in=d_in, d_sae=d_sae, k=K, hook="synthetic", **kw)
 
 
 def train_params(name: str) -> TrainParams:
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in TRITON_VARIANTS))
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--rank1-checkpoints", type=Path, default=None, help="rank 1's own checkpoint folder (a 2nd node)")
+    ap.add_argument("--d-sae", type=int, default=D_SAE, help="latents (d_in is the dataset's)")
     args = ap.parse_args()
 
     def on_step(step: int) -> None:
@@ -95,7 +96,7 @@ def main() -> None:
         ckpt = args.out / f"{name}_ckpt"
         if args.rank1_checkpoints is not None and os.environ["RANK"] == "1":
             ckpt = args.rank1_checkpoints
-        train_sae(ds, sae_config(name), train_params(name), args.out / name, ckpt, seed=SEED,
+        train_sae(ds, sae_config(name, ds.d_model, args.d_sae), train_params(name), args.out / name, ckpt, seed=SEED,
                   curve_path=args.out / f"{name}.csv", on_step=on_step)
 
 
