@@ -109,3 +109,15 @@ def test_frontier_plots_bench_headline_against_l0(tmp_path: Path) -> None:
     assert {p.name: p.extra["sae_top_1_test_accuracy"] for p in points} == pytest.approx({"k16": 0.66, "k32": 0.82})
     out = plot_frontier(points, tmp_path / "f.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_html_has_the_bench_section() -> None:
+    from pipeline.report.document import to_html
+    from pipeline.report.inputs import ReportInputs
+    from pipeline.report.sections import build_document
+
+    inp = ReportInputs(params={}, hooks=[HOOK])
+    inp.stage_metrics = {"bench": {(HOOK, "sae_top_1_test_accuracy@1"): 0.8, (HOOK, "llm_top_1_test_accuracy@1"): 0.7,
+                                   (HOOK, "sae_test_accuracy@1"): 0.9, (HOOK, "absorption_letters@1"): 9.0}}
+    html = to_html(build_document(inp, 5))
+    assert "SAEBench-comparable evaluation" in html and "only 9 of 26" in html

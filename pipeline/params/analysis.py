@@ -202,7 +202,7 @@ class BenchParams:
     test_fraction: float = knob(0.2, help="Share of each label's documents in the probe test split (reported; chooses nothing).", gt=0, lt=1)
     k_values: list[int] = knob(factory=lambda: [1, 2, 5, 10, 20, 50], help="k of the k-sparse probes (SAEBench: 1, 2, 5; its schema up to 100).")
     bootstrap_resamples: int = knob(1000, help="Bootstrap resamples of test documents behind each accuracy's 95% interval.", ge=10)
-    absorption_words: int | None = knob(2000, help="Alphabetic vocabulary words drawn (by seed) for the absorption task, split 80/20; null: all (slow on CPU).", ge=50)
+    absorption_words: int | None = knob(1000, help="Alphabetic vocabulary words drawn (by seed) for the absorption task, split 80/20; null: all (slow on CPU).", ge=50)
     absorption_min_letters: int = knob(20, help="Letters whose ground-truth probe needs test F1 > 0.6 before absorption is reported (SAEBench: 20).", ge=2, le=26)
     absorption_batch_size: int = knob(32, help="Prompts per model forward in the absorption task.", ge=1)
     core_tokens: int = knob(32768, help="Validation tokens (non-special) behind the core result file's reconstruction and density numbers.", ge=1)

@@ -33,7 +33,7 @@ class BenchConfig:
     test_fraction: float = 0.2
     k_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
     bootstrap_resamples: int = 1000
-    absorption_words: int | None = 2000
+    absorption_words: int | None = 1000
     absorption_min_letters: int = 20
     absorption_batch_size: int = 32
     core_tokens: int = 32768
