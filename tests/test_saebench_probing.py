@@ -91,6 +91,14 @@ def test_top1_selection_uses_train_only():
     assert probing.correct_k(X, t, cheat, 1, seed=0).mean() == 1.0
 
 
+def test_sparse_probing_selects_on_train():
+    """Through the whole eval: on the planted data the top-1 probe picks channel 0 (train signal) and stays
+    below 0.8 on test. Mutation: selecting inputs on the test rows picks channel 1 and reaches 1.0."""
+    X, labels, split = _planted()
+    res = probing.sparse_probing(X, X, labels, split, [1], seed=0, n_bootstrap=20)
+    assert res["mean"]["llm_top_1_test_accuracy"] < 0.8 and res["mean"]["sae_top_1_test_accuracy"] < 0.8
+
+
 def test_full_probe_chooses_c_on_validation():
     """On noisy data where the C with the best validation accuracy is not the one with the best test accuracy,
     the full probe keeps the validation choice. Mutation: choosing on test picks the other C."""
