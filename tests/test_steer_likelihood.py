@@ -203,6 +203,30 @@ def test_ablate_grid_zero_and_mean_on_a_tiny_model_and_repeatable(tiny_llama: Pa
     assert np.abs(a.dloss[1:]).max() > 1e-4  # the ablations do change the loss
 
 
+def test_steer_grid_matches_the_metric_definitions_on_one_row(tiny_llama: Path) -> None:
+    """The grid's fused KL / log-mass / loss arithmetic equals the definitions applied to full log-softmaxes."""
+    from pipeline.steering.causal import _logp
+
+    lm, hook = _tiny(tiny_llama)
+    d = lm.model.config.hidden_size
+    g = torch.Generator().manual_seed(2)
+    texts = texts_batch([[1, 5, 9, 13, 40, 41], [7, 8, 9]], {0, 1, 2})
+    base = clean_logp(lm.model, texts)
+    vec = torch.randn(1, d, generator=g) * 3
+    lex = torch.tensor([5, 11, 17])
+    got = steer_grid(lm.model, hook, texts, vec, lex, base)
+    u = 0  # the first text, by hand
+    lp = _logp(lm.model, texts.ids[:1], texts.mask[:1], hook, RowEdit(texts.frozen[:1], add=vec))[0]
+    p = texts.pred[u]
+    eff = (lexicon_logmass(lp[None], lex)[0] - lexicon_logmass(base[u:u + 1], lex)[0])[p].mean()
+    kl = kl_rows(base[u:u + 1], lp[None])[0][p].mean()
+    t = texts.tvalid[u]
+    dl = (target_logprob(base[u:u + 1], texts.target[:1])[0] - target_logprob(lp[None], texts.target[:1])[0])[t].mean()
+    assert got.effect[0, u] == pytest.approx(float(eff), abs=1e-4)
+    assert got.kl[0, u] == pytest.approx(float(kl), abs=1e-4) and got.kl[0, u] > 0
+    assert got.dloss[0, u] == pytest.approx(float(dl), abs=1e-4)
+
+
 def test_steer_grid_is_bit_for_bit_repeatable(tiny_llama: Path) -> None:
     lm, hook = _tiny(tiny_llama)
     one = _grids(lm, hook, True, n_concepts=2)

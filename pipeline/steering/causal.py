@@ -20,7 +20,7 @@ from pipeline.hooks import intervene
 from pipeline.metrics import special_mask
 from pipeline.steering.generate import _positions, left_pad
 from pipeline.steering.interventions import SAELike
-from pipeline.steering.likelihood import kl_rows, lexicon_logmass, selectivity, target_logprob
+from pipeline.steering.likelihood import lexicon_logmass, selectivity, target_logprob
 
 __all__ = ["Texts", "texts_batch", "RowEdit", "SteerGrid", "steer_grid", "clean_logp", "Ablation", "AblationGrid", "ablate_grid", "hidden_norm"]
 
@@ -84,16 +84,19 @@ class RowEdit:
         return torch.where(self.frozen[:, :, None].to(h.device), x, y).to(h.dtype)
 
 
-def _logp(model: nn.Module, ids: Tensor, mask: Tensor, hook: str, edit: RowEdit | None) -> Tensor:
-    """Next-token log-probabilities (shape: [B, T, V], float32) with ``edit`` at ``hook``."""
+def _logits(model: nn.Module, ids: Tensor, mask: Tensor, hook: str, edit: RowEdit | None) -> Tensor:
+    """Next-token logits (shape: [B, T, V], float32) with ``edit`` at ``hook``."""
     def run() -> Tensor:
         return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
     if edit is None:
-        logits = run()
-    else:
-        with intervene(model, hook, edit):
-            logits = run()
-    return torch.log_softmax(logits.float(), -1)
+        return run().float()
+    with intervene(model, hook, edit):
+        return run().float()
+
+
+def _logp(model: nn.Module, ids: Tensor, mask: Tensor, hook: str, edit: RowEdit | None) -> Tensor:
+    """Next-token log-probabilities (shape: [B, T, V], float32) with ``edit`` at ``hook``."""
+    return torch.log_softmax(_logits(model, ids, mask, hook, edit), -1)
 
 
 @torch.no_grad()
@@ -130,17 +133,26 @@ def steer_grid(model: nn.Module, hook: str, texts: Texts, vectors: Tensor, lexic
     pred, tv = texts.pred.float(), texts.tvalid.float()
     base_mass = lexicon_logmass(base_logp, lexicon)  # [U, T]
     base_t = target_logprob(base_logp, texts.target)  # [U, T]
+    # KL(p || q) = sum p log p - sum p * logits_q + logsumexp(logits_q): no [b, T, V] log-softmax of the
+    # steered pass is materialised (the vocabulary-wide passes cost as much as the model's forward on CPU).
+    base_p = base_logp.exp()  # [U, T, V]
+    base_negent = (base_p * base_logp).sum(-1)  # [U, T]
+    lex = lexicon.to(base_logp.device)
     out = {k: np.zeros(R * U) for k in ("effect", "kl", "dloss")}
     pairs = [(r, u) for r in range(R) for u in range(U)]
     for s in range(0, len(pairs), batch_rows):
         r_idx = torch.tensor([r for r, _ in pairs[s:s + batch_rows]])
         u_idx = torch.tensor([u for _, u in pairs[s:s + batch_rows]])
         edit = RowEdit(texts.frozen[u_idx], add=vectors[r_idx])
-        lp = _logp(model, texts.ids[u_idx], texts.mask[u_idx], hook, edit)  # [b, T, V]
+        lg = _logits(model, texts.ids[u_idx], texts.mask[u_idx], hook, edit)  # [b, T, V]
+        lse = torch.logsumexp(lg, -1)  # [b, T]
         p, t = pred[u_idx], tv[u_idx]
-        eff = ((lexicon_logmass(lp, lexicon) - base_mass[u_idx]) * p).sum(-1) / p.sum(-1).clamp(min=1)
-        kl = (kl_rows(base_logp[u_idx], lp) * p).sum(-1) / p.sum(-1).clamp(min=1)
-        dl = ((base_t[u_idx] - target_logprob(lp, texts.target[u_idx])) * t).sum(-1) / t.sum(-1).clamp(min=1)
+        mass = torch.logsumexp(lg.index_select(-1, lex), -1) - lse
+        eff = ((mass - base_mass[u_idx]) * p).sum(-1) / p.sum(-1).clamp(min=1)
+        kl_pos = base_negent[u_idx] - torch.einsum("btv,btv->bt", base_p[u_idx], lg) + lse
+        kl = (kl_pos * p).sum(-1) / p.sum(-1).clamp(min=1)
+        tlp = target_logprob(lg, texts.target[u_idx]) - lse
+        dl = ((base_t[u_idx] - tlp) * t).sum(-1) / t.sum(-1).clamp(min=1)
         for k, v in (("effect", eff), ("kl", kl), ("dloss", dl)):
             out[k][s:s + len(r_idx)] = v.double().cpu().numpy()
     return SteerGrid(*(out[k].reshape(R, U) for k in ("effect", "kl", "dloss")))
@@ -189,7 +201,8 @@ def ablate_grid(model: nn.Module, hook: str, sae: SAELike, texts: Texts, variant
         dval = torch.tensor([v.value if v.direction is not None else float("nan") for v in vs])
         edit = RowEdit(texts.frozen[w_idx], sae=sae, latent=latent, latent_value=torch.tensor([v.value for v in vs]),
                        direction=dirs, direction_value=dval)
-        lp = target_logprob(_logp(model, texts.ids[w_idx], texts.mask[w_idx], hook, edit), texts.target[w_idx])
+        lg = _logits(model, texts.ids[w_idx], texts.mask[w_idx], hook, edit)  # [b, T, V]
+        lp = target_logprob(lg, texts.target[w_idx]) - torch.logsumexp(lg, -1)  # no full log-softmax
         drop = (base[w_idx] - lp).double().cpu().numpy()  # [b, T]
         for i, w in enumerate(w_idx.tolist()):
             sel[s + i] = selectivity(drop[i], is_lex[w], valid[w])
