@@ -165,10 +165,10 @@ class SteerParams:
                                    help="KL(base || steered) budgets (nats) at which the methods' effects are compared.")
     verdict_kl: float = knob(0.1, help="The KL budget of the steering verdict (one of kl_budgets).", gt=0)
     output_candidates: int = knob(
-        4, help="Output-based choice: this many latents by the logit lens of their decoder row on the lexicon, and as many by "
+        3, help="Output-based choice: this many latents by the logit lens of their decoder row on the lexicon, and as many by "
         "topic selectivity, are each steered on the validation texts; the largest lexicon effect wins.", ge=1)
     ablation_windows: int = knob(8, help="Held-out (validation) windows of each topic's documents that the ablations run on.", ge=1)
-    ablation_window_tokens: int = knob(64, help="Tokens per ablation window.", ge=4)
+    ablation_window_tokens: int = knob(48, help="Tokens per ablation window.", ge=4)
     lik_batch_rows: int = knob(64, help="Rows per likelihood forward pass (text x method x coefficient).", ge=1)
 
     def check(self, prefix: str) -> None:
