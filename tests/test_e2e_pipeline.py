@@ -101,10 +101,11 @@ def test_checkout_old_commit_reproduces_its_metrics_exactly(repo: Path) -> None:
     committed = out_hashes(run(["git", "show", "HEAD:dvc.lock"], repo).stdout)
     run(["dvc", "repro", "--no-run-cache"], repo)  # recompute, don't restore
     assert metrics_of(repo) == first
-    # Every data output is recomputed bit for bit too; only reports and wall-clock files may differ.
+    # Every data output is recomputed bit for bit too; only reports and wall-clock files may differ (SAEBench's
+    # result schema requires a run id and a wall-clock time in each eval_results file).
     now = out_hashes((repo / "dvc.lock").read_text())
     changed = {p for p in committed if committed[p] != now.get(p)}
-    assert all(p.startswith(("reports/", "plots/train")) for p in changed), changed
+    assert all(p.startswith(("reports/", "plots/train", "eval_results")) for p in changed), changed
     run(["git", "checkout", "-q", "-f", "main"], repo)
     run(["dvc", "checkout", "-q"], repo)
 
