@@ -186,9 +186,9 @@ def steer_section(doc: Document, inp: ReportInputs) -> None:
     doc.add(*lik)
     overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
     blocks = verdict_blocks(overall) if isinstance(overall, dict) else []
-    doc.add(*blocks)
     if lik and blocks:
         doc.add(Para("Secondary view: generated continuations, scored by a topic model and fluency.", note=True))
+    doc.add(*blocks)
     shown = {("overall", "summary")} if blocks else set()
     texts = sorted((f"{'/'.join(path)}: {v}" for path, v in _iter_text(inp.steer)
                     if path not in shown and path[0] not in ("features", "settings", "model", "environment", "likelihood")),
