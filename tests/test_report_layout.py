@@ -125,3 +125,21 @@ def test_constant_l0_curve_has_no_offset_axis() -> None:
     flat = curves_figure({"l0": [[0, 32.0], [1, 32.0]]}, "h")
     lo, hi = flat.axes[0].get_ylim()
     assert lo < 32 < hi and hi - lo > 1  # a constant is drawn as a flat line with a readable range
+
+
+def test_results_lead_with_the_likelihood_evidence(tmp_path: Path) -> None:
+    # The likelihood evidence is the primary steering result: its sentence comes before the generated-text verdict
+    # (labelled as the secondary view), and each method's effect is a row of the results table.
+    ws = fabricate_workspace(tmp_path / "ws")
+    steer = {"likelihood": {"methods": {m: {"lik_effect@1": {"mean": v, "ci95_low": v - 0.1, "ci95_high": v + 0.1}}
+                                        for m, v in (("sae_input", 0.375), ("dim", 0.596), ("random_latent", 0.062))},
+                            "verdict_text": "input-chosen SAE latents beat random latents"},
+             "overall": {"summary": "SAE steering is what it is."}}
+    (ws / "results" / "steer.json").write_text(json.dumps(steer))
+    md = _md(ws)
+    results = md[md.index("## Results"):md.index("## Training curves")]
+    assert results.index("Steering, likelihood evidence: input-chosen") < results.index(
+        "Steering, generated text (secondary view): SAE steering is what it is.")
+    assert "lik_effect (SAE, input-chosen)" in results and "0.375" in results
+    assert "lik_effect (diff-in-means)" in results and "0.596" in results
+    assert "steer/likelihood/methods/random_latent/lik_effect@1/mean" in results

@@ -21,7 +21,12 @@ MAX_FRONTIER_ROWS = 30
 FEATURE_LABELS = {"score": "detection", "topic_auroc": "topic AUROC [95% CI]", "best_topic": "topic"}
 # The results a reader compares first, after the headline L0 / FVU / CE loss recovered: (stage, metric base name).
 KEY_RESULTS = (("evaluate", "dead_fraction"), ("evaluate", "kl_div"), ("interpret", "mean_explanation_score"),
-               ("interpret", "median_topic_auroc"), ("steer", "sae_hm"), ("steer", "sae_concept_gain"))
+               ("interpret", "median_topic_auroc"), ("bench", "sae_top_1_test_accuracy"),
+               ("bench", "llm_top_1_test_accuracy"), ("steer", "sae_hm"), ("steer", "sae_concept_gain"))
+# The likelihood evidence's effect per steering method, the steering stage's primary result (results/steer.json:
+# likelihood/methods/<method>/lik_effect@N/mean): (method, row label).
+LIKELIHOOD_ROWS = (("sae_input", "lik_effect (SAE, input-chosen)"), ("sae_output", "lik_effect (SAE, output-chosen)"),
+                   ("dim", "lik_effect (diff-in-means)"), ("random_latent", "lik_effect (random latent)"))
 
 
 def fmt(v: Any) -> str:
@@ -61,7 +66,8 @@ def _find(stage_metrics: dict[str, dict[tuple[str, ...], float]], stage: str, ba
              for path, v in stage_metrics.get(stage, {}).items() if metric_base(path[-1])[0].lower() == base]
     if not cands:
         return None
-    *_, path, value = max(cands, key=lambda c: c[:3])
+    # Ties (a summary and its per-label breakdown, both under the hook) go to the shorter path: the summary.
+    *_, path, value = max(cands, key=lambda c: (*c[:3], -len(c[3])))
     return "/".join((stage, *path)), value
 
 
@@ -78,19 +84,37 @@ def results_section(doc: Document, inp: ReportInputs) -> None:
         if hit is not None:
             rows.append([base, fmt(hit[1]), hit[0]])
             defs.append(definition(hit[0].split("/")[-1]))
+    rows_lik, defs_lik = _likelihood_rows(inp.stage_metrics.get("steer", {}))
+    rows, defs = rows[:4] + rows_lik + rows[4:], defs[:4] + defs_lik + defs[4:]
     if rows:
         doc.add(Para("Click a name for its definition. Names in 'from' carry their definition version (fvu@2): "
                      "numbers with different versions are not comparable.", note=True),
                 Table(["metric", "value", "from"], rows, defs=defs))
     else:
         doc.add(Para("No stage has written its metrics yet.", note=True))
-    overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
-    if isinstance(overall, dict) and isinstance(overall.get("summary"), str):
-        doc.add(Para(f"Steering: {overall['summary']}"))
-    # The likelihood evidence (matched-KL steering and ablation against baselines), where the steer stage ran it.
+    # The likelihood evidence (matched-KL steering and ablation against baselines) is the primary steering result,
+    # so it comes first; the judged generations are the secondary view.
     lik = inp.steer.get("likelihood") if isinstance(inp.steer, dict) else None
     if isinstance(lik, dict) and isinstance(lik.get("verdict_text"), str):
         doc.add(Para(f"Steering, likelihood evidence: {lik['verdict_text']}"))
+    overall = inp.steer.get("overall") if isinstance(inp.steer, dict) else None
+    if isinstance(overall, dict) and isinstance(overall.get("summary"), str):
+        label = "Steering, generated text (secondary view)" if isinstance(lik, dict) else "Steering"
+        doc.add(Para(f"{label}: {overall['summary']}"))
+
+
+def _likelihood_rows(steer: dict[tuple[str, ...], float]) -> tuple[list[list[str]], list[str]]:
+    """Rows of :data:`LIKELIHOOD_ROWS` found in the steer stage's flattened results, with their definitions."""
+    rows, defs = [], []
+    for method, label in LIKELIHOOD_ROWS:
+        hits = sorted((metric_base(p[3])[1] or 0, p, v) for p, v in steer.items()
+                      if len(p) == 5 and p[:3] == ("likelihood", "methods", method) and p[4] == "mean"
+                      and metric_base(p[3])[0] == "lik_effect")
+        if hits:
+            _, path, value = hits[-1]
+            rows.append([label, fmt(value), "/".join(("steer", *path))])
+            defs.append(definition(path[3]))
+    return rows, defs
 
 
 def metrics_section(doc: Document, inp: ReportInputs) -> None:
