@@ -146,7 +146,10 @@ def sae_step(arch: str, d: int, n: int, k: int, dev: torch.device, compile_step:
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return sae.training_loss(x, 100, 1000).loss  # step 100 of 1000: past any warm-up
+            # step 100 of 1000: past any warm-up. A transcoder trains on a pair: the batch stands in for its target
+            # too (the step's cost does not depend on the values).
+            pair = {"target": x} if getattr(sae, "is_transcoder", False) else {}
+            return sae.training_loss(x, 100, 1000, **pair).loss
 
     loss_fn = maybe_compile(loss_fn, compile_step)
 

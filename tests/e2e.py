@@ -16,6 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def env() -> dict[str, str]:
     """The venv's bin first on PATH (dvc.yaml calls `sae`), offline, quiet, no analytics."""
     e = dict(os.environ)
+    # mlflow.set_tracking_uri in an earlier test of this process also writes $MLFLOW_TRACKING_URI: a stage run
+    # here must log to its own repository's store, not that one.
+    e.pop("MLFLOW_TRACKING_URI", None)
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t",
              GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", SAE_LOG_LEVEL="WARNING")
