@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sae_fit import fit
 
 from pipeline.errors import UserError
 from pipeline.sae import SAEConfig, export_saelens, import_saelens, make_sae
@@ -79,15 +80,7 @@ def trained(arch: str, x_of, steps: int, **kw):
     cfg = SAEConfig(arch=arch, **kw)
     sae = make_sae(cfg, seed=0)
     sae.init_from_data(x_of(4096, 10_000))
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for s in range(steps):
-        out = sae.training_loss(x_of(256, s), s, steps)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-    return sae.eval()
+    return fit(sae, lambda s: (x_of(256, s), None), steps, lr=3e-3)
 
 
 def test_saelens_export_loads_in_sae_lens(tmp_path) -> None:

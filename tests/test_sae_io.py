@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_fit import fit
 from safetensors.torch import save_file
 
 from pipeline.errors import UserError
@@ -33,15 +34,7 @@ def trained(arch: str, recipe: str = "2024", steps: int = 3):
     sae = make_sae(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
     sae.init_from_data(torch.randn(256, D_IN, generator=g) * 4 + 2)
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    for s in range(steps):
-        out = sae.training_loss(torch.randn(64, D_IN, generator=g) * 4 + 2, s, steps)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-    return sae.eval()
+    return fit(sae, lambda s: (torch.randn(64, D_IN, generator=g) * 4 + 2, None), steps, lr=1e-2)
 
 
 def x_test() -> torch.Tensor:

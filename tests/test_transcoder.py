@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sae_fit import fit
 
 from pipeline.errors import UserError
 from pipeline.sae import SAEConfig, export_saelens, export_sparsify, load_sae, make_sae, save_sae
@@ -33,16 +34,11 @@ def trained(arch: str, steps: int = 400, **kw):
     sae = make_sae(SAEConfig(arch=arch, d_in=D, d_sae=96, k=3, hook="layers.1.mlp_in", **kw), seed=0)
     x, y = pair(4096, 9999)
     sae.init_from_data(x, y) if arch == "transcoder" else sae.init_from_data(x)
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
-    for s in range(steps):
+    def batch(s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = pair(256, s)
-        out = sae.training_loss(x, s, steps, target=y) if arch == "transcoder" else sae.training_loss(x, s, steps)
-        opt.zero_grad()
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-    return sae.eval()
+        return x, (y if arch == "transcoder" else None)
+
+    return fit(sae, batch, steps, lr=3e-3)
 
 
 def fvu(pred: torch.Tensor, target: torch.Tensor) -> float:
