@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from stage_workspace import invoke, prepared_workspace, sets
 
 from stages.cli import main
 
@@ -17,31 +18,13 @@ FAST = ["bench.documents_per_label=20", "bench.k_values=[1, 2, 5]", "bench.boots
         "bench.n_splice_contexts=2", "bench.encode_dtype=float32"]
 
 
-def _invoke(*args: str) -> None:
-    res = CliRunner().invoke(main, list(args))
-    assert res.exit_code == 0, (res.output, res.exception)
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, labelled_corpus: Path) -> Path:
-    from pipeline.activations import open_activations
-    from pipeline.sae import SAEConfig, make_sae, save_sae
-    from pipeline.testing import tiny_params, write_params
-
     ws = tmp_path_factory.mktemp("bench-ws")
-    write_params(ws / "params.yaml", tiny_params(tiny_llama, labelled_corpus))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
-        _invoke("prepare")
-        _invoke("extract")
-        sae = make_sae(SAEConfig(arch="topk", d_in=32, d_sae=64, k=4, hook=HOOK), seed=0)
-        sae.init_from_data(next(open_activations(Path("data/activations/train") / HOOK).iter_batches(512)).acts)
-        save_sae(sae, Path("models/sae") / HOOK)
-        _invoke("bench", *_sets(FAST))
+        prepared_workspace(ws, tiny_llama, labelled_corpus, HOOK, arch="topk", k=4)
+        invoke("bench", *sets(FAST))
     return ws
 
 
@@ -66,7 +49,7 @@ def test_bench_stage_writes_metrics_and_saebench_files(workspace: Path) -> None:
 def test_bench_stage_is_repeatable(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(workspace)
     before = (workspace / "results/bench.json").read_text()
-    _invoke("bench", *_sets(FAST))
+    invoke("bench", *sets(FAST))
     after = json.loads((workspace / "results/bench.json").read_text())
     before_json = json.loads(before)
     after.pop("environment"), before_json.pop("environment")

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
+from stage_workspace import invoke, prepared_workspace, sets
 
 from pipeline.steering.verdict import VERDICTS
 from stages.cli import main
@@ -19,33 +20,13 @@ FAST = [PROMPTS, "steer.max_new_tokens=6", "steer.coefficients=[0.0, 2.0, 6.0]",
         "steer.ablation_contexts=2", "steer.lexicon_min_count=3"]
 
 
-def _invoke(*args: str) -> None:
-    res = CliRunner().invoke(main, list(args))
-    assert res.exit_code == 0, (res.output, res.exception)
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, labelled_corpus: Path) -> Path:
     """prepare + extract + a saved SAE, once for the module."""
-    from pipeline.activations import open_activations
-    from pipeline.sae import SAEConfig, make_sae, save_sae
-    from pipeline.testing import tiny_params, write_params
-
     ws = tmp_path_factory.mktemp("steer-ws")
-    write_params(ws / "params.yaml", tiny_params(tiny_llama, labelled_corpus))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
-        _invoke("prepare")
-        _invoke("extract")
-        # A random relu SAE initialised from the data stands in for `sae train` (tested elsewhere).
-        sae = make_sae(SAEConfig(arch="relu_l1", d_in=32, d_sae=64, hook=HOOK), seed=0)
-        x = next(open_activations(Path("data/activations/train") / HOOK).iter_batches(512)).acts
-        sae.init_from_data(x)
-        save_sae(sae, Path("models/sae") / HOOK)
+        prepared_workspace(ws, tiny_llama, labelled_corpus, HOOK, arch="relu_l1")  # a random relu SAE
     return ws
 
 
@@ -56,7 +37,7 @@ def workspace(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> None:
-    _invoke("steer", *_sets(FAST))
+    invoke("steer", *sets(FAST))
     gen = pl.read_parquet("data/steer/generations.parquet")
     # 2 features x 4 prompts x (1 unsteered + 4 methods x 3 coefficients)
     assert gen.height == 2 * 4 * (1 + 4 * 3)
@@ -115,7 +96,7 @@ def test_steer_stage_writes_everything_and_is_repeatable(workspace: Path) -> Non
     for png in ("concept_vs_coefficient", "fluency_vs_coefficient", "frontier"):
         assert Path(f"reports/steer/{png}.png").read_bytes()[:4] == b"\x89PNG"
     # Seeded CPU runs repeat bit for bit.
-    _invoke("steer", *_sets(FAST))
+    invoke("steer", *sets(FAST))
     again = pl.read_parquet("data/steer/generations.parquet")
     assert again.equals(gen)
     assert pl.read_parquet("data/steer/likelihood.parquet").equals(lt)
@@ -136,7 +117,7 @@ def test_dvc_steer_plots_name_every_steering_method() -> None:
 
 
 def test_steer_stage_listed_features_generated_positions_and_errors(workspace: Path) -> None:
-    _invoke("steer", *_sets(FAST + ["steer.features=[1, 5]", "steer.methods=[add, clamp]",
+    invoke("steer", *sets(FAST + ["steer.features=[1, 5]", "steer.methods=[add, clamp]",
                                     "steer.positions=generated", "steer.do_sample=true"]))
     gen = pl.read_parquet("data/steer/generations.parquet")
     assert sorted(gen["feature"].unique().to_list()) == [1, 5]
@@ -148,7 +129,7 @@ def test_steer_stage_listed_features_generated_positions_and_errors(workspace: P
     assert gen["kl@2"].is_finite().all()
     res = CliRunner().invoke(main, ["steer", "--set", "steer.hook=layers.0.resid_post"])
     assert res.exit_code == 2 and "steer.hook" in res.output
-    res = CliRunner().invoke(main, ["steer", *_sets(FAST + ["steer.features=[9999]"])])
+    res = CliRunner().invoke(main, ["steer", *sets(FAST + ["steer.features=[9999]"])])
     assert res.exit_code == 2 and "steer.features" in res.output
     torch.manual_seed(0)  # leave global RNG state predictable for other tests
 
@@ -160,7 +141,7 @@ def test_steer_benchmark_times_the_stage_in_fresh_processes_and_bits_repeat(prep
 
     before = sorted(p.relative_to(prepared) for p in prepared.rglob("*") if p.is_file())
     report = load_benchmark("steer").main(["--workspace", str(prepared), "--repeats", "2",
-                                           "--out", str(tmp_path / "b.json"), *_sets(FAST)])
+                                           "--out", str(tmp_path / "b.json"), *sets(FAST)])
     assert report["bits_repeat"] is True and len(report["runs"]) == 2
     assert all(r["wall_s"] > 0 and r["runtime"]["likelihood_s"] > 0 for r in report["runs"])
     assert json.loads((tmp_path / "b.json").read_text())["sets"] == FAST
