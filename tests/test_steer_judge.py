@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 from fake_endpoint import FakeEndpoint, serve
-from test_steer_stage import FAST, _invoke, _sets, prepared, workspace  # noqa: F401  (module fixtures)
+from stage_workspace import invoke, sets
+from test_steer_stage import FAST, prepared, workspace  # noqa: F401  (module fixtures)
 
 from pipeline.autointerp.backends import Cached
 from pipeline.params import ParamsError, load_params
@@ -149,14 +150,14 @@ def endpoint():
 
 def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpoint) -> None:  # noqa: F811
     small = FAST + ["steer.methods=[add, dim]", "steer.coefficients=[2.0]"]
-    _invoke("steer", *_sets(small))
+    invoke("steer", *sets(small))
     plain_gen = Path("data/steer/generations.parquet").read_bytes()
     plain_metrics = Path("results/steer.json").read_text()
     plain = pl.read_parquet("data/steer/generations.parquet")
     assert "judge" not in plain_metrics and not any(c.startswith("judge") for c in plain.columns)
 
     judged = [*small, "steer.judge=openai:fake-judge", f"llm.base_url={endpoint.url}"]
-    _invoke("steer", *_sets(judged))
+    invoke("steer", *sets(judged))
     gen = pl.read_parquet("data/steer/generations.parquet")
     assert gen.height == 2 * 4 * (1 + 2)  # every row judged, the unsteered reference included
     assert (gen["judge_concept"] == 2).all() and (gen["judge_instruction"] == 1).all() and (gen["judge_fluency"] == 2).all()
@@ -178,15 +179,15 @@ def test_steer_stage_with_and_without_judge(workspace: Path, endpoint: FakeEndpo
     assert Path("data/steer_cache/openai_fake-judge.jsonl").is_file()
 
     n = len(endpoint.calls)  # a rerun answers from the cache: nothing sent
-    _invoke("steer", *_sets(judged))
+    invoke("steer", *sets(judged))
     assert len(endpoint.calls) == n
     assert pl.read_parquet("data/steer/generations.parquet").equals(gen)
 
     # Judge off again: outputs byte for byte as before it ran.
-    _invoke("steer", *_sets(small))
+    invoke("steer", *sets(small))
     assert Path("data/steer/generations.parquet").read_bytes() == plain_gen
     assert Path("results/steer.json").read_text() == plain_metrics
-    res = CliRunner().invoke(main, ["steer", *_sets(small + ["steer.judge=gpt4"])])
+    res = CliRunner().invoke(main, ["steer", *sets(small + ["steer.judge=gpt4"])])
     assert res.exit_code == 2 and "steer.judge" in res.output
 
 
@@ -195,7 +196,7 @@ def test_steer_stage_local_judge_that_never_rates(workspace: Path, tiny_llama: P
     """A local judge (the tiny random model: it never answers with a rating) runs through the shared
     backend code; every answer is counted unparsed and recorded as null, and nothing crashes."""
     monkeypatch.setattr("pipeline.steering.judge.MAX_NEW_TOKENS", 4)  # seconds, not a minute
-    _invoke("steer", *_sets(FAST + ["steer.methods=[add]", "steer.coefficients=[2.0]", "steer.n_features=1",
+    invoke("steer", *sets(FAST + ["steer.methods=[add]", "steer.coefficients=[2.0]", "steer.n_features=1",
                                     f"steer.judge=local:{tiny_llama}"]))
     gen = pl.read_parquet("data/steer/generations.parquet")
     assert gen["judge_hm"].dtype == pl.Float64 and gen["judge_concept"].dtype == pl.Int64
