@@ -42,9 +42,10 @@ class SAEKnobs:
         "level's residual, summed (SAELens use_matryoshka_aux_loss).")
     skip: bool = knob(False, help="transcoder: add a skip connection W_skip x, zero-initialised (skip transcoder, Paulo "
                       "et al. 2025).")
-    transcoder_activation: Literal["topk", "batchtopk"] = knob(
+    transcoder_activation: Literal["topk", "batchtopk", "jumprelu"] = knob(
         "topk", help="transcoder: 'topk' (sparsify's; exports to sparsify transcode) or 'batchtopk' (inference "
-        "threshold; exports to SAELens jumprelu_transcoder / jumprelu_skip_transcoder).")
+        "threshold; exports to SAELens jumprelu_transcoder / jumprelu_skip_transcoder). 'jumprelu' (a threshold per "
+        "latent) is what an imported SAELens JumpReLU or ReLU transcoder holds; it is not trained here.")
 
 
 @dataclass
@@ -57,11 +58,17 @@ class SAEParams(SAEKnobs):
                        "`sae train` imports instead (README, 'Analyse a published SAE'): a local folder, "
                        "'hf:<owner>/<repo>[/<path>][@<revision>]' (hub, cached, offline from the cache) or "
                        "'saelens:<release>/<id>' (SAELens' registry; needs sae-lens installed). An imported SAE "
-                       "ignores the other keys of this section and train; its hook must be extract.hooks' only one.")
+                       "ignores the other keys of this section and train; its hook must be extract.hooks' only one (a transcoder's: "
+                       "its pair, extract.hooks [layers.{i}.mlp_in, layers.{i}.mlp_out]).")
     source_format: Literal["auto", "native", "saelens", "gemmascope", "sparsify", "dictionary_learning"] = knob(
         "auto", help="Layout of the files of sae.source: 'auto' (from the file names), 'native' (this pipeline's), "
         "'saelens', 'gemmascope' (Gemma Scope 1 params.npz or 2 params.safetensors), 'sparsify' (EleutherAI), "
         "'dictionary_learning' (ae.pt + config.json).")
+
+    def check(self, prefix: str) -> None:
+        if self.arch == "transcoder" and self.transcoder_activation == "jumprelu" and self.source == "train":
+            raise ParamsError(f"{prefix}.transcoder_activation: 'jumprelu' is an imported transcoder's form, not trained "
+                              "here (topk or batchtopk; or set sae.source to the published transcoder)")
 
 
 @dataclass

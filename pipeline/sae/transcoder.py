@@ -8,7 +8,9 @@ linear map of the input: ``y_hat = W_dec^T f(x) + b_dec + W_skip x``. The input 
 
 Activation (``cfg.transcoder_activation``): ``topk`` (default, sparsify's; exports to sparsify ``transcode``) or
 ``batchtopk`` (training over the batch, an inference threshold; exports to SAELens ``jumprelu_transcoder`` /
-``jumprelu_skip_transcoder``, SAELens having no TopK transcoder). AuxK against dead latents as for topk.
+``jumprelu_skip_transcoder``, SAELens having no TopK transcoder). AuxK against dead latents as for topk. ``jumprelu``:
+a threshold per latent (``threshold[d_sae]``: latent i is ReLU(pre_i) where pre_i > theta_i, else 0), the form of an
+imported SAELens JumpReLU or ReLU (theta = 0) transcoder (:mod:`pipeline.sae.transcoder_io`); inference only.
 
 Initialisation as sparsify's transcoders: zero decoder (and zero ``W_skip``), no ``b_dec`` subtracted from the input
 (it lives in the output space), decoder rows unconstrained; from the data, ``b_dec`` at the target's mean and
@@ -46,6 +48,8 @@ class Transcoder(BatchTopKSAE):
             self.W_dec.zero_()  # sparsify: a transcoder's decoder starts at zero
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_in, dtype=self._init_dtype))
+        if cfg.transcoder_activation == "jumprelu":  # one threshold per latent; BatchTopK's inference rule broadcasts it
+            self.threshold = torch.zeros(cfg.d_sae, dtype=torch.float32)
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -81,6 +85,9 @@ class Transcoder(BatchTopKSAE):
         """Loss on a pair: ``x[B, d_in]`` the MLP input, ``target[B, d_in]`` the MLP output (raw units)."""
         if target is None:
             raise UserError("sae arch 'transcoder' trains on (MLP input, MLP output) pairs: no target given")
+        if self.cfg.transcoder_activation == "jumprelu":
+            raise UserError("sae.transcoder_activation: 'jumprelu' holds an imported transcoder's thresholds and is not "
+                            "trained here; train topk or batchtopk")
         xs = self.scale_in(x)
         ys = target.to(self.dtype) * self.cfg.target_scaling_factor
         pre = self.pre_acts(xs)  # [B, d_sae]
