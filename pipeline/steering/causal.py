@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.hooks import intervene
 from pipeline.metrics import special_mask
+from pipeline.site import Site, as_site, edit_site
 from pipeline.steering.generate import _positions, left_pad
 from pipeline.steering.interventions import SAELike
 from pipeline.steering.likelihood import lexicon_logmass, selectivity, target_logprob
@@ -53,7 +54,8 @@ class RowEdit:
     (``latent[b] >= 0``; the SAE error kept, i.e. ``h + (v - f_i(h)) * W_dec[i]``, exact for the SAE's
     linear decoder); and/or its component along the unit ``direction[b]`` set to ``direction_value[b]``
     (not NaN): 0 projects the direction out, a mean value mean-ablates it. ``frozen [B, T]`` positions
-    are left alone."""
+    are left alone. For a transcoder (:mod:`pipeline.site`) ``h`` is the MLP output and the latent is read from the
+    MLP input ``src`` of the same forward; the directions act on ``h``."""
 
     def __init__(self, frozen: Tensor, add: Tensor | None = None, sae: SAELike | None = None,
                  latent: Tensor | None = None, latent_value: Tensor | None = None,
@@ -62,14 +64,14 @@ class RowEdit:
         self.latent, self.latent_value = latent, latent_value
         self.direction, self.direction_value = direction, direction_value
 
-    def __call__(self, h: Tensor) -> Tensor:
+    def __call__(self, h: Tensor, src: Tensor | None = None) -> Tensor:
         x = h.float()  # [B, T, d]; edits in float32, cast back once
         y = x if self.add is None else x + self.add.to(x.device, torch.float32)[:, None]
         if self.latent is not None and self.sae is not None:
             rows = self.latent >= 0  # [B]
             if bool(rows.any()):
                 lat = self.latent[rows]
-                f = self.sae.encode(x[rows])  # [r, T, d_sae]
+                f = self.sae.encode((x if src is None else src.float())[rows])  # [r, T, d_sae]
                 fi = f.gather(-1, lat[:, None, None].expand(-1, f.shape[1], 1)).squeeze(-1).float()  # [r, T]
                 w = self.sae.W_dec[lat].float()  # [r, d]
                 y = y.clone()
@@ -84,31 +86,32 @@ class RowEdit:
         return torch.where(self.frozen[:, :, None].to(h.device), x, y).to(h.dtype)
 
 
-def _logits(model: nn.Module, ids: Tensor, mask: Tensor, hook: str, edit: RowEdit | None) -> Tensor:
-    """Next-token logits (shape: [B, T, V], float32) with ``edit`` at ``hook``."""
+def _logits(model: nn.Module, ids: Tensor, mask: Tensor, hook: str | Site, edit: RowEdit | None) -> Tensor:
+    """Next-token logits (shape: [B, T, V], float32) with ``edit`` at ``hook`` (a transcoder's site: its write hook)."""
     def run() -> Tensor:
         return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
     if edit is None:
         return run().float()
-    with intervene(model, hook, edit):
+    with edit_site(model, hook, edit):
         return run().float()
 
 
-def _logp(model: nn.Module, ids: Tensor, mask: Tensor, hook: str, edit: RowEdit | None) -> Tensor:
+def _logp(model: nn.Module, ids: Tensor, mask: Tensor, hook: str | Site, edit: RowEdit | None) -> Tensor:
     """Next-token log-probabilities (shape: [B, T, V], float32) with ``edit`` at ``hook``."""
     return torch.log_softmax(_logits(model, ids, mask, hook, edit), -1)
 
 
 @torch.no_grad()
-def hidden_norm(model: nn.Module, hook: str, texts: Texts) -> float:
+def hidden_norm(model: nn.Module, hook: str | Site, texts: Texts) -> float:
     """Mean L2 norm of the hook's hidden state over the texts' editable positions: the unit of the
-    steering coefficients (a coefficient of 0.5 adds a vector half as long as a typical hidden state)."""
+    steering coefficients (a coefficient of 0.5 adds a vector half as long as a typical hidden state).
+    For a transcoder's site, of the write hook's (the MLP output: where the vectors are added)."""
     seen: dict[str, Tensor] = {}
 
     def record(h: Tensor) -> Tensor:
         seen["h"] = h
         return h
-    with intervene(model, hook, record):
+    with intervene(model, as_site(hook).write, record):
         model(input_ids=texts.ids, attention_mask=texts.mask, position_ids=_positions(texts.mask), use_cache=False)
     n = seen["h"].float().norm(dim=-1)  # [U, T]
     return float(n[~texts.frozen].mean())
@@ -122,7 +125,7 @@ class SteerGrid:
 
 
 @torch.no_grad()
-def steer_grid(model: nn.Module, hook: str, texts: Texts, vectors: Tensor, lexicon: Tensor,
+def steer_grid(model: nn.Module, hook: str | Site, texts: Texts, vectors: Tensor, lexicon: Tensor,
                base_logp: Tensor, batch_rows: int = 64) -> SteerGrid:
     """Every additive vector on every text: concept effect, KL and loss change against the base pass.
 
@@ -182,7 +185,7 @@ class AblationGrid:
 
 
 @torch.no_grad()
-def ablate_grid(model: nn.Module, hook: str, sae: SAELike, texts: Texts, variants: list[Ablation],
+def ablate_grid(model: nn.Module, hook: str | Site, sae: SAELike, texts: Texts, variants: list[Ablation],
                 lexicon: Tensor, batch_rows: int = 16) -> AblationGrid:
     """Every ablation variant on every held-out window of the concept's documents."""
     A, W, d = len(variants), len(texts), sae.W_dec.shape[1]

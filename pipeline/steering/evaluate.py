@@ -4,6 +4,9 @@ statistics pass → feature choice and scales → baseline directions → topic 
 re-encode, score; optionally the LLM judge) → ablation effect → coefficient and SAE-method choice on
 validation prompts, report on test with bootstrap intervals → likelihood evidence on every corpus label
 (``steer.likelihood``: matched-KL steering and ablation against baselines, the primary result).
+
+A transcoder is steered where it writes (:mod:`pipeline.site`): every method, baselines included, edits block i's
+MLP output ``layers.{i}.mlp_out``, and its latents are read from the MLP input ``layers.{i}.mlp_in``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pipeline.hooks import final_norm_and_unembed
 from pipeline.io import nan_to_null
 from pipeline.params.analysis import SteerParams
 from pipeline.progress import Progress
+from pipeline.site import site_of
 from pipeline.steering.baselines import dim_direction, feature_topics, random_direction, select_features
 from pipeline.steering.decide import decide
 from pipeline.steering.evidence import run_evidence
@@ -94,16 +98,24 @@ def judge_concepts(features: list[int], feat_topic: dict[int, str | None], inter
 def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str, contexts: pl.DataFrame,
                       documents: pl.DataFrame, acts: ActivationDataset, interp: pl.DataFrame | None,
                       p: SteerParams, seed: int, bos: bool = True, judge: TextBackend | None = None,
-                      model_info: Mapping[str, str] | None = None) -> SteeringResult:
+                      model_info: Mapping[str, str] | None = None,
+                      write_acts: ActivationDataset | None = None) -> SteeringResult:
     """Run the protocol of ``p`` (see ``SteerParams``) for the SAE at ``hook``; ``judge``: the LLM judge's
     backend (``steer.judge``), or None to leave it out; ``model_info``: recorded as ``model`` in the metrics.
+    ``acts`` are the activations the SAE encodes; for a transcoder ``write_acts`` those of the hook it writes
+    (its MLP output, the same rows), where the difference-in-means baseline is measured.
 
     The tokenizer's BOS/EOS/PAD positions enter no feature statistic (m_f, firing, the difference in
     means, the ablation contexts) and are not ablated, as ``evaluate`` leaves them out of its metrics."""
     t_start = time.perf_counter()
     special = special_token_ids(tokenizer)
     topics, rows, grid = label_grid(contexts, documents)
-    stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens, special_ids=special)
+    site = site_of(sae, hook)
+    if site.paired and write_acts is None:
+        raise UserError(f"steer: the transcoder at {hook} writes {site.write}: its activations are needed too "
+                        f"(add {site.write} to extract.hooks)")
+    stats = collect_stats(sae, acts, topics, rows, grid, p.stats_max_tokens, special_ids=special,
+                          write_ds=write_acts if site.paired else None)
     if not topics and "dim" in p.methods:
         raise UserError("steer.methods: 'dim' needs a labelled corpus (corpus.label_column); remove it")
     features = select_features(stats, interp, p.features, p.n_features, p.select_by, p.min_firing)
@@ -114,7 +126,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     vocab = int(final_norm_and_unembed(model)[1].shape[0])
     topic_model, topic_acc = _topic_model(contexts, rows, grid, topics, vocab, p.max_new_tokens) if topics else (None, math.nan)
     prompts = seeded_prompts(p.prompts, tokenizer, p.validation_fraction, seed, bos)
-    cfg = SweepConfig(hook, list(p.methods), list(p.coefficients), p.positions, p.max_new_tokens,
+    cfg = SweepConfig(site if site.paired else hook, list(p.methods), list(p.coefficients), p.positions, p.max_new_tokens,
                       p.do_sample, p.temperature, p.batch_size, seed)
     all_rows: list[dict[str, Any]] = []
     per_feature_extra: dict[str, dict[str, Any]] = {}
@@ -157,7 +169,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
         quiet_pool = stats.context_ids[cmax == 0]
         rng = np.random.default_rng(seed + f)
         quiet_ids = [int(c) for c in rng.permutation(quiet_pool)[: p.ablation_contexts]]
-        abl = ablation_effect(model, sae, hook, f, [ctx_tokens[c] for c in fire_ids], [ctx_tokens[c] for c in quiet_ids],
+        abl = ablation_effect(model, sae, site, f, [ctx_tokens[c] for c in fire_ids], [ctx_tokens[c] for c in quiet_ids],
                               special_ids=special)
         t_ablate += time.perf_counter() - t0
         per_feature_extra[str(f)] = {"scale@2": scale, "write_norm@2": norm, "fire_rate@2": float(stats.fire_count[f] / stats.n_tokens),
@@ -176,6 +188,8 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
                           "n_prompts": {"validation": sum(q.split == "validation" for q in prompts),
                                         "test": sum(q.split == "test" for q in prompts)},
                           "stats_tokens": stats.n_tokens}
+    if site.paired:  # a transcoder: latents read at `hook`, every method written here
+        report["settings"]["write_hook"] = site.write
     report["topic_model_accuracy@1"] = topic_acc
     if judge is not None:
         report["judge"] = {"backend": judge.name, "prompt_version": PROMPT_VERSION,
@@ -189,7 +203,7 @@ def evaluate_steering(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str,
     t_lik = 0.0
     if p.likelihood and topics:  # the primary evidence: every label, matched KL, ablation (pipeline/steering/decide.py)
         t0 = time.perf_counter()
-        ev = run_evidence(model, tokenizer, sae, hook, contexts, stats, interp, rows, grid, p, seed, special, bos)
+        ev = run_evidence(model, tokenizer, sae, site, contexts, stats, interp, rows, grid, p, seed, special, bos)
         block, *tables = decide(ev, list(p.kl_budgets), p.verdict_kl, seed, p.bootstrap_resamples,
                                 lambda ids: tokenizer.decode(ids))
         report["likelihood"] = block

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from pipeline.hooks import final_norm_and_unembed
 from pipeline.params.analysis import SteerParams
+from pipeline.site import Site
 from pipeline.steering.baselines import _AUROC_COLS, _TOPIC_COLS, _col, dim_direction, random_direction
 from pipeline.steering.causal import (
     Ablation,
@@ -146,10 +147,11 @@ def _left_pad_mask(masks: list[np.ndarray], width: int) -> Tensor:
 
 
 @torch.no_grad()
-def run_evidence(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str, contexts: pl.DataFrame,
+def run_evidence(model: nn.Module, tokenizer: Any, sae: SAELike, hook: str | Site, contexts: pl.DataFrame,
                  stats: FeatureStats, interp: pl.DataFrame | None, rows: dict[int, int], grid: np.ndarray,
                  p: SteerParams, seed: int, special: frozenset[int], bos: bool = True) -> Evidence:
-    """Latent choice, steering grid and ablation grid for every concept (see the module docstring)."""
+    """Latent choice, steering grid and ablation grid for every concept (see the module docstring); ``hook``: a
+    transcoder's :class:`~pipeline.site.Site` steers and ablates at its write hook (``stats`` measured there too)."""
     device = next(model.parameters()).device
     train = contexts.filter(pl.col("split") == "train")
     toks = np.array(train["token_ids"].to_list(), dtype=np.int64).reshape(len(train), -1)

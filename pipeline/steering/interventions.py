@@ -13,6 +13,10 @@ All three edit the hooked hidden state ``h [B, T, d_model]`` inside the forward 
   "Feature steering").
 - ablation: clamping with ``c = 0``.
 
+A transcoder (:mod:`pipeline.site`) reads block i's MLP input and writes its MLP output: there the edits act on
+the MLP output ``h`` and the latents come from the MLP input ``x`` of the same forward (``src``): addition adds
+the decoder row to ``h``; clamping writes ``h + D(f') - D(f)`` with ``f = E(x)`` (the error term kept, as above).
+
 Each row of a batch carries its own additive vector and/or clamp value, so all coefficients and
 methods for one prompt run in one batch. A position counter handles KV-cache generation, where the
 hook sees the (left-padded) prompt once and then one position per step.
@@ -27,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pipeline.hooks import intervene
+from pipeline.site import Site, edit_site
 
 __all__ = ["SAELike", "RowSteering", "feature_write", "steer", "clamp_feature"]
 
@@ -48,17 +52,21 @@ def feature_write(sae: SAELike, feature: int, scale: float) -> Tensor:
     return sae.W_dec[feature].detach().float() * float(scale)
 
 
-def clamp_feature(sae: SAELike, x: Tensor, feature: int, value: Tensor) -> Tensor:
+def clamp_feature(sae: SAELike, x: Tensor, feature: int, value: Tensor, src: Tensor | None = None) -> Tensor:
     """Set ``feature`` to ``value`` keeping the SAE error term: ``D(f') + (x - D(f))``.
 
     :param x: hidden states (shape: [N, T, d_in], float32)
     :param value: target activation per row (shape: [N])
+    :param src: a transcoder's input, the MLP input of the same forward (shape: [N, T, d_in]); then ``x`` is the
+        MLP output and the result ``x + D(f') - D(f)`` with ``f = E(src)``
     :return: edited hidden states (shape: [N, T, d_in])
     """
-    f = sae.encode(x)  # [N, T, d_sae]
-    err = x - sae.decode(f)  # what the SAE does not explain stays untouched
+    f = sae.encode(x if src is None else src)  # [N, T, d_sae]
     f2 = f.clone()
     f2[..., feature] = value.to(f2.dtype)[:, None]
+    if src is not None:
+        return x + (sae.decode(f2) - sae.decode(f))
+    err = x - sae.decode(f)  # what the SAE does not explain stays untouched
     return sae.decode(f2) + err
 
 
@@ -68,7 +76,8 @@ class RowSteering:
 
     Positions are counted across calls (prefill of T tokens, then one per generation step); call
     :meth:`reset` before each new forward/generation. The first call's input and output are kept
-    (``first_in``, ``first_out``) so side effects on the prompt can be measured without another pass.
+    (``first_in``, ``first_out``; for a transcoder also its input ``first_src``) so side effects on the prompt can
+    be measured without another pass.
     ``frozen`` marks single positions left alone as well (ablation keeps special tokens' activations,
     as ``evaluate`` does when it splices).
     """
@@ -89,14 +98,16 @@ class RowSteering:
         self.offset = 0
         self.first_in: Tensor | None = None
         self.first_out: Tensor | None = None
+        self.first_src: Tensor | None = None
 
     def reset(self, start: int | None = None) -> None:
         self.offset = 0
-        self.first_in = self.first_out = None
+        self.first_in = self.first_out = self.first_src = None
         if start is not None:
             self.start = start
 
-    def __call__(self, h: Tensor) -> Tensor:
+    def __call__(self, h: Tensor, src: Tensor | None = None) -> Tensor:
+        """``h [B, T, d]`` at the write hook; ``src [B, T, d]`` a transcoder's input of the same forward (else None)."""
         B, T, _ = h.shape
         pos = torch.arange(self.offset, self.offset + T, device=h.device)  # [T]
         mask = (pos >= self.start)[None].expand(B, T)  # [B, T]
@@ -115,19 +126,22 @@ class RowSteering:
                 rows = ~torch.isnan(self.clamp)
                 if bool(rows.any()):
                     y = y.clone()
-                    y[rows] = clamp_feature(self.sae, y[rows], self.feature, self.clamp[rows].to(x.device))  # type: ignore[arg-type]
+                    y[rows] = clamp_feature(self.sae, y[rows], self.feature, self.clamp[rows].to(x.device),  # type: ignore[arg-type]
+                                            None if src is None else src[rows].float())
             out = torch.where(mask[:, :, None], y, x).to(h.dtype)
         if self.first_in is None:
             self.first_in, self.first_out = h.detach(), out.detach()
+            self.first_src = None if src is None else src.detach()
         return out
 
 
 @contextmanager
-def steer(model: nn.Module, hook: str, steering: RowSteering | None, start: int | None = None) -> Iterator[Any]:
-    """Apply ``steering`` at ``hook`` for the duration of the block (no-op when None)."""
+def steer(model: nn.Module, hook: str | Site, steering: RowSteering | None, start: int | None = None) -> Iterator[Any]:
+    """Apply ``steering`` at ``hook`` (a transcoder's :class:`~pipeline.site.Site`: at its write hook, with its
+    read hook's state) for the duration of the block (no-op when None)."""
     if steering is None:
         yield None
         return
     steering.reset(start)
-    with intervene(model, hook, steering):
+    with edit_site(model, hook, steering):
         yield steering

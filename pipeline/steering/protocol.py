@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from pipeline.hooks import intervene
 from pipeline.metrics import special_mask
+from pipeline.site import Site, as_site
 from pipeline.steering.generate import Batch, continuation_nll, generate, left_pad
 from pipeline.steering.interventions import RowSteering, SAELike, steer
 from pipeline.steering.metrics import (
@@ -55,7 +56,7 @@ class Prompt:
 
 @dataclass
 class SweepConfig:
-    hook: str
+    hook: str | Site  # a transcoder's site: steered at its write hook, re-encoded at its read hook
     methods: list[str]
     coefficients: list[float]
     positions: str = "all"
@@ -104,8 +105,9 @@ def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan,
     timing = SweepTiming()
     t_idx = topic_model.topics.index(plan.topic) if topic_model is not None and plan.topic in topic_model.topics else None
     seen: dict[str, Tensor] = {}
+    site = as_site(cfg.hook)
 
-    def record(h: Tensor) -> Tensor:  # keeps the hook's activation of the scoring forward
+    def record(h: Tensor) -> Tensor:  # keeps the read hook's activation of the scoring forward
         seen["h"] = h
         return h
 
@@ -131,12 +133,18 @@ def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan,
         edited = batch.attention_mask.bool() & (torch.arange(T, device=device) >= start)[None]  # [B, T]
         kl = kl_divergence(prompt_logits[ref], prompt_logits, edited)
         assert steering.first_in is not None and steering.first_out is not None
-        f_in = sae.encode(steering.first_in.float()).float()  # [B, T, d_sae]
-        f_out = sae.encode(steering.first_out.float()).float()
+        if site.paired:
+            # A transcoder's latents are read from the MLP input of the steered forward, upstream of the edit at
+            # the MLP output: the other latents at the prompt cannot change (other_features@2 is 0 by construction).
+            assert steering.first_src is not None
+            f_in = f_out = sae.encode(steering.first_src.float()).float()  # [B, T, d_sae]
+        else:
+            f_in = sae.encode(steering.first_in.float()).float()  # [B, T, d_sae]
+            f_out = sae.encode(steering.first_out.float()).float()
         other = other_features_change(f_in, f_out, plan.feature, edited)
         # Score continuations on the unsteered model: perplexity and the feature re-encoded.
         full = Batch(torch.cat([batch.input_ids, new], 1), torch.cat([batch.attention_mask, torch.ones_like(new)], 1))
-        with intervene(model, cfg.hook, record):
+        with intervene(model, site.read, record):
             nll = continuation_nll(model, full, new.shape[1])  # [B, N]
         f_cont = sae.encode(seen["h"][:, -new.shape[1]:].float().contiguous())[..., plan.feature]  # [B, N]
         c_act, c_frac = concept_stats(f_cont, plan.scale if plan.scale > 0 else 1.0)
@@ -159,7 +167,7 @@ def run_sweep(model: nn.Module, tokenizer: Any, sae: SAELike, plan: FeaturePlan,
 
 
 @torch.no_grad()
-def ablation_effect(model: nn.Module, sae: SAELike, hook: str, feature: int, fire_ids: list[list[int]],
+def ablation_effect(model: nn.Module, sae: SAELike, hook: str | Site, feature: int, fire_ids: list[list[int]],
                     quiet_ids: list[list[int]], batch_size: int = 8, special_ids: Collection[int] = ()
                     ) -> dict[str, float]:
     """Change of mean next-token loss when ``feature`` is ablated (set to 0, SAE error kept).

@@ -12,12 +12,16 @@ outlier of much larger norm (an attention sink), so a feature firing there would
 and its topic-less hidden state the difference-in-means direction, from a position no prompt text
 steers. The metrics computed from these statistics carry versions that say so
 (:mod:`pipeline.metric_names`, steering).
+
+A transcoder (:mod:`pipeline.site`) encodes the MLP input but writes the MLP output: its latents come from the
+MLP-input dataset and the hidden-state means (the difference-in-means baseline, the mean-ablation values) from the
+MLP-output dataset of the same rows (``write_ds``), so every baseline lives where the transcoder writes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +29,7 @@ import polars as pl
 import torch
 
 from pipeline.activations import ActivationDataset
+from pipeline.activations.reader import ActivationBatch
 from pipeline.errors import UserError
 from pipeline.metrics import special_mask
 from pipeline.steering.interventions import SAELike
@@ -44,8 +49,8 @@ class FeatureStats:
     topics: list[str]
     topic_tokens: np.ndarray  # [n_topics]
     topic_mean: np.ndarray  # [n_topics, d_sae] mean feature activation on the topic's tokens
-    resid_topic_mean: np.ndarray  # [n_topics, d_in] mean hidden state on the topic's tokens
-    resid_mean: np.ndarray  # [d_in] mean hidden state on labelled tokens
+    resid_topic_mean: np.ndarray  # [n_topics, d_in] mean hidden state (at the write hook) on the topic's tokens
+    resid_mean: np.ndarray  # [d_in] mean hidden state (at the write hook) on labelled tokens
     context_ids: np.ndarray  # [n_ctx]
     context_max: np.ndarray  # [n_ctx, d_sae] per-context max activation
 
@@ -71,6 +76,22 @@ class FeatureStats:
         return float(np.quantile(col, quantile)) if len(col) else 0.0
 
 
+def _lockstep(ds: ActivationDataset, write_ds: ActivationDataset | None, batch_size: int
+              ) -> Iterator[tuple[ActivationBatch, ActivationBatch]]:
+    """``(batch of ds, the same rows of write_ds)`` in storage order (``write_ds`` None: the batch twice); the rows
+    are checked to be the same (context, position, token) so a misaligned pair stops with one line."""
+    xs = ds.iter_batches(batch_size, dtype=torch.float32)
+    if write_ds is None:
+        yield from ((b, b) for b in xs)
+        return
+    for b, wb in zip(xs, write_ds.iter_batches(batch_size, dtype=torch.float32), strict=False):
+        if len(b.acts) != len(wb.acts) or not (torch.equal(b.context_id, wb.context_id)
+                                               and torch.equal(b.position, wb.position)):
+            raise UserError(f"{write_ds.root}: not aligned with {ds.root} (other rows in storage order); extract "
+                            "both hooks in one `sae extract`")
+        yield b, wb
+
+
 def label_grid(contexts: pl.DataFrame, documents: pl.DataFrame) -> tuple[list[str], dict[int, int], np.ndarray]:
     """Topic index of every (context, position): (topics, context_id -> row, grid [n_ctx, L], -1 = none)."""
     docs = documents.filter(pl.col("label").is_not_null() & (pl.col("label") != ""))
@@ -88,9 +109,11 @@ def label_grid(contexts: pl.DataFrame, documents: pl.DataFrame) -> tuple[list[st
 @torch.no_grad()
 def collect_stats(sae: SAELike, ds: ActivationDataset, topics: list[str], ctx_rows: dict[int, int],
                   grid: np.ndarray, max_tokens: int, batch_size: int = 4096,
-                  special_ids: Collection[int] = ()) -> FeatureStats:
+                  special_ids: Collection[int] = (), write_ds: ActivationDataset | None = None) -> FeatureStats:
     """Stream ``ds`` (in storage order, first ``max_tokens`` rows) through the SAE's encoder; rows whose
-    token id is in ``special_ids`` are read (they count towards ``max_tokens``) but not counted."""
+    token id is in ``special_ids`` are read (they count towards ``max_tokens``) but not counted.
+    ``write_ds``: a transcoder's MLP-output dataset (same rows as ``ds``, read in lockstep) for the hidden-state
+    means; None: ``ds``'s own rows."""
     d_sae, d_in, nt = sae.W_dec.shape[0], sae.W_dec.shape[1], len(topics)
     mx = torch.zeros(d_sae)
     fire = torch.zeros(d_sae, dtype=torch.float64)
@@ -102,13 +125,14 @@ def collect_stats(sae: SAELike, ds: ActivationDataset, topics: list[str], ctx_ro
     ctx_index: dict[int, int] = {}
     cm = torch.zeros(0, d_sae)  # [n_ctx, d_sae]
     n = n_read = 0
-    for b in ds.iter_batches(batch_size, dtype=torch.float32):
+    for b, wb in _lockstep(ds, write_ds, batch_size):
         x = b.acts[: max_tokens - n_read]  # [N, d_in]
+        h = wb.acts[: len(x)]  # [N, d_in] the hidden state at the write hook (x itself for an SAE)
         cid_t, pos_t = b.context_id[: len(x)], b.position[: len(x)]  # [N]
         n_read += len(x)
         if special_ids:
             keep = ~special_mask(b.token_id[: len(x)], special_ids)  # [N]
-            x, cid_t, pos_t = x[keep], cid_t[keep], pos_t[keep]
+            x, h, cid_t, pos_t = x[keep], h[keep], cid_t[keep], pos_t[keep]
         if len(x) == 0:  # a batch of special tokens only
             if n_read >= max_tokens:
                 break
@@ -129,7 +153,7 @@ def collect_stats(sae: SAELike, ds: ActivationDataset, topics: list[str], ctx_ro
             has = torch.from_numpy(lab >= 0)
             onehot[has, torch.from_numpy(lab[lab >= 0])] = 1.0
             tsum += onehot.T @ f.double()
-            rsum += onehot.T @ x.double()
+            rsum += onehot.T @ h.double()
             tcount += onehot.sum(0)
         # Per-context max: a local row per context (in order of appearance), then a scatter-max.
         fresh = [int(c) for c in np.unique(cid) if int(c) not in ctx_index]
