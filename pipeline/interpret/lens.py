@@ -10,6 +10,11 @@ centring (LayerNorm), the elementwise weight ``w`` (whatever its parametrisation
 reorders its tokens). Implemented as ``N(d) - N(0)`` with the norm module itself, applied to ``d``
 rescaled to unit RMS, so the module's own weight convention is used and the data-dependent scale is
 1; the numbers are logits per unit-RMS step along the direction.
+
+The decoder rows may have any norm (a transcoder's are unconstrained, and it writes the MLP output, a residual-stream
+direction, so ``W_U @ N(d)`` is its direct effect too): the unit-RMS rescaling makes the lens the same for a row and
+any positive multiple of it. A zero row (a transcoder's decoder starts at zero, so a latent that never fired keeps
+one) has no direction: its token ids are -1 and its logits NaN, rather than an arbitrary order of ties.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import Tensor, nn
 def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int, block: int = 256,
                dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``W_dec[d_sae, d_in]``, ``W_U[vocab, d_in]`` -> (top ids, top logits, bottom ids, bottom logits),
-    each ``[d_sae, k]``: the tokens a feature most promotes / suppresses (most negative first).
+    each ``[d_sae, k]``: the tokens a feature most promotes / suppresses (most negative first); a zero row's
+    ids are -1 and its logits NaN.
     ``dtype`` of the ``[block, vocab]`` product (bfloat16: ~3x faster on AMX CPUs, for rankings)."""
     p = next(norm.parameters(), None)
     dtype = p.dtype if p is not None else W_U.dtype
@@ -38,6 +44,9 @@ def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int, block: int =
         logits = (nd.to(dtype) @ W_U.T).float()  # [b, vocab]
         tv, ti = logits.topk(k, dim=1)
         bv, bi = logits.topk(k, dim=1, largest=False)
+        zero = (d == 0).all(1)[:, None]  # [b, 1]: no direction, no lens
+        ti, bi = ti.masked_fill(zero, -1), bi.masked_fill(zero, -1)
+        tv, bv = tv.masked_fill(zero, float("nan")), bv.masked_fill(zero, float("nan"))
         for lst, x in zip(out, (ti, tv, bi, bv), strict=True):
             lst.append(x.cpu())
     return tuple(torch.cat(x).numpy() for x in out)  # type: ignore[return-value]
@@ -45,8 +54,10 @@ def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int, block: int =
 
 @torch.no_grad()
 def decoder_neighbours(W_dec: Tensor, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest features by cosine of decoder rows: ``W_dec[d_sae, d_in]`` -> (ids, cosines) ``[d_sae, k]``."""
+    """Nearest features by cosine of decoder rows: ``W_dec[d_sae, d_in]`` -> (ids, cosines) ``[d_sae, k]``.
+    A zero row (no direction) is nobody's neighbour and has none (ids -1, cosines 0)."""
     W = W_dec.detach().float()
+    zero = (W == 0).all(1)  # [d_sae]
     W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
     n = W.shape[0]
     k = min(k, n - 1)
@@ -54,9 +65,11 @@ def decoder_neighbours(W_dec: Tensor, k: int, block: int = 1024) -> tuple[np.nda
     for s in range(0, n, block):
         c = W[s: s + block] @ W.T  # [b, d_sae]
         c[torch.arange(len(c)), torch.arange(s, s + len(c))] = -2.0  # never one's own neighbour
+        c[:, zero] = -3.0
         v, i = c.topk(k, dim=1)
-        ids.append(i)
-        cos.append(v)
+        none = (v <= -2.0) | zero[s: s + len(c), None]
+        ids.append(i.masked_fill(none, -1))
+        cos.append(v.masked_fill(none, 0.0))
     return torch.cat(ids).numpy(), torch.cat(cos).numpy()
 
 

@@ -7,6 +7,11 @@ Differences from SAEBench's code, all deliberate: ``explained_variance`` is 1 - 
 pass (SAEBench averages batch statistics); ``explained_variance_legacy`` is SAEBench's per-token
 1 - residual / (batch variance) with the batch being one streamed batch; the zero-ablation baseline
 keeps the special positions (as ``sae evaluate`` does).
+
+A transcoder (:mod:`pipeline.site`) is measured as what it is, a replacement of its block's MLP: the reconstruction
+numbers compare its prediction ``decode(encode(x)) + skip(x)`` of the MLP output with the MLP output (``x`` the MLP
+input, the batches carrying the target), and the spliced model runs with the MLP output replaced by that prediction
+from the MLP input of the same forward (the zero-ablation baseline zeroes the MLP output).
 """
 
 from __future__ import annotations
@@ -16,29 +21,35 @@ from collections.abc import Callable, Collection, Iterable
 import torch
 import torch.nn.functional as F
 
-from pipeline.hooks import intervene
+from pipeline.site import Site, edit_site
 
 
 @torch.no_grad()
-def reconstruction_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], encode: Callable[[torch.Tensor], torch.Tensor],
+def reconstruction_stats(batches: Iterable[tuple[torch.Tensor, ...]], encode: Callable[[torch.Tensor], torch.Tensor],
                          decode: Callable[[torch.Tensor], torch.Tensor], d_sae: int, special_ids: Collection[int],
-                         n_tokens: int) -> dict[str, float]:
+                         n_tokens: int, skip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Stream ``(acts[B, d], token_id[B])`` until ``n_tokens`` non-special rows; SAEBench core's
-    reconstruction, shrinkage, sparsity and density values (keys as in its result file)."""
+    reconstruction, shrinkage, sparsity and density values (keys as in its result file).
+
+    A transcoder's batches are ``(acts, token_id, target[B, d])``: the prediction ``decode(f) + skip(acts)``
+    (``skip`` None: no skip term) is compared with ``target`` instead of ``acts``."""
     special = torch.tensor(sorted(special_ids), dtype=torch.int64)
     s: dict[str, float] = dict.fromkeys(("n", "resid", "sumsq", "l2_in", "l2_out", "ratio", "xhat2", "xdot", "cos",
                                          "l0", "l1", "legacy"), 0.0)
     mean_acc: torch.Tensor | None = None
     fires = torch.zeros(d_sae, dtype=torch.float64)
-    for acts, tok in batches:
+    for acts, tok, *target in batches:
         keep = ~torch.isin(tok.to(torch.int64), special)
-        x = acts[keep].double()[: max(0, n_tokens - int(s["n"]))]
-        if len(x) == 0:
+        inp = acts[keep].double()[: max(0, n_tokens - int(s["n"]))]
+        if len(inp) == 0:
             if s["n"] >= n_tokens:
                 break
             continue
-        f = encode(x.float())  # [n, d_sae] float32: sums over d_sae stay float32, the d-sized ones float64
+        x = target[0][keep].double()[: len(inp)] if target else inp  # what is reconstructed
+        f = encode(inp.float())  # [n, d_sae] float32: sums over d_sae stay float32, the d-sized ones float64
         xh = decode(f).double()
+        if skip is not None:
+            xh = xh + skip(inp.float()).double()
         r2 = (x - xh).pow(2).sum(-1)
         n_in, n_out = x.norm(dim=-1), xh.norm(dim=-1)
         s["n"] += len(x)
@@ -87,21 +98,27 @@ def max_cosine(W: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def _log_probs(model: torch.nn.Module, ids: torch.Tensor, hook: str, where: torch.Tensor,
+def _log_probs(model: torch.nn.Module, ids: torch.Tensor, hook: str | Site, where: torch.Tensor,
                edit: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """Next-token log-probabilities ``[b, T-1, vocab]`` float32, the hook's output replaced by ``edit(h)`` at
-    ``where`` ``[b, T, 1]`` (None: clean)."""
+    ``where`` ``[b, T, 1]`` (None: clean). At a transcoder's site the write hook's output is replaced by
+    ``edit(x)``, ``x`` the read hook's state of the same forward."""
     if edit is None:
         return model(input_ids=ids, use_cache=False).logits.float()[:, :-1].log_softmax(-1)
-    with intervene(model, hook, lambda h: torch.where(where, edit(h.float()).to(h.dtype), h)):
+
+    def replace(h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.where(where, edit((h if x is None else x).float()).to(h.dtype), h)
+
+    with edit_site(model, hook, replace):
         return model(input_ids=ids, use_cache=False).logits.float()[:, :-1].log_softmax(-1)
 
 
 @torch.no_grad()
-def splice_kl_ce(model: torch.nn.Module, hook: str, reconstruct: Callable[[torch.Tensor], torch.Tensor],
+def splice_kl_ce(model: torch.nn.Module, hook: str | Site, reconstruct: Callable[[torch.Tensor], torch.Tensor],
                  contexts: torch.Tensor, special_ids: Collection[int], batch_size: int = 8) -> dict[str, float]:
     """CE without / with the SAE / with zero ablation and KL(clean || edited) of both edits, over the
-    predictions made at non-special positions; edits only at non-special positions. ``contexts [N, T]``."""
+    predictions made at non-special positions; edits only at non-special positions. ``contexts [N, T]``.
+    ``hook``: a transcoder's :class:`~pipeline.site.Site`, ``reconstruct`` its ``predict`` of the MLP input."""
     special = torch.tensor(sorted(special_ids), dtype=torch.int64)
     sums = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "n"), 0.0)
     for start in range(0, len(contexts), batch_size):

@@ -1,5 +1,10 @@
 """One hook's SAE through every eval of the bench stage, and its SAEBench result files.
 
+A transcoder (keyed by its input hook ``layers.{i}.mlp_in``, :mod:`pipeline.site`): sparse probing pools its latents
+of the MLP input (against the MLP input itself as the raw-activation baseline); the core numbers measure it as its
+MLP's replacement (prediction against the MLP output, the spliced model with the MLP output replaced); absorption is
+not evaluated (:data:`TRANSCODER_ABSORPTION`).
+
 Data locations come in as arguments (the stage passes ``pipeline.paths``); the model is loaded once
 by the caller and shared by every hook.
 """
@@ -14,8 +19,10 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.saebench import core, probing, results, run
+from pipeline.site import site_of
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,7 @@ class HookInputs:
     contexts: Any
     documents: Any
     features: Path
+    targets: list[Any] | None = None  # a transcoder's MLP-output datasets (train, validation): same rows as datasets
 
 
 @dataclass
@@ -41,6 +49,10 @@ class RunInfo:
     corpus: str
     context_length: int
     seed: int
+
+
+TRANSCODER_ABSORPTION = ("absorption not evaluated: a transcoder's decoder rows write the MLP output, so they do not "
+                         "split the MLP input's first-letter probe direction among latents as the eval assumes")
 
 
 def bench_hook(hook: str, sae: Any, inp: HookInputs, model: Any, tokenizer: Any, special: frozenset[int],
@@ -62,25 +74,43 @@ def bench_hook(hook: str, sae: Any, inp: HookInputs, model: Any, tokenizer: Any,
     progress.update(1)
     m: dict[str, Any] = run.probing_metrics(res)
     m["n_probe_documents"] = int(len(pooled.doc_ids))
-    W_dec = sae.W_dec.detach().float().cpu().numpy()
-    ab = run.timed(lambda: run.absorption_eval(model, tokenizer, hook, encode, W_dec, cfg, info.seed, device),
-                   "absorption", seconds)
+    site = site_of(sae, hook)
+    if site.paired and inp.targets is None:
+        raise UserError(f"bench: the transcoder at {hook} predicts {site.write}: its activations are needed too "
+                        f"(add {site.write} to extract.hooks)")
+    if site.paired:
+        ab: dict[str, Any] = {"mean": None, "note": TRANSCODER_ABSORPTION}
+        m["absorption_note"] = TRANSCODER_ABSORPTION
+    else:
+        W_dec = sae.W_dec.detach().float().cpu().numpy()
+        ab = run.timed(lambda: run.absorption_eval(model, tokenizer, hook, encode, W_dec, cfg, info.seed, device),
+                       "absorption", seconds)
+        m.update(run.absorption_metrics(ab))
     progress.update(1)
-    m.update(run.absorption_metrics(ab))
     if ab["note"]:
         log.warning("%s: %s", hook, ab["note"])
 
-    def reconstruct(h: torch.Tensor) -> torch.Tensor:
+    def reconstruct(h: torch.Tensor) -> torch.Tensor:  # a transcoder: MLP input -> predicted MLP output
         return sae(h.to(sae.dtype)).float()
 
     def decode(f: torch.Tensor) -> torch.Tensor:
         return sae.decode(f.to(device)).float().cpu()
 
+    def skip(x: torch.Tensor) -> torch.Tensor:  # a transcoder's linear skip term (zeros without one)
+        return sae.skip_out(x.to(device)).float().cpu()
+
     def core_numbers() -> tuple[dict[str, float], dict[str, float]]:
-        batches = ((b.acts, b.token_id) for b in inp.datasets[-1].iter_batches(cfg.batch_size, shuffle=False))
+        val = inp.datasets[-1].iter_batches(cfg.batch_size, shuffle=False)
+        if site.paired:
+            assert inp.targets is not None
+            tgt = inp.targets[-1].iter_batches(cfg.batch_size, shuffle=False)
+            batches: Any = ((b.acts, b.token_id, _aligned(b, y, inp.targets[-1].root).acts) for b, y in zip(val, tgt, strict=True))
+        else:
+            batches = ((b.acts, b.token_id) for b in val)
         with torch.no_grad():
-            stats = core.reconstruction_stats(batches, encode, decode, d_sae, special, cfg.core_tokens)
-            return stats, core.splice_kl_ce(model, hook, reconstruct, splice_contexts, special)
+            stats = core.reconstruction_stats(batches, encode, decode, d_sae, special, cfg.core_tokens,
+                                              skip if site.paired else None)
+            return stats, core.splice_kl_ce(model, site if site.paired else hook, reconstruct, splice_contexts, special)
 
     stats, splice = run.timed(core_numbers, "core", seconds)
     progress.update(1)
@@ -95,6 +125,14 @@ def bench_hook(hook: str, sae: Any, inp: HookInputs, model: Any, tokenizer: Any,
              f"{ab['mean']['mean_absorption_fraction_score']:.3f}" if ab["mean"] else "not evaluated",
              ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return m
+
+
+def _aligned(x: Any, y: Any, root: Any) -> Any:
+    """``y`` (a target batch) after checking it holds ``x``'s rows."""
+    if not (torch.equal(x.context_id, y.context_id) and torch.equal(x.position, y.position)):
+        raise UserError(f"{root}: rows not aligned with the transcoder's input dataset; extract both hooks in one "
+                        "`sae extract`")
+    return y
 
 
 def write_files(root: Path, hook: str, sae: Any, sae_cfg: dict[str, Any], res: dict[str, Any], ab: dict[str, Any],
@@ -137,4 +175,4 @@ def write_files(root: Path, hook: str, sae: Any, sae_cfg: dict[str, Any], res: d
         results.write(root, "autointerp", hook, results.autointerp_file(*ai, ai_cfg, hook, sae_cfg))
 
 
-__all__ = ["HookInputs", "RunInfo", "bench_hook", "write_files"]
+__all__ = ["HookInputs", "RunInfo", "TRANSCODER_ABSORPTION", "bench_hook", "write_files"]

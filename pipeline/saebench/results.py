@@ -53,6 +53,12 @@ def sae_cfg_dict(cfg: dict[str, Any], model_name: str, dtype: str) -> dict[str, 
     }
     if cfg.get("architecture") in ("topk", "batchtopk"):
         out["k"] = cfg.get("k")
+    if cfg.get("architecture") == "transcoder":
+        # SAELens's transcoder names (SAEBench has none): what it reads (hook_name), what it predicts (hook_name_out).
+        out["architecture"] = "skip_transcoder" if cfg.get("skip") else "transcoder"
+        out["hook_name_out"] = str(cfg.get("hook_out") or "") or (f"layers.{layer}.mlp_out" if layer is not None else "")
+        out["hook_layer_out"], out["d_out"], out["k"] = layer, cfg.get("d_in"), cfg.get("k")
+        out["transcoder_activation"] = cfg.get("transcoder_activation")
     return out
 
 
