@@ -8,11 +8,16 @@ Given ``special_ids`` (the stage passes the tokenizer's BOS/EOS/PAD ids when
 ``evaluate.exclude_special_tokens`` is on), rows whose ``token_id`` is special are left out of every
 metric and of the density histogram, and the metrics carry their special-excluded names (``fvu@3``,
 ``l0@2``, ...); the all-token :data:`pipeline.metrics.ALL_TOKEN_REFERENCE` values come alongside.
+
+A transcoder (``target``: the MLP-output dataset of the MLP-input ``dataset``, :mod:`pipeline.pairs`) is measured
+against its target: the reconstruction metrics compare the MLP output with the prediction ``sae.predict(mlp_in)``
+(same definitions and names, the reference being the target instead of the input); sparsity and density are of
+its latents, as for an SAE.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,9 @@ import torch
 
 from pipeline import metrics
 from pipeline.activations import ActivationDataset
+from pipeline.activations.reader import ActivationBatch
 from pipeline.errors import UserError
+from pipeline.pairs import check_aligned, check_rows
 from pipeline.progress import Progress
 from pipeline.sae import SAE
 
@@ -56,12 +63,28 @@ class ReconstructionPass:
 
 
 @torch.no_grad()
+def _storage_order(dataset: ActivationDataset, target: ActivationDataset | None, batch_size: int,
+                   device: torch.device) -> Iterator[tuple[ActivationBatch, torch.Tensor]]:
+    """(batch, reference ``[B, d_model]``) in storage order: the batch's own rows, or the target's rows of it."""
+    batches = dataset.iter_batches(batch_size, shuffle=False, device=device, dtype=torch.float32)
+    if target is None:
+        yield from ((b, b.acts) for b in batches)
+        return
+    check_aligned(dataset, target)
+    targets = target.iter_batches(batch_size, shuffle=False, device=device, dtype=torch.float32)
+    for b, t in zip(batches, targets, strict=True):
+        check_rows(b, t, dataset.root, target.root)
+        yield b, t.acts
+
+
 def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | None = None, batch_size: int = 4096,
                         device: str | torch.device = "cpu", special_ids: Collection[int] = (),
-                        progress: Progress | None = None) -> ReconstructionPass:
+                        progress: Progress | None = None, target: ActivationDataset | None = None
+                        ) -> ReconstructionPass:
     """Stream the first ``n_tokens`` rows (all if None; special rows count towards the limit) of
     ``dataset`` in storage order through ``sae``; rows whose token id is in ``special_ids`` are excluded.
-    ``progress`` counts the rows read."""
+    ``progress`` counts the rows read. A transcoder's ``target`` (aligned with ``dataset``) is what its
+    prediction is compared with."""
     device = torch.device(device)
     was_training = sae.training
     sae.eval()
@@ -72,10 +95,13 @@ def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | No
         out.firing_all = metrics.FiringAccumulator(sae.cfg.d_sae, device)
     seen = 0
     limit = n_tokens if n_tokens is not None else dataset.n_tokens
-    for batch in dataset.iter_batches(batch_size, shuffle=False, device=device, dtype=torch.float32):
-        x = batch.acts[: limit - seen]  # [B, d_model]
-        f = sae.encode(x)  # [B, d_sae]
+    for batch, ref in _storage_order(dataset, target, batch_size, device):
+        inputs = batch.acts[: limit - seen]  # [B, d_model]
+        f = sae.encode(inputs)  # [B, d_sae]
         x_hat = sae.decode(f)  # [B, d_model]
+        x = ref[: limit - seen]  # [B, d_model]: what x_hat should be (the input, or a transcoder's target)
+        if target is not None:
+            x_hat = x_hat + sae.skip_out(inputs)  # type: ignore[attr-defined]  (a transcoder's skip term)
         seen += x.shape[0]
         if progress is not None:
             progress.update(x.shape[0])
@@ -97,10 +123,12 @@ def reconstruction_pass(sae: SAE, dataset: ActivationDataset, n_tokens: int | No
 
 
 def reconstruction_metrics(sae: SAE, dataset: ActivationDataset, n_tokens: int | None = None, batch_size: int = 4096,
-                           device: str | torch.device = "cpu", special_ids: Collection[int] = ()) -> dict[str, float]:
+                           device: str | torch.device = "cpu", special_ids: Collection[int] = (),
+                           target: ActivationDataset | None = None) -> dict[str, float]:
     """``mse@1, uncentered_nmse@1, fvu@2, shrinkage@1, l0@1, l1@1, dead_fraction@1, dense_fraction@1`` + ``n_tokens``
-    (with ``special_ids``: their special-excluded versions, ``n_special_tokens`` and the all-token reference)."""
-    return reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids).result()
+    (with ``special_ids``: their special-excluded versions, ``n_special_tokens`` and the all-token reference;
+    with a transcoder's ``target``: measured against it)."""
+    return reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids, target=target).result()
 
 
 def density_histogram(frequencies: torch.Tensor) -> list[dict[str, Any]]:
@@ -117,9 +145,11 @@ def density_histogram(frequencies: torch.Tensor) -> list[dict[str, Any]]:
 
 def evaluate_reconstruction(sae: SAE, dataset: ActivationDataset, n_tokens: int | None, batch_size: int,
                             device: str | torch.device, special_ids: Collection[int] = (),
-                            progress: Progress | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Reconstruction/sparsity metrics and the feature-density histogram (of the rows that count) of one SAE."""
-    p = reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids, progress)
+                            progress: Progress | None = None, target: ActivationDataset | None = None
+                            ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Reconstruction/sparsity metrics and the feature-density histogram (of the rows that count) of one SAE
+    (or transcoder, against its ``target``)."""
+    p = reconstruction_pass(sae, dataset, n_tokens, batch_size, device, special_ids, progress, target)
     return p.result(), density_histogram(p.firing.frequencies())
 
 

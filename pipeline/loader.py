@@ -11,6 +11,11 @@ Reading and decoding Parquet happens in a background thread (pyarrow and numpy r
 ``prefetch`` batches ahead, with bounded memory: at most ``prefetch`` batches plus the dataset's
 shuffle buffer are in host memory, whatever the dataset size. On CUDA the thread pins each batch
 and the copy to the GPU is issued one batch ahead on a side stream, so it overlaps the current step.
+
+A transcoder's stream is paired (``target``: the MLP-output dataset of an MLP-input ``dataset``,
+:mod:`pipeline.pairs`): both datasets are cut by the same lanes with the same seeds, so batch ``b`` of
+the target holds the targets of batch ``b``'s input rows in the same order (checked row by row); a
+batch is then ``[B, 2·d_model]``, input columns then target columns.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pipeline.activations import ActivationDataset
 from pipeline.activations.reader import ActivationBatch
 from pipeline.errors import UserError
 from pipeline.lanes import LoaderWork, lane_batches
+from pipeline.pairs import check_rows, joined
 
 _DONE = object()
 
@@ -42,16 +48,34 @@ def batches_per_epoch(dataset: ActivationDataset, batch_size: int, key: str = "t
     return n
 
 
+def _paired(inputs: Iterator[ActivationBatch], targets: Iterator[ActivationBatch], dataset: ActivationDataset,
+            target: ActivationDataset) -> Iterator[ActivationBatch]:
+    """Two aligned streams in lockstep -> batches of ``[rows, 2·d_model]`` (input then target columns)."""
+    for x, y in zip(inputs, targets, strict=True):
+        check_rows(x, y, dataset.root, target.root)
+        yield ActivationBatch(joined(x, y), x.context_id, x.position, x.token_id)
+
+
+def _epoch_batches(dataset: ActivationDataset, batch_size: int, epoch_seed_: int, start_batch: int,
+                   part: tuple[int, int], dtype: torch.dtype, work: LoaderWork | None,
+                   target: ActivationDataset | None) -> Iterator[ActivationBatch]:
+    stream = lane_batches(dataset, batch_size, epoch_seed_, start_batch=start_batch, part=part, dtype=dtype, work=work)
+    if target is None:
+        return stream
+    return _paired(stream, lane_batches(target, batch_size, epoch_seed_, start_batch=start_batch, part=part,
+                                        dtype=dtype, work=work), dataset, target)
+
+
 def _host_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
                   dtype: torch.dtype, pin: bool, part: tuple[int, int] = (0, 1),
-                  work: LoaderWork | None = None) -> Iterator[torch.Tensor]:
-    """CPU tensors [batch_size / world, d_model] (``part=(rank, world)``) for steps start_step..total_steps-1."""
+                  work: LoaderWork | None = None, target: ActivationDataset | None = None) -> Iterator[torch.Tensor]:
+    """CPU tensors [batch_size / world, d_model] (``part=(rank, world)``) for steps start_step..total_steps-1
+    (with ``target``: [batch_size / world, 2·d_model], input then target columns)."""
     per_epoch = batches_per_epoch(dataset, batch_size)
     step = start_step
     while step < total_steps:
         epoch, first = divmod(step, per_epoch)
-        stream = lane_batches(dataset, batch_size, epoch_seed(seed, epoch), start_batch=first, part=part, dtype=dtype,
-                              work=work)
+        stream = _epoch_batches(dataset, batch_size, epoch_seed(seed, epoch), first, part, dtype, work, target)
         for batch in stream:
             acts = batch.acts.pin_memory() if pin else batch.acts
             yield acts
@@ -107,24 +131,28 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
-def first_batch(dataset: ActivationDataset, batch_size: int, seed: int) -> ActivationBatch:
-    """Step 0's whole batch (every row, whatever the process): what the data-dependent initialisation sees."""
-    return next(lane_batches(dataset, batch_size, epoch_seed(seed, 0)))
+def first_batch(dataset: ActivationDataset, batch_size: int, seed: int,
+                target: ActivationDataset | None = None) -> ActivationBatch:
+    """Step 0's whole batch (every row, whatever the process): what the data-dependent initialisation sees
+    (with ``target``: acts ``[B, 2·d_model]``, input then target columns)."""
+    return next(_epoch_batches(dataset, batch_size, epoch_seed(seed, 0), 0, (0, 1), torch.float32, None, target))
 
 
 def train_batches(dataset: ActivationDataset, batch_size: int, seed: int, start_step: int, total_steps: int,
                   device: torch.device, prefetch: int, part: tuple[int, int] = (0, 1),
-                  work: LoaderWork | None = None) -> Generator[torch.Tensor, None, None]:
+                  work: LoaderWork | None = None,
+                  target: ActivationDataset | None = None) -> Generator[torch.Tensor, None, None]:
     """Float32 (CPU) or storage-dtype-then-float32 (CUDA) batches ``acts [batch_size, d_model]`` on ``device``.
 
     ``part=(rank, world)``: this data-parallel process's ``batch_size / world`` rows of each batch (see
     :mod:`pipeline.lanes`): the global stream, hence resume, does not depend on the world size.
-    ``work`` counts what this process's reader read and decoded."""
+    ``work`` counts what this process's reader read and decoded. ``target`` pairs the stream (module docstring):
+    batches ``[batch_size, 2·d_model]``."""
     on_cuda = device.type == "cuda"
     # On CUDA ship the storage dtype (half the bytes for fp16) and widen on the GPU.
     host_dtype = torch.float16 if (on_cuda and dataset.manifest.dtype == "float16") else torch.float32
     gen = _host_batches(dataset, batch_size, seed, start_step, total_steps, host_dtype, pin=on_cuda, part=part,
-                        work=work)
+                        work=work, target=target)
     prefetcher = _Prefetcher(gen, prefetch) if prefetch > 0 else None
     host = prefetcher if prefetcher is not None else gen
     try:

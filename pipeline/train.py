@@ -57,6 +57,8 @@ def train_sae(
     *,
     curve_path: str | Path | None = None,
     on_step: Callable[[int], None] | None = None,
+    target: ActivationDataset | None = None,
+    val_target: ActivationDataset | None = None,
 ) -> TrainResult:
     """Train one SAE on ``dataset`` (``acts [N, d_model]``); save it to ``out_dir`` (``save_sae``); return it
     with its summary and timing (:class:`TrainResult`).
@@ -65,10 +67,13 @@ def train_sae(
     and ``"val"`` (validation passes). ``curve_path`` gets the training curve as CSV
     (``CURVE_COLUMNS``). ``on_step(step)`` is called after each completed step (tests use it to
     simulate a kill). Raises :class:`UserError` on non-finite inputs or loss, naming the step.
+    A transcoder (``sae_cfg.arch`` 'transcoder') trains on pairs: ``target`` (and ``val_target``) are the MLP-output
+    datasets aligned with ``dataset`` (and ``val_dataset``), read in lockstep (:mod:`pipeline.pairs`).
     Under torchrun, every process calls this; only rank 0 emits rows and writes files.
     The phases are :class:`pipeline.train_loop.TrainRun`'s methods.
     """
-    run = TrainRun.set_up(dataset, sae_cfg, train_cfg, Path(checkpoint_dir), seed, val_dataset, log_fn)
+    run = TrainRun.set_up(dataset, sae_cfg, train_cfg, Path(checkpoint_dir), seed, val_dataset, log_fn, target,
+                          val_target)
     run.resume()
     # closing(): a kill or error mid-loop stops the reader thread at once, not at garbage collection.
     with run.progress() as pbar, closing(run.batches()) as batches:
@@ -106,13 +111,17 @@ def train_on_dataset(data: str | Path, out: str | Path, sae_params: SAEParams, t
 
 
 def train_hook(dataset: ActivationDataset, val: ActivationDataset | None, out: Path, ckpt: Path,
-               curve: Path | None, sae_params: SAEParams, train_params: TrainParams, seed: int) -> dict[str, Any]:
+               curve: Path | None, sae_params: SAEParams, train_params: TrainParams, seed: int,
+               target: ActivationDataset | None = None, val_target: ActivationDataset | None = None) -> dict[str, Any]:
     """One hook's SAE from params (what ``sae train`` runs per hook): config, :func:`train_sae`, logged
-    timing; returns the summary for ``metrics/train.json`` (NaN as null)."""
+    timing; returns the summary for ``metrics/train.json`` (NaN as null). A transcoder's ``target`` (MLP-output
+    dataset) is recorded in its config as ``hook_out``."""
     hook = dataset.hook
     if val is not None and val.d_model != dataset.d_model:
         raise UserError(f"{val.root}: validation d_model {val.d_model} != training d_model {dataset.d_model}")
     cfg = sae_config((sae_params, train_params), dataset.d_model, hook)
+    if target is not None:
+        cfg.hook_out = target.hook
     log.info("training %s SAE on %s: d_model=%d d_sae=%d, %d tokens", cfg.arch, dataset.root, cfg.d_in, cfg.d_sae,
              dataset.n_tokens)
 
@@ -121,7 +130,8 @@ def train_hook(dataset: ActivationDataset, val: ActivationDataset | None, out: P
             log.info("step %d: loss=%.4g l0=%.1f fvu=%.4f dead=%.3f %.0f tok/s", row["step"], row["loss"], row["l0"],
                      row["fvu"], row["dead_fraction"], row["tokens_per_s"])
 
-    result = train_sae(dataset, cfg, train_params, out, ckpt, seed, val_dataset=val, log_fn=on_row, curve_path=curve)
+    result = train_sae(dataset, cfg, train_params, out, ckpt, seed, val_dataset=val, log_fn=on_row, curve_path=curve,
+                       target=target, val_target=val_target)
     # Timings vary run to run, so they are logged only; metrics/train.json must not (a checked-out commit
     # reproduces it exactly).
     log.info("%s: %d steps in %.1f s, %.0f tokens/s", hook, result.summary["steps"], result.train_seconds,

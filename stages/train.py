@@ -2,6 +2,9 @@
 
 Writes ``models/sae/<hook>/sae.safetensors`` + ``cfg.json``, ``plots/train/<hook>.csv`` (the
 training curve), ``metrics/train.json`` and resumable checkpoints under ``checkpoints/<hook>/``.
+With ``sae.arch: transcoder``, one transcoder per (``layers.{i}.mlp_in``, ``layers.{i}.mlp_out``) pair of
+``extract.hooks``, trained on both datasets in lockstep, keyed by the input hook (``pipeline.pairs``); the
+other hooks get no SAE.
 With ``--data DIR --out DIR`` it trains on any activation dataset instead (bring your own; see
 README, "Training on your own activations").
 Under torchrun, or with ``train.processes`` > 1, the processes train each SAE together (data-parallel,
@@ -20,6 +23,7 @@ from pipeline import distributed
 from pipeline.activations import open_activations
 from pipeline.errors import UserError
 from pipeline.headline import write_stage_results
+from pipeline.pairs import is_transcoder_arch, sae_hooks, transcoder_pairs
 from pipeline.params import Params
 from pipeline.paths import ACTIVATIONS, MODELS, TRAIN_CURVES
 from stages.common import stage_command
@@ -81,7 +85,9 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
     if data is None and params.sae.source != "train":  # a published SAE: imported, not trained
         import_source(params)
         return
+    hooks: list[str] = []
     if data is None:
+        hooks = sae_hooks(params.sae.arch, params.extract.hooks)  # a transcoder without its pair: refused here
         check_validation_data(params)
     if relaunched("train", params.train.processes, params.train.device):  # train.processes > 1: ran as N processes
         return
@@ -97,15 +103,20 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
         return
 
     metrics: dict[str, Any] = {}
-    for hook in params.extract.hooks:
+    pairs = transcoder_pairs(params.extract.hooks) if is_transcoder_arch(params.sae.arch) else {}
+    for hook in hooks:
         dataset = open_activations(ACTIVATIONS / "train" / hook)
         val_root = ACTIVATIONS / "validation" / hook
         val = open_activations(val_root) if (val_root / "manifest.json").is_file() else None
+        target = val_target = None
+        if hook in pairs:  # a transcoder: its MLP output, row for row, in both splits
+            target = open_activations(ACTIVATIONS / "train" / pairs[hook])
+            val_target = open_activations(ACTIVATIONS / "validation" / pairs[hook]) if val is not None else None
         metrics[hook] = train_hook(dataset, val, MODELS / hook, CHECKPOINTS / hook, TRAIN_CURVES / f"{hook}.csv",
-                                   params.sae, train_p, params.seed)
+                                   params.sae, train_p, params.seed, target, val_target)
     metrics["environment"] = environment({"train.device": resolve_device(train_p.device), "train.dtype": train_p.dtype,
                                           "train.kernels": train_p.kernels, "numerics.portable": params.numerics.portable,
                                           # data-parallel processes: they sum gradients in another order
                                           "train.world_size": distributed.current().world})
     if distributed.current().is_main:  # under torchrun, rank 0 writes
-        write_stage_results("train", metrics, params.extract.hooks)
+        write_stage_results("train", metrics, hooks)

@@ -32,7 +32,9 @@ class SAEConfig(SAEKnobs):
     d_sae: int
     """Number of latents (for 'dense': width of the bottleneck code)."""
     hook: str = ""
-    """Hook the SAE was trained on, e.g. ``layers.9.resid_post``."""
+    """Hook the SAE was trained on, e.g. ``layers.9.resid_post`` (a transcoder: the hook it reads, ``layers.{i}.mlp_in``)."""
+    hook_out: str = ""
+    """transcoder: the hook it predicts, ``layers.{i}.mlp_out`` ("" for an SAE, and then left out of ``cfg.json``)."""
     dtype: str = "float32"
     """Parameter dtype."""
     scaling_factor: float = 1.0
@@ -95,7 +97,10 @@ class SAEConfig(SAEKnobs):
                 raise UserError(f"sae config {name}: {getattr(self, name)!r} is not allowed (allowed: {', '.join(allowed)})")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["hook_out"]:  # an SAE's cfg.json and training fingerprint stay what they were
+            del d["hook_out"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "cfg.json") -> SAEConfig:
