@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import logging
 import random
@@ -25,17 +26,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import distributed
+from pipeline import distributed, sharding
 from pipeline.activations import ActivationDataset
 from pipeline.checkpoint import capture_rng, load_checkpoint, restore_rng, same_start, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
 from pipeline.loader import batches_per_epoch, first_batch, train_batches
-from pipeline.pairs import check_aligned, is_transcoder_arch, split
 from pipeline.params.sae import TrainParams
 from pipeline.progress import Progress
-from pipeline.sae import SAE, SAEConfig, batch, make_sae, save_sae
+from pipeline.sae import SAE, LossOutput, SAEConfig, batch, make_sae, save_sae
 from pipeline.train_setup import (
     init_from_first_batch,
     kernel_backend,
@@ -99,13 +99,12 @@ class TrainRun:
     t_log: float = 0.0
     tokens_log: int = 0
     grad_sync: distributed.GradientSync | None = None  # data-parallel: gradient sums overlapped with backward
-    # A transcoder's targets (pipeline.pairs): the MLP outputs of dataset's / val_dataset's MLP inputs, row for row.
-    target: ActivationDataset | None = None
-    val_target: ActivationDataset | None = None
 
-    @property
-    def paired(self) -> bool:
-        return self.target is not None
+    @functools.cached_property
+    def shards(self) -> sharding.LatentShards | None:
+        """``train.parallel: latents`` under several processes: this process's slice of the latents (None: every
+        process holds the whole SAE)."""
+        return sharding.plan(self.sae_cfg, self.cfg, self.ranks)
 
     @property
     def batch_size(self) -> int:
@@ -114,29 +113,21 @@ class TrainRun:
     # ---- set-up ---------------------------------------------------------------------------------------
     @classmethod
     def set_up(cls, dataset: ActivationDataset, sae_cfg: SAEConfig, train_cfg: TrainParams, checkpoint_dir: Path,
-               seed: int, val_dataset: ActivationDataset | None, log_fn: LogFn | None,
-               target: ActivationDataset | None = None, val_target: ActivationDataset | None = None) -> TrainRun:
-        """Decide the config, start the processes, check the sizes (and a transcoder's pairs, ``target`` and
-        ``val_target``: :mod:`pipeline.pairs`); a fresh seeded SAE and its optimizer."""
+               seed: int, val_dataset: ActivationDataset | None, log_fn: LogFn | None) -> TrainRun:
+        """Decide the config, start the processes, check the sizes; a fresh seeded SAE and its optimizer."""
         cfg = resolve_auto(train_cfg, sae_cfg.arch)  # fingerprint, cfg.json and the loop see the decided dtype/kernels
         # Our own copy: init_from_data sets the SAE's scaling_factor in its cfg, and the caller's
         # config must stay what it was (it is fingerprinted again on resume).
         sae_cfg = SAEConfig.from_dict(sae_cfg.to_dict())
         if sae_cfg.d_in != dataset.d_model:
             raise UserError(f"{dataset.root}: d_model {dataset.d_model} does not match the SAE's d_in {sae_cfg.d_in}")
-        if is_transcoder_arch(sae_cfg.arch) != (target is not None):
-            raise UserError(f"sae.arch {sae_cfg.arch!r}: " + ("trains on (MLP input, MLP output) pairs: no target "
-                            "dataset given" if target is None else "is not a transcoder: it takes no target dataset"))
-        if target is not None:
-            check_aligned(dataset, target)
-        if val_dataset is not None and val_target is not None:
-            check_aligned(val_dataset, val_target)
-        elif target is not None and val_dataset is not None:
-            raise UserError(f"{val_dataset.root}: a transcoder validates on pairs: no validation target dataset given")
         ranks, device = distributed.start(cfg.device, "train.device")
         use_bf16 = use_bf16_autocast(cfg.dtype, device)
+        shards = sharding.plan(sae_cfg, train_cfg, ranks)  # latent sharding: checked against the requested kernels
+        if shards is not None:
+            cfg = dataclasses.replace(cfg, kernels="torch")  # its step is the dense one (pipeline.sharding_step)
         B = cfg.batch_size
-        if B % ranks.world:
+        if B % ranks.world and shards is None:  # (latent shards each read the whole batch)
             raise distributed.EveryRankError(f"train.batch_size: {B} is not divisible by the {ranks.world} training "
                                              f"processes")
         per_epoch = batches_per_epoch(dataset, B)
@@ -146,18 +137,17 @@ class TrainRun:
         emit = (log_fn if ranks.is_main else None) or (lambda row: None)
 
         # Fresh state; resume() overwrites it from a checkpoint if there is a compatible one.
-        fp = train_fingerprint(sae_cfg, cfg, seed, dataset, device, target)
+        fp = train_fingerprint(sae_cfg, cfg, seed, dataset, device)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        sae = make_sae(sae_cfg, seed=seed).to(device)
+        sae = shards.make_local(seed, device) if shards is not None else make_sae(sae_cfg, seed=seed).to(device)
         sae.kernel_backend = kernel_backend(cfg.kernels, sae_cfg.arch, device)
         return cls(cfg, sae_cfg, dataset, val_dataset, checkpoint_dir, seed, ranks, device, use_bf16, per_epoch,
                    total_steps, fp, sae, make_optimizer(sae, cfg, device),
                    LatentTracker(sae_cfg.d_sae, cfg.dead_window_tokens, device), RunningStats(device), emit,
                    torch.full((), -1, dtype=torch.int64, device=device),
-                   grad_sync=distributed.GradientSync(sae.parameters()) if ranks.parallel else None,
-                   target=target, val_target=val_target)
+                   grad_sync=distributed.GradientSync(sae.parameters()) if ranks.parallel and shards is None else None)
 
     # ---- resume -----------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -169,9 +159,11 @@ class TrainRun:
         sae = self.sae
         if state is not None:
             sae.cfg.scaling_factor = state["sae_cfg"]["scaling_factor"]  # set by init_from_data, not a weight
-            sae.cfg.target_scaling_factor = state["sae_cfg"].get("target_scaling_factor", 1.0)  # a transcoder's
-            sae.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
+            if self.shards is not None:  # the checkpoint holds the whole SAE: keep this process's slice
+                self.shards.load(sae, self.opt, state)
+            else:
+                sae.load_state_dict(state["model"])
+                self.opt.load_state_dict(state["optimizer"])
             self.tracker.load_state_dict(state["tracker"])
             self.stats.load_state_dict(state["stats"])
             self.curve, self.val_row, self.step = state["curve"], state["val"], state["step"]
@@ -180,12 +172,12 @@ class TrainRun:
             # Data-dependent initialisation (b_dec, input scaling) from the first training batch.
             # Every process reads the whole batch: the same statistics; rank 0's result is then the one kept.
             B = self.batch_size
-            first = first_batch(self.dataset, B, self.seed, self.target)
-            init_from_first_batch(sae, first, self.dataset, self.device, self.paired)
+            first = first_batch(self.dataset, B, self.seed)
+            init_from_first_batch(sae, first, self.dataset, self.device)
             if self.ranks.parallel:  # identical starting weights even where processes on different machines round differently
-                distributed.broadcast_tensors_([*sae.parameters(), *sae.buffers()])
+                distributed.broadcast_tensors_(self.shards.replicated(sae) if self.shards is not None
+                                               else [*sae.parameters(), *sae.buffers()])
                 sae.cfg.scaling_factor = distributed.broadcast_object(sae.cfg.scaling_factor)
-                sae.cfg.target_scaling_factor = distributed.broadcast_object(sae.cfg.target_scaling_factor)
         self.t_start, self.step_start = time.perf_counter(), self.step
         self.t_log, self.tokens_log = self.t_start, self.step * self.batch_size
         sae.train()
@@ -196,22 +188,18 @@ class TrainRun:
                         tokens_per_unit=self.batch_size, enabled=self.ranks.is_main)
 
     def batches(self) -> Iterator[Tensor]:
-        """This process's rows ``x [B / world, d_model]`` of each remaining step's batch, on the device (paired:
-        ``[B / world, 2·d_model]``, input then target columns)."""
+        """This process's rows ``x [B / world, d_model]`` of each remaining step's batch, on the device."""
         return train_batches(self.dataset, self.batch_size, self.seed, self.step, self.total_steps, self.device,
-                             self.cfg.prefetch, (self.ranks.rank, self.ranks.world), target=self.target)
+                             self.cfg.prefetch, (0, 1) if self.shards is not None else (self.ranks.rank, self.ranks.world))
 
     def whole_batch(self) -> AbstractContextManager[None]:
-        """Reductions inside see the batch of all processes (pipeline.sae.batch)."""
-        return batch.across(self.ranks.world, distributed)
+        """Reductions inside see the batch of all processes (pipeline.sae.batch); latent shards each hold it whole."""
+        return batch.across(1 if self.shards is not None else self.ranks.world, distributed)
 
     # ---- step -------------------------------------------------------------------------------------------
     def train_step(self, x: Tensor) -> None:
-        """One optimizer step on ``x [B / world, d_model]`` (paired: ``[B / world, 2·d_model]``, input then target
-        columns); its statistics accumulate on the device (no sync)."""
+        """One optimizer step on ``x [B / world, d_model]``; its statistics accumulate on the device (no sync)."""
         sae, opt, step = self.sae, self.opt, self.step
-        x, y = split(x, self.paired)  # y [B / world, d_model]: a transcoder's target, else None
-        pair = {"target": y} if y is not None else {}
         if sae.wants_resample(step):  # relu_l1 2023 recipe (Towards Monosemanticity, "Neuron resampling")
             with self.whole_batch():  # every process resamples the same way, from the whole batch
                 x_all = batch.gather_rows(x)
@@ -224,7 +212,7 @@ class TrainRun:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16), self.whole_batch():
             # The latents dead as the step begins (the tracker's record, the same on every process):
             # AuxK's candidates.
-            out = sae.training_loss(x, step, self.total_steps, self.tracker.dead_mask(), **pair)
+            out = self.loss(x, step, self.tracker.dead_mask())
         opt.zero_grad(set_to_none=True)
         if self.grad_sync is not None:
             with self.grad_sync:  # each gradient's sum over the processes starts as soon as backward has it
@@ -233,19 +221,27 @@ class TrainRun:
             out.loss.backward()
         sae.before_optimizer_step()  # e.g. remove gradient parallel to unit-norm decoder rows
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            if self.shards is not None:  # the norm of the whole SAE's gradient
+                self.shards.clip_grad_norm_(sae, self.cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
         opt.step()
         sae.after_optimizer_step()  # e.g. renormalise decoder rows
 
-        finite = torch.isfinite(out.loss) & torch.isfinite(x).all()
-        bad = ~(finite & torch.isfinite(y).all()) if y is not None else ~finite
+        bad = ~(torch.isfinite(out.loss) & torch.isfinite(x).all())
         self.bad_step = torch.where(bad & (self.bad_step < 0), step, self.bad_step)
         with self.whole_batch():  # statistics of the whole batch, the same on every process
             counts, l0 = out.firing(self.sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
             counts, l0 = batch.total(counts), batch.average(l0)
-            self.stats.update(out.loss, y if y is not None else x, out.x_hat, l0)  # FVU of what was predicted
+            self.stats.update(out.loss, x, out.x_hat, l0)
         self.tracker.update(counts, self.batch_size)
         self.step += 1
+
+    def loss(self, x: Tensor, step: int, dead: Tensor, **pair: Tensor) -> LossOutput:
+        """The step's loss: the SAE's ``training_loss``, or with latent shards the sharded step."""
+        if self.shards is not None:
+            return self.shards.training_loss(self.sae, x, dead)
+        return self.sae.training_loss(x, step, self.total_steps, dead, **pair)
 
     # ---- log / validate / checkpoint --------------------------------------------------------------------
     def log_validate_checkpoint(self, pbar: Progress) -> None:
@@ -273,11 +269,16 @@ class TrainRun:
                          tok_s=f"{row['tokens_per_s']:.3g}")
         self.emit(row)
 
-    def validate(self) -> None:
-        if self.val_dataset is None or not self.ranks.is_main:
+    def validate(self, whole: SAE | None = None, gathered: bool = False) -> None:
+        """Rank 0 validates. Latent shards: ``whole`` is the gathered SAE (gathered here unless ``gathered``)."""
+        if self.val_dataset is None:
             return
-        m = reconstruction_metrics(self.sae, self.val_dataset, n_tokens=self.cfg.val_tokens,
-                                   batch_size=self.batch_size, device=self.device, target=self.val_target)
+        if self.shards is not None and not gathered:
+            whole = self.shards.full_sae(self.sae)  # a collective: every process takes part
+        if not self.ranks.is_main:
+            return
+        m = reconstruction_metrics(self.sae if whole is None else whole.to(self.device), self.val_dataset, n_tokens=self.cfg.val_tokens,
+                                   batch_size=self.batch_size, device=self.device)
         self.val_row = {"kind": "val", "step": self.step, **{f"val_{k}": v for k, v in m.items()}}
         log.info("step %d validation: %s", self.step,
                  ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
@@ -286,12 +287,17 @@ class TrainRun:
     def checkpoint(self, complete: bool = False) -> None:
         """ALL resume state in one object (:mod:`pipeline.checkpoint`), written by rank 0."""
         self.check_finite()
+        sae: SAE | None = self.sae
+        optim = self.opt.state_dict()
+        if self.shards is not None:  # the whole SAE and optimizer state, gathered on rank 0: a one-process checkpoint
+            sae, optim = self.shards.full_sae(self.sae), self.shards.gather_optimizer(self.opt, self.sae)
         if not self.ranks.is_main:
             return
+        assert sae is not None and optim is not None
         step = self.step
         save_checkpoint(self.checkpoint_dir, {
-            "step": step, "complete": complete, "fingerprint": self.fingerprint, "sae_cfg": self.sae.cfg.to_dict(),
-            "model": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+            "step": step, "complete": complete, "fingerprint": self.fingerprint, "sae_cfg": sae.cfg.to_dict(),
+            "model": sae.state_dict(), "optimizer": optim,
             "schedule": {"step": step, "total_steps": self.total_steps}, "rng": capture_rng(),
             "cursor": {"epoch": step // self.per_epoch, "batch": step % self.per_epoch, "world_size": self.ranks.world},
             "tracker": self.tracker.state_dict(), "stats": self.stats.state_dict(), "curve": self.curve,
@@ -315,10 +321,11 @@ class TrainRun:
         (steps, tokens, d_sae, the curve's last values, val_* metrics) and the resumed part's seconds."""
         self.check_finite()
         elapsed = time.perf_counter() - self.t_start
-        self.validate()
+        whole = self.shards.full_sae(self.sae) if self.shards is not None else None  # rank 0: the gathered SAE
+        self.validate(whole, gathered=True)
         self.sae.eval()
         if self.ranks.is_main:
-            save_sae(self.sae, out_dir, training={**dataclasses.asdict(self.cfg), "seed": self.seed,
+            save_sae(self.sae if whole is None else whole.eval(), out_dir, training={**dataclasses.asdict(self.cfg), "seed": self.seed,
                                                   "steps": self.total_steps, "world_size": self.ranks.world})
         self.checkpoint(complete=True)
         if curve_path is not None and self.ranks.is_main:
@@ -327,6 +334,8 @@ class TrainRun:
         summary = {"steps": self.total_steps, "tokens": self.total_steps * self.batch_size, "d_sae": self.sae_cfg.d_sae,
                    **{name: last[k] for k, name in SUMMARY_NAMES.items() if k in last},
                    **{k: v for k, v in self.val_row.items() if k.startswith("val_")}}
+        if whole is not None:
+            self.sae = whole  # rank 0 returns the whole SAE
         return summary, elapsed
 
 

@@ -110,6 +110,11 @@ class TrainParams:
         1, help="Data-parallel training processes `sae train` starts on this machine (as torchrun --standalone "
         "--nproc-per-node N; each takes batch_size / N rows of every batch): 1 = this process only, 'auto' = one per "
         "visible GPU (1 without CUDA or with device cpu). Ignored under torchrun, whose world size rules.", ge=1)
+    parallel: Literal["data", "latents"] = knob(
+        "data", help="How several training processes share the work: 'data' = each takes batch_size / N rows of every "
+        "batch, every process holds the whole SAE; 'latents' = each holds a contiguous 1/N of the latents (W_enc "
+        "columns, b_enc, W_dec rows and their Adam state; b_dec replicated) and reads the whole batch: for SAEs whose "
+        "training state does not fit one device (topk and batchtopk; the dense PyTorch step).")
 
     def check(self, prefix: str) -> None:
         if len(self.betas) != 2:
