@@ -33,6 +33,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
 from pipeline.loader import batches_per_epoch, first_batch, train_batches
+from pipeline.pairs import check_aligned, is_transcoder_arch, split
 from pipeline.params.sae import TrainParams
 from pipeline.progress import Progress
 from pipeline.sae import SAE, LossOutput, SAEConfig, batch, make_sae, save_sae
@@ -99,6 +100,13 @@ class TrainRun:
     t_log: float = 0.0
     tokens_log: int = 0
     grad_sync: distributed.GradientSync | None = None  # data-parallel: gradient sums overlapped with backward
+    # A transcoder's targets (pipeline.pairs): the MLP outputs of dataset's / val_dataset's MLP inputs, row for row.
+    target: ActivationDataset | None = None
+    val_target: ActivationDataset | None = None
+
+    @property
+    def paired(self) -> bool:
+        return self.target is not None
 
     @functools.cached_property
     def shards(self) -> sharding.LatentShards | None:
@@ -113,14 +121,25 @@ class TrainRun:
     # ---- set-up ---------------------------------------------------------------------------------------
     @classmethod
     def set_up(cls, dataset: ActivationDataset, sae_cfg: SAEConfig, train_cfg: TrainParams, checkpoint_dir: Path,
-               seed: int, val_dataset: ActivationDataset | None, log_fn: LogFn | None) -> TrainRun:
-        """Decide the config, start the processes, check the sizes; a fresh seeded SAE and its optimizer."""
+               seed: int, val_dataset: ActivationDataset | None, log_fn: LogFn | None,
+               target: ActivationDataset | None = None, val_target: ActivationDataset | None = None) -> TrainRun:
+        """Decide the config, start the processes, check the sizes (and a transcoder's pairs, ``target`` and
+        ``val_target``: :mod:`pipeline.pairs`); a fresh seeded SAE and its optimizer."""
         cfg = resolve_auto(train_cfg, sae_cfg.arch)  # fingerprint, cfg.json and the loop see the decided dtype/kernels
         # Our own copy: init_from_data sets the SAE's scaling_factor in its cfg, and the caller's
         # config must stay what it was (it is fingerprinted again on resume).
         sae_cfg = SAEConfig.from_dict(sae_cfg.to_dict())
         if sae_cfg.d_in != dataset.d_model:
             raise UserError(f"{dataset.root}: d_model {dataset.d_model} does not match the SAE's d_in {sae_cfg.d_in}")
+        if is_transcoder_arch(sae_cfg.arch) != (target is not None):
+            raise UserError(f"sae.arch {sae_cfg.arch!r}: " + ("trains on (MLP input, MLP output) pairs: no target "
+                            "dataset given" if target is None else "is not a transcoder: it takes no target dataset"))
+        if target is not None:
+            check_aligned(dataset, target)
+        if val_dataset is not None and val_target is not None:
+            check_aligned(val_dataset, val_target)
+        elif target is not None and val_dataset is not None:
+            raise UserError(f"{val_dataset.root}: a transcoder validates on pairs: no validation target dataset given")
         ranks, device = distributed.start(cfg.device, "train.device")
         use_bf16 = use_bf16_autocast(cfg.dtype, device)
         shards = sharding.plan(sae_cfg, train_cfg, ranks)  # latent sharding: checked against the requested kernels
@@ -137,7 +156,7 @@ class TrainRun:
         emit = (log_fn if ranks.is_main else None) or (lambda row: None)
 
         # Fresh state; resume() overwrites it from a checkpoint if there is a compatible one.
-        fp = train_fingerprint(sae_cfg, cfg, seed, dataset, device)
+        fp = train_fingerprint(sae_cfg, cfg, seed, dataset, device, target)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
@@ -147,7 +166,8 @@ class TrainRun:
                    total_steps, fp, sae, make_optimizer(sae, cfg, device),
                    LatentTracker(sae_cfg.d_sae, cfg.dead_window_tokens, device), RunningStats(device), emit,
                    torch.full((), -1, dtype=torch.int64, device=device),
-                   grad_sync=distributed.GradientSync(sae.parameters()) if ranks.parallel and shards is None else None)
+                   grad_sync=distributed.GradientSync(sae.parameters()) if ranks.parallel and shards is None else None,
+                   target=target, val_target=val_target)
 
     # ---- resume -----------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -159,6 +179,7 @@ class TrainRun:
         sae = self.sae
         if state is not None:
             sae.cfg.scaling_factor = state["sae_cfg"]["scaling_factor"]  # set by init_from_data, not a weight
+            sae.cfg.target_scaling_factor = state["sae_cfg"].get("target_scaling_factor", 1.0)  # a transcoder's
             if self.shards is not None:  # the checkpoint holds the whole SAE: keep this process's slice
                 self.shards.load(sae, self.opt, state)
             else:
@@ -172,12 +193,13 @@ class TrainRun:
             # Data-dependent initialisation (b_dec, input scaling) from the first training batch.
             # Every process reads the whole batch: the same statistics; rank 0's result is then the one kept.
             B = self.batch_size
-            first = first_batch(self.dataset, B, self.seed)
-            init_from_first_batch(sae, first, self.dataset, self.device)
+            first = first_batch(self.dataset, B, self.seed, self.target)
+            init_from_first_batch(sae, first, self.dataset, self.device, self.paired)
             if self.ranks.parallel:  # identical starting weights even where processes on different machines round differently
                 distributed.broadcast_tensors_(self.shards.replicated(sae) if self.shards is not None
                                                else [*sae.parameters(), *sae.buffers()])
                 sae.cfg.scaling_factor = distributed.broadcast_object(sae.cfg.scaling_factor)
+                sae.cfg.target_scaling_factor = distributed.broadcast_object(sae.cfg.target_scaling_factor)
         self.t_start, self.step_start = time.perf_counter(), self.step
         self.t_log, self.tokens_log = self.t_start, self.step * self.batch_size
         sae.train()
@@ -188,9 +210,10 @@ class TrainRun:
                         tokens_per_unit=self.batch_size, enabled=self.ranks.is_main)
 
     def batches(self) -> Iterator[Tensor]:
-        """This process's rows ``x [B / world, d_model]`` of each remaining step's batch, on the device."""
+        """This process's rows ``x [B / world, d_model]`` of each remaining step's batch, on the device (paired:
+        ``[B / world, 2·d_model]``, input then target columns)."""
         return train_batches(self.dataset, self.batch_size, self.seed, self.step, self.total_steps, self.device,
-                             self.cfg.prefetch, (0, 1) if self.shards is not None else (self.ranks.rank, self.ranks.world))
+                             self.cfg.prefetch, (0, 1) if self.shards is not None else (self.ranks.rank, self.ranks.world), target=self.target)
 
     def whole_batch(self) -> AbstractContextManager[None]:
         """Reductions inside see the batch of all processes (pipeline.sae.batch); latent shards each hold it whole."""
@@ -198,8 +221,11 @@ class TrainRun:
 
     # ---- step -------------------------------------------------------------------------------------------
     def train_step(self, x: Tensor) -> None:
-        """One optimizer step on ``x [B / world, d_model]``; its statistics accumulate on the device (no sync)."""
+        """One optimizer step on ``x [B / world, d_model]`` (paired: ``[B / world, 2·d_model]``, input then target
+        columns); its statistics accumulate on the device (no sync)."""
         sae, opt, step = self.sae, self.opt, self.step
+        x, y = split(x, self.paired)  # y [B / world, d_model]: a transcoder's target, else None
+        pair = {"target": y} if y is not None else {}
         if sae.wants_resample(step):  # relu_l1 2023 recipe (Towards Monosemanticity, "Neuron resampling")
             with self.whole_batch():  # every process resamples the same way, from the whole batch
                 x_all = batch.gather_rows(x)
@@ -212,7 +238,7 @@ class TrainRun:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16), self.whole_batch():
             # The latents dead as the step begins (the tracker's record, the same on every process):
             # AuxK's candidates.
-            out = self.loss(x, step, self.tracker.dead_mask())
+            out = self.loss(x, step, self.tracker.dead_mask(), **pair)
         opt.zero_grad(set_to_none=True)
         if self.grad_sync is not None:
             with self.grad_sync:  # each gradient's sum over the processes starts as soon as backward has it
@@ -228,12 +254,13 @@ class TrainRun:
         opt.step()
         sae.after_optimizer_step()  # e.g. renormalise decoder rows
 
-        bad = ~(torch.isfinite(out.loss) & torch.isfinite(x).all())
+        finite = torch.isfinite(out.loss) & torch.isfinite(x).all()
+        bad = ~(finite & torch.isfinite(y).all()) if y is not None else ~finite
         self.bad_step = torch.where(bad & (self.bad_step < 0), step, self.bad_step)
         with self.whole_batch():  # statistics of the whole batch, the same on every process
             counts, l0 = out.firing(self.sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
             counts, l0 = batch.total(counts), batch.average(l0)
-            self.stats.update(out.loss, x, out.x_hat, l0)
+            self.stats.update(out.loss, y if y is not None else x, out.x_hat, l0)  # FVU of what was predicted
         self.tracker.update(counts, self.batch_size)
         self.step += 1
 
@@ -278,7 +305,7 @@ class TrainRun:
         if not self.ranks.is_main:
             return
         m = reconstruction_metrics(self.sae if whole is None else whole.to(self.device), self.val_dataset, n_tokens=self.cfg.val_tokens,
-                                   batch_size=self.batch_size, device=self.device)
+                                   batch_size=self.batch_size, device=self.device, target=self.val_target)
         self.val_row = {"kind": "val", "step": self.step, **{f"val_{k}": v for k, v in m.items()}}
         log.info("step %d validation: %s", self.step,
                  ", ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))

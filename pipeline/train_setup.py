@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 from pipeline.kernels import resolve_backend
 from pipeline.lanes import STREAM_VERSION
 from pipeline.numerics import numerics_fingerprint
+from pipeline.pairs import split
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAE, SAEConfig
 
@@ -86,21 +87,30 @@ def make_optimizer(sae: SAE, cfg: TrainParams, device: torch.device) -> torch.op
     return cls(sae.parameters(), lr=cfg.lr, betas=(beta1, beta2), weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def _data_identity(dataset: ActivationDataset) -> dict[str, object]:
+    m = dataset.manifest
+    return {"n_tokens": m.n_tokens, "d_model": m.d_model, "hook": m.hook, "dtype": m.dtype,
+            "shards": [s.sha256 for s in m.shards], "stream": STREAM_VERSION}
+
+
 def train_fingerprint(sae_cfg: SAEConfig, cfg: TrainParams, seed: int, dataset: ActivationDataset,
-                      device: torch.device) -> dict[str, str]:
-    """Every input that changes the trained weights: SAE config, loop params, seed, data identity, and the
-    numerics in force on ``device`` (``numerics.portable``, threads, ...: :func:`pipeline.numerics.numerics_fingerprint`)."""
+                      device: torch.device, target: ActivationDataset | None = None) -> dict[str, str]:
+    """Every input that changes the trained weights: SAE config, loop params, seed, data identity (and a
+    transcoder's target data), and the numerics in force on ``device`` (``numerics.portable``, threads, ...:
+    :func:`pipeline.numerics.numerics_fingerprint`)."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     if train.get("parallel") == "data":  # the default, named only when latents: earlier checkpoints still resume
         del train["parallel"]
-    m = dataset.manifest
-    data = {"n_tokens": m.n_tokens, "d_model": m.d_model, "hook": m.hook, "dtype": m.dtype,
-            "shards": [s.sha256 for s in m.shards], "stream": STREAM_VERSION}
+    data = _data_identity(dataset)
+    if target is not None:  # only then: an SAE's fingerprint, hence its checkpoints, stay what they were
+        data["target"] = _data_identity(target)
     return fingerprint(sae=sae_cfg.to_dict(), train=train, seed=seed, data=data, numerics=numerics_fingerprint(device))
 
 
-def init_from_first_batch(sae: SAE, first: ActivationBatch, dataset: ActivationDataset, device: torch.device) -> None:
-    """``sae.init_from_data`` on the step-0 batch (``first.acts [B, d_model]``); bad data names the dataset and step."""
+def init_from_first_batch(sae: SAE, first: ActivationBatch, dataset: ActivationDataset, device: torch.device,
+                          paired: bool = False) -> None:
+    """``sae.init_from_data`` on the step-0 batch (``first.acts [B, d_model]``, or ``[B, 2·d_model]`` input then
+    target columns when ``paired``: a transcoder's); bad data names the dataset and step."""
     x = first.acts.to(device)
     bad = ~torch.isfinite(x).all(dim=1)  # [B]
     if bool(bad.any()):
@@ -108,7 +118,11 @@ def init_from_first_batch(sae: SAE, first: ActivationBatch, dataset: ActivationD
         raise UserError(f"{dataset.root}: non-finite activations (NaN/inf) in the batch at step 0 (init_from_data), "
                         f"first at context_id {int(first.context_id[i])}, position {int(first.position[i])}")
     try:
-        sae.init_from_data(x)
+        if paired:
+            inputs, target = split(x, paired)
+            sae.init_from_data(inputs, target_sample=target)  # type: ignore[call-arg]  (a transcoder's)
+        else:
+            sae.init_from_data(x)
     except UserError as e:
         raise UserError(f"{dataset.root}: the batch at step 0: {e}") from None
 
