@@ -126,12 +126,12 @@ def test_sparsify_equals_sparsify(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         same(f.sae, enc, dec, x_in())
 
 
-def test_sparsify_transcoder_is_refused(tmp_path: Path) -> None:
+def test_sparsify_transcoder_is_a_transcoder(tmp_path: Path) -> None:
+    """Not an SAE on one hook (its equalities with sparsify: tests/test_published_transcoder.py)."""
     from sparsify import SparseCoder, SparseCoderConfig
 
     SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, transcode=True)).save_to_disk(tmp_path / "tc")
-    with pytest.raises(UserError, match="transcode"):
-        read_folder(tmp_path / "tc")
+    assert read_folder(tmp_path / "tc").sae.cfg.arch == "transcoder"
 
 
 # ---- dictionary_learning ---------------------------------------------------------------------------

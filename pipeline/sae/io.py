@@ -10,7 +10,9 @@ works on raw activations. Both files are written atomically, weights first: a di
 SAELens (``export_saelens``/``import_saelens``): ``cfg.json`` + ``sae_weights.safetensors`` with
 W_enc[d_in, d_sae], b_enc[d_sae], W_dec[d_sae, d_in], b_dec[d_in], plus ``threshold[d_sae]``
 (jumprelu) or b_gate/b_mag/r_mag (gated); architecture standard | topk | jumprelu | gated; the
-encoder input is x - b_dec when ``apply_b_dec_to_input``.
+encoder input is x - b_dec when ``apply_b_dec_to_input``. Transcoders both ways: SAELens' four transcoder
+classes and sparsify ``transcode`` folders (:mod:`pipeline.sae.transcoder_io` out,
+:mod:`pipeline.sae.published.transcoders` in).
 
 sparsify (``export_sparsify``/``import_sparsify``): ``cfg.json`` (d_in, num_latents, k, activation
 'topk', ...) + ``sae.safetensors`` with encoder.weight[num_latents, d_in], encoder.bias, W_dec
@@ -177,7 +179,20 @@ def import_saelens(directory: str | Path, hook: str | None = None) -> SAE:
     from pipeline.sae.published.saelens import read_saelens
 
     f = read_saelens(Path(directory))
+    if getattr(f.sae, "is_transcoder", False):
+        return _transcoder_hooks(f, hook)
     f.sae.cfg.hook = hook if hook is not None else (map_hook(f.hook) or f.hook or "")
+    return f.sae
+
+
+def _transcoder_hooks(f: Any, hook: str | None) -> SAE:
+    """An imported transcoder's ``hook`` (what it reads) and ``hook_out`` (what it predicts): ``hook`` if given (its
+    output the same block's MLP output), else the files', in this pipeline's names where there is an equivalent."""
+    from pipeline.sae.published.hooknames import map_pair
+
+    ours_in, ours_out = map_pair(f.hook, f.hook_out)
+    f.sae.cfg.hook = hook if hook is not None else (ours_in or f.hook or "")
+    f.sae.cfg.hook_out = transcoder_io.hook_out(hook) if hook is not None else (ours_out or f.hook_out or "")
     return f.sae
 
 
@@ -208,10 +223,12 @@ def export_sparsify(sae: SAE, directory: str | Path) -> Path:
 
 
 def import_sparsify(directory: str | Path, hook: str = "") -> SAE:
-    """Load a sparsify TopK SAE directory (``cfg.json`` + ``sae.safetensors``) as a topk SAE:
-    :mod:`pipeline.sae.published.sparsify`."""
+    """Load a sparsify TopK SAE directory (``cfg.json`` + ``sae.safetensors``) as a topk SAE, or a ``transcode`` one
+    as a transcoder (its hooks from the folder name unless ``hook`` is given): :mod:`pipeline.sae.published.sparsify`."""
     from pipeline.sae.published.sparsify import read_sparsify
 
     f = read_sparsify(Path(directory))
+    if getattr(f.sae, "is_transcoder", False):
+        return _transcoder_hooks(f, hook or None)
     f.sae.cfg.hook = hook
     return f.sae

@@ -2,9 +2,9 @@
 
 SAELens: its ``transcoder`` / ``skip_transcoder`` classes are ReLU encoders and its ``jumprelu_transcoder`` /
 ``jumprelu_skip_transcoder`` JumpReLU ones; a ``batchtopk`` transcoder is exactly the latter with its inference
-threshold on every latent (a ``topk`` one has no SAELens equivalent). ``cfg.json`` carries ``d_out`` and
-``apply_b_dec_to_input: false``; the metadata ``hook_name`` (the MLP input) and ``hook_name_out`` (the MLP output).
-Tensors W_enc[d_in, d_sae], b_enc, W_dec[d_sae, d_out], b_dec[d_out], threshold[d_sae], W_skip[d_out, d_in].
+threshold on every latent, a ``jumprelu`` one (an import) with its own thresholds (a ``topk`` one has no SAELens
+equivalent). ``cfg.json`` carries ``d_out`` and ``apply_b_dec_to_input: false``; the metadata ``hook_name`` (the
+MLP input) and ``hook_name_out`` (the MLP output). Tensors W_enc[d_in, d_sae], b_enc, W_dec[d_sae, d_out], b_dec[d_out], threshold[d_sae], W_skip[d_out, d_in].
 
 sparsify: ``transcode: true`` (no b_dec subtracted from the input), ``skip_connection`` with W_skip[d_out, d_in]
 applied as ``x @ W_skip.mT``; TopK only, so a ``topk`` transcoder.
@@ -29,15 +29,15 @@ def hook_out(hook: str) -> str:
 def saelens_files(s: SAE, model_name: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors, cfg.json) of a folded transcoder ``s`` in SAELens layout."""
     c = s.cfg
-    if c.transcoder_activation != "batchtopk":
+    if c.transcoder_activation == "topk":
         raise UserError("export_saelens: SAELens has no TopK transcoder; train with "
                         "sae.transcoder_activation=batchtopk (exported as its JumpReLU transcoder)")
     sd = s.state_dict()
     t = {n: sd[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    t["threshold"] = sd["threshold"].clamp_min(0.0).expand(c.d_sae).to(s.dtype)
+    t["threshold"] = sd["threshold"].clamp_min(0.0).expand(c.d_sae).to(s.dtype)  # batchtopk's one, or jumprelu's
     if c.skip:
         t["W_skip"] = sd["W_skip"].t()
-    meta = {"hook_name": c.hook, "hook_name_out": hook_out(c.hook), "model_name": model_name,
+    meta = {"hook_name": c.hook, "hook_name_out": getattr(c, "hook_out", "") or hook_out(c.hook), "model_name": model_name,
             "sae_lens_version": "6.0.0", "sae_lens_training_version": "6.0.0"}
     cfg = {"architecture": "jumprelu_skip_transcoder" if c.skip else "jumprelu_transcoder", "d_in": c.d_in,
            "d_sae": c.d_sae, "d_out": c.d_in, "dtype": c.dtype, "device": "cpu", "apply_b_dec_to_input": False,

@@ -32,6 +32,7 @@ class Foreign:
     model: str | None  # the model the SAE was trained on, as the source names it, None if unknown
     files: list[Path]  # the files read (hashed into the provenance)
     notes: dict[str, Any] = field(default_factory=dict)  # what else is worth recording (architecture, versions)
+    hook_out: str | None = None  # a transcoder: the hook it predicts, in the source's vocabulary (None: unknown)
 
 
 def dtype_name(t: torch.Tensor) -> str:

@@ -6,7 +6,8 @@ b_enc[d_sae], b_dec[d_model], threshold[d_sae]; no config file: the layer comes 
 the site and model from the repository name. Gemma Scope 2 (``google/gemma-scope-2-*``): ``params.safetensors``
 with the same tensors under lower-case names (w_enc, w_dec, ...) and a ``config.json`` (``hf_hook_point_in``,
 ``model_name``, ``affine_connection``); transcoders add ``hf_hook_point_out`` and, for the affine variants, an
-``affine_skip_connection[d_in, d_out]``.
+``affine_skip_connection[d_in, d_out]``. Transcoders of both (``...-transcoders`` repositories, ``transcoder/``
+folders) are refused: they predict the MLP output after Gemma's post-MLP norm, not this pipeline's ``mlp_out``.
 
 Both encode f = JumpReLU_theta(x @ W_enc + b_enc) = (x W_enc + b_enc) · 1{. > theta}: the input is *not*
 centred by b_dec (apply_b_dec_to_input false); decode f @ W_dec + b_dec.
@@ -27,6 +28,8 @@ from pipeline.sae.published.common import Foreign, build, dtype_name, log_thresh
 
 NPZ, V2_WEIGHTS, V2_CFG = "params.npz", "params.safetensors", "config.json"
 _SITES = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
+_NOT_MLP_OUT = ("this pipeline's layers.{i}.mlp_out is not (it is taken before the norm): no exact transcoder "
+                "import; residual-stream SAEs only")
 
 
 def _read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -65,6 +68,9 @@ def read_gemmascope(d: Path) -> Foreign:
 
 def _read_v1(d: Path) -> Foreign:
     path = d / NPZ
+    if re.search(r"gemma-scope-[^/]*-transcoders", d.as_posix()):
+        raise UserError(f"{d}: a Gemma Scope transcoder predicts Gemma 2's hook_mlp_out, after its post-MLP norm, "
+                        f"which {_NOT_MLP_OUT}")
     t = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in _read_npz(path).items()}
     cfg = _jumprelu(t, path)
     sae = build(cfg, {k: t[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold")}, path)
@@ -87,7 +93,7 @@ def _read_v2(d: Path) -> Foreign:
     if "affine_skip_connection" in t or raw.get("hf_hook_point_out") or raw.get("affine_connection"):
         raise UserError(f"{d}: a Gemma Scope 2 transcoder (reads {raw.get('hf_hook_point_in')}, writes "
                         f"{raw.get('hf_hook_point_out')}{', affine skip' if 'affine_skip_connection' in t else ''}) "
-                        "is not an SAE on one hook; import residual-stream SAEs")
+                        f"predicts the MLP output after Gemma 3's post-MLP norm, which {_NOT_MLP_OUT}")
     cfg = _jumprelu(t, path)
     sae = build(cfg, {k: t[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold")}, path)
     hook = raw.get("hf_hook_point_in")

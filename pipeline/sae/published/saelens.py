@@ -2,6 +2,7 @@
 
 Tensors: W_enc[d_in, d_sae], b_enc[d_sae], W_dec[d_sae, d_in], b_dec[d_in], plus ``threshold[d_sae]``
 (jumprelu) or b_gate / b_mag / r_mag (gated). The encoder reads x - b_dec when ``apply_b_dec_to_input``.
+Transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_(skip_)transcoder``): :mod:`.transcoders`.
 Configs before SAELens 6 are flat and use other names (``hook_point``, ``activation_fn_str``, TopK as
 ``architecture: standard`` with ``activation_fn_kwargs: {k}``), as SAELens' own ``handle_config_defaulting``
 reads them; 6.x nests the hook and model under ``metadata``. Folded on import, so encode/decode equal
@@ -24,6 +25,7 @@ from pipeline.errors import UserError
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.io import _read_json, _read_tensors
 from pipeline.sae.published.common import Foreign, build, dtype_name, log_threshold, need, shape_of
+from pipeline.sae.published.transcoders import SAELENS_ARCHS, read_saelens_transcoder
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ def read_saelens(d: Path) -> Foreign:
     if arch == "standard" and act == "topk":  # pre-6.0 TopK SAEs
         arch = "topk"
     ours = _ARCHS.get(arch)
-    if ours is None:
-        raise UserError(f"{path}: SAELens architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})")
+    if ours is None and arch not in SAELENS_ARCHS:
+        raise UserError(f"{path}: SAELens architecture {arch!r} is not supported (supported: "
+                        f"{', '.join((*_ARCHS, *SAELENS_ARCHS))})")
     if arch == "standard" and act not in ("relu", None):
         raise UserError(f"{path}: activation_fn {act!r} is not supported for a standard SAE (relu, topk)")
     norm = c.get("normalize_activations") or "none"
@@ -70,6 +73,8 @@ def read_saelens(d: Path) -> Foreign:
     k = int(c.get("k") or (c.get("activation_fn_kwargs") or {}).get("k") or 1)
     wpath = d / WEIGHTS
     t = _read_tensors(wpath)
+    if arch in SAELENS_ARCHS:
+        return read_saelens_transcoder(c, t, path, wpath)
     need(t, ("W_enc", "W_dec", "b_dec"), wpath)
     W_enc = shape_of(t.pop("W_enc"), (d_in, d_sae), "W_enc", wpath)
     W_dec = shape_of(t.pop("W_dec"), (d_sae, d_in), "W_dec", wpath)

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, json_digest, sha256_file
 from pipeline.sae.published.common import Foreign
-from pipeline.sae.published.hooknames import check_gemma_site, map_hook
+from pipeline.sae.published.hooknames import check_gemma_site, map_hook, map_pair, why_not_ours
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,10 @@ def model_key(name: str) -> str:
 
 
 def check_and_map(f: Foreign, hooks: list[str], model_name: str, d_model: dict[str, int], source: str) -> str:
-    """This pipeline's hook for the imported SAE, after checking hook, model and d_model against the params."""
+    """This pipeline's hook for the imported SAE, after checking hook, model and d_model against the params (a
+    transcoder: the hook it reads; :func:`check_transcoder` sets the one it predicts as ``cfg.hook_out``)."""
+    if getattr(f.sae, "is_transcoder", False):
+        return check_transcoder(f, hooks, model_name, d_model, source)
     ours = map_hook(f.hook)
     if f.hook and ours is None:
         raise UserError(f"sae.source: {source}: the SAE's hook {f.hook!r} has no equivalent among this pipeline's "
@@ -139,6 +142,54 @@ def check_and_map(f: Foreign, hooks: list[str], model_name: str, d_model: dict[s
     return ours
 
 
+def _pair_from(hooks: list[str], f: Foreign, source: str) -> tuple[str, str]:
+    """A transcoder's hooks when its files name only one side (or none): the other from the same block."""
+    ours_in, ours_out = map_pair(f.hook, f.hook_out)
+    if ours_in is None and ours_out is None:
+        ins = [h for h in hooks if h.endswith(".mlp_in")]
+        if len(ins) != 1:
+            raise UserError(f"sae.source: {source}: the files do not name the transcoder's hooks; set extract.hooks to "
+                            "the pair it reads and predicts, [layers.{i}.mlp_in, layers.{i}.mlp_out]")
+        ours_in = ins[0]
+        log.warning("%s: the files do not name the transcoder's hooks; taking extract.hooks' %s", source, ours_in)
+    if ours_in is None:
+        ours_in = ours_out[: -len("mlp_out")] + "mlp_in"
+    return ours_in, ours_out or ours_in[: -len("mlp_in")] + "mlp_out"
+
+
+def check_transcoder(f: Foreign, hooks: list[str], model_name: str, d_model: dict[str, int], source: str) -> str:
+    """:func:`check_and_map` for a transcoder: it reads ``layers.{i}.mlp_in`` and predicts the same block's
+    ``layers.{i}.mlp_out``, both of which extract.hooks must list (and nothing else)."""
+    ours_in, ours_out = map_pair(f.hook, f.hook_out)
+    if f.hook and ours_in is None:
+        why = why_not_ours(f.hook)
+        raise UserError(f"sae.source: {source}: the transcoder's input hook {f.hook!r} has no equivalent among this "
+                        f"pipeline's hooks (layers.{{i}}.mlp_in, the MLP's input after its norm){': ' + why if why else ''}")
+    if f.hook_out and (ours_out is None or not ours_out.endswith(".mlp_out")):
+        raise UserError(f"sae.source: {source}: the transcoder's output hook {f.hook_out!r} is not an MLP output this "
+                        "pipeline records (layers.{i}.mlp_out)")
+    ours_in, ours_out = _pair_from(hooks, f, source)
+    if ours_in[: -len("mlp_in")] != ours_out[: -len("mlp_out")]:
+        raise UserError(f"sae.source: {source} reads {ours_in} but predicts {ours_out}: this pipeline's transcoders "
+                        "predict the MLP output of the block whose MLP input they read")
+    shown = f" ({f.hook})" if f.hook and f.hook != ours_in else ""
+    shown_out = f" ({f.hook_out})" if f.hook_out and f.hook_out != ours_out else ""
+    if sorted(hooks) != sorted([ours_in, ours_out]):
+        raise UserError(f"sae.source: {source} is a transcoder reading {ours_in}{shown} and predicting "
+                        f"{ours_out}{shown_out}, extract.hooks is {hooks}: set extract.hooks: [{ours_in}, {ours_out}]")
+    if f.model and model_key(f.model) != model_key(model_name):
+        raise UserError(f"sae.source: {source} was trained on {f.model}, model.name is {model_name}: set model.name "
+                        "to the SAE's model")
+    check_gemma_site(ours_out, f.model or model_name, f"sae.source: {source}")
+    for h in (ours_in, ours_out):
+        have = d_model.get(h)
+        if have is not None and have != f.sae.cfg.d_in:
+            raise UserError(f"sae.source: {source} has width {f.sae.cfg.d_in}, the activations of {h} have d_model "
+                            f"{have} (model.name {model_name})")
+    f.sae.cfg.hook_out = ours_out
+    return ours_in
+
+
 def import_published(source: str, fmt: str, hooks: list[str], model_name: str, d_model: dict[str, int],
                      out_root: Path, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Import ``source`` as ``out_root/<hook>/`` (``sae.safetensors`` + ``cfg.json`` + ``provenance.json``).
@@ -160,6 +211,8 @@ def import_published(source: str, fmt: str, hooks: list[str], model_name: str, d
             "source_hook": f.hook, "source_model": f.model, "files_sha256": files,
             "digest": json_digest(files), "architecture": f.sae.cfg.arch, "d_in": f.sae.cfg.d_in,
             "d_sae": f.sae.cfg.d_sae, "notes": f.notes}
+    if getattr(f.sae, "is_transcoder", False):  # the hook it predicts, ours and the source's
+        prov |= {"hook_out": f.sae.cfg.hook_out, "source_hook_out": f.hook_out}
     out = out_root / hook
     save_sae(f.sae, out, training={"imported": prov})
     atomic_write_json(out / PROVENANCE, prov)
