@@ -221,8 +221,8 @@ def test_hook_pairs_map_to_ours() -> None:
 
 def test_sae_train_imports_a_transcoder(tmp_path: Path, tiny_llama: Path, labelled_corpus: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stage: `sae train` with sae.source at a transcoder folder writes models/sae/<mlp_in>/ and its provenance;
-    extract.hooks without the pair is one line naming both hooks."""
+    """The stages: `sae train` with sae.source at a transcoder folder writes models/sae/<mlp_in>/ and its provenance,
+    `sae evaluate` takes it; extract.hooks without the pair is one line naming both hooks."""
     from click.testing import CliRunner
     from stage_workspace import invoke, sets
 
@@ -240,5 +240,8 @@ def test_sae_train_imports_a_transcoder(tmp_path: Path, tiny_llama: Path, labell
     prov = json.loads((folder / PROVENANCE).read_text())
     assert (prov["hook"], prov["hook_out"], prov["format"]) == (*pair, "saelens")
     assert load_sae(folder).cfg.hook_out == "layers.1.mlp_out"
+    invoke("evaluate")  # evaluated as a trained transcoder is: against its target, with the MLP replaced
+    ev = json.loads(Path("results/evaluate.json").read_text())["layers.1.mlp_in"]
+    assert ev["reconstruction_target"] == "layers.1.mlp_out" and "kl_div@2" in ev
     res = CliRunner().invoke(main, ["train", *sets([f"sae.source={tmp_path / 'tc'}", "extract.hooks=[layers.1.mlp_in]"])])
     assert res.exit_code == 2 and "set extract.hooks: [layers.1.mlp_in, layers.1.mlp_out]" in res.output
