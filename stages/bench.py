@@ -1,7 +1,8 @@
 """``sae bench``: SAEBench-comparable evaluation of every SAE: sparse probing on the corpus's labels,
 first-letter feature absorption, and SAEBench result files.
 
-Reads ``models/sae/<hook>/``, ``data/activations/{train,validation}/<hook>/``, ``data/tokens/`` and (for the
+Reads ``models/sae/<hook>/``, ``data/activations/{train,validation}/<hook>/`` (a transcoder: its MLP input's and,
+for the core numbers, its MLP output's), ``data/tokens/`` and (for the
 autointerp result file) ``data/interpret/<hook>/features.parquet``; loads the model for the absorption
 prompts and the core file's CE/KL. Writes ``results/bench.json`` (``{hook: {"sae_top_1_test_accuracy@1": ...}}``),
 its headline ``metrics/bench.json`` (:mod:`pipeline.headline`) and
@@ -38,9 +39,11 @@ def command(params: Params) -> None:
     from pipeline.io import nan_to_null
     from pipeline.models import load_model
     from pipeline.numerics import apply_numerics
+    from pipeline.pairs import sae_hooks
     from pipeline.sae import load_sae
     from pipeline.saebench.hook import HookInputs, RunInfo, bench_hook
     from pipeline.saebench.run import BenchConfig
+    from pipeline.site import site_of
     from pipeline.splice import validation_contexts
     from pipeline.tokens import special_token_ids
 
@@ -65,15 +68,19 @@ def command(params: Params) -> None:
     special = special_token_ids(loaded.tokenizer)
     splice_contexts = validation_contexts(CONTEXTS, cfg.n_splice_contexts).to(device)
     out: dict[str, Any] = {}
-    for hook in params.extract.hooks:
+    hooks = sae_hooks(params.sae.arch, params.extract.hooks)  # a transcoder per (mlp_in, mlp_out) pair, at mlp_in
+    for hook in hooks:
         sae = load_sae(MODELS / hook, device=device).eval()
+        site = site_of(sae, hook)
         sets = [open_activations(ACTIVATIONS / split / hook) for split in ("train", "validation")]
-        for ds in sets:
+        targets = [open_activations(ACTIVATIONS / split / site.write) for split in ("train", "validation")] \
+            if site.paired else None
+        for ds in sets + (targets or []):
             if ds.d_model != sae.cfg.d_in:
                 raise UserError(f"{ds.root}: d_model {ds.d_model} does not match the SAE's d_in {sae.cfg.d_in}")
-        inp = HookInputs(MODELS / hook, sets, contexts, documents, INTERPRET / hook / "features.parquet")
+        inp = HookInputs(MODELS / hook, sets, contexts, documents, INTERPRET / hook / "features.parquet", targets)
         out[hook] = nan_to_null(bench_hook(hook, sae, inp, loaded.model, loaded.tokenizer, special, splice_contexts,
                                            cfg, info, device, EVAL_RESULTS))
     out["environment"] = environment({"bench.device": device, "bench.encode_dtype": dtype,
                                       "model.dtype": params.model.dtype, "numerics.portable": params.numerics.portable})
-    write_stage_results("bench", out, params.extract.hooks)
+    write_stage_results("bench", out, hooks)

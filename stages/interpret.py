@@ -1,6 +1,8 @@
 """``sae interpret``: what each learned feature means, with evidence, for every hook's SAE.
 
-Reads ``models/sae/<hook>/``, ``data/activations/<interpret.split>/<hook>/`` and ``data/tokens/``;
+Reads ``models/sae/<hook>/``, ``data/activations/<interpret.split>/<hook>/`` and ``data/tokens/`` (a transcoder: its
+input hook's, ``layers.{i}.mlp_in``: its latents read the MLP input; its decoder rows, which the logit lens reads,
+write the MLP output);
 writes ``data/interpret/<hook>/{features,examples}.parquet``, the dashboard under
 ``reports/features/`` (``index.html`` links one dashboard per hook) and ``metrics/interpret.json``.
 LM calls are cached under ``data/interpret_cache/`` (DVC ``persist: true``, ``cache: false``).
@@ -40,7 +42,9 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     from pipeline.interpret.run import resolve_dtype
     from pipeline.models import load_model
     from pipeline.numerics import apply_numerics
+    from pipeline.pairs import sae_hooks
     from pipeline.sae import load_sae
+    from pipeline.site import site_of
 
     apply_numerics(params.numerics.portable, params.numerics.threads)
     p = params.interpret
@@ -58,7 +62,8 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     entries = []
     backend = None
-    for hook in params.extract.hooks:
+    hooks = sae_hooks(params.sae.arch, params.extract.hooks)  # a transcoder per (mlp_in, mlp_out) pair, at mlp_in
+    for hook in hooks:
         sae_dir = root / MODELS / hook
         if not (sae_dir / "cfg.json").is_file():
             raise UserError(f"{sae_dir}: no trained SAE for hook {hook} (run `sae train` first)")
@@ -75,7 +80,9 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                            backend=backend, device=device, seed=params.seed)
         metrics[hook] = m
         med = m["median_topic_auroc@1"]  # None without topic labels
-        entries.append((hook, f"{hook}/index.html", f"{m['alive_features@1']} alive features, "
+        site = site_of(sae, hook)
+        what = f"transcoder {site.read} -> {site.write}: " if site.paired else ""
+        entries.append((hook, f"{hook}/index.html", f"{what}{m['alive_features@1']} alive features, "
                                                     f"median topic AUROC {'n/a' if med is None else f'{med:.3f}'}"))
     write_hooks_page(root / DASHBOARD, entries)
     # A declared DVC output must exist even when no LM ran ('stats' explainer).
@@ -83,7 +90,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                       "delete it to recompute explanations and scores.\n")
     env = environment({"interpret.device": device, "interpret.encode_dtype": encode_dtype,
                        "numerics.portable": params.numerics.portable})
-    write_stage_results("interpret", {**metrics, "environment": env}, params.extract.hooks, root)
+    write_stage_results("interpret", {**metrics, "environment": env}, hooks, root)
     return metrics
 
 

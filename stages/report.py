@@ -44,6 +44,8 @@ def command(params: Params) -> None:
     root = repo_root()  # the real repository: store, artifacts and pending runs live here
     flat = flatten(to_dict(params))
     hooks = list(params.extract.hooks)
+    if params.sae.arch == "transcoder":  # the hooks with a dictionary: a transcoder's is its mlp_in (pipeline.pairs)
+        hooks = [h for h in hooks if h.endswith(".mlp_in")]
     tp = params.tracking
 
     record = build_record(work, flat, tp.experiment, hooks)

@@ -1,6 +1,7 @@
 """``sae steer``: causal steering evaluation of one SAE's features against baselines.
 
-Reads ``models/sae/<hook>/``, ``data/activations/<steer.stats_split>/<hook>/``, ``data/tokens/`` and
+Reads ``models/sae/<hook>/``, ``data/activations/<steer.stats_split>/<hook>/`` (a transcoder: its MLP input's and
+MLP output's, steered at the MLP output), ``data/tokens/`` and
 (when present) ``data/interpret/<hook>/features.parquet``; writes ``data/steer/generations.parquet``,
 ``data/steer/{likelihood,ablation}.parquet`` (the likelihood evidence per unit, ``steer.likelihood``),
 ``metrics/steer.json``, ``plots/steer/{concept,fluency}.csv``, ``plots/steer/frontier/<method>.csv`` and
@@ -19,8 +20,11 @@ import polars as pl
 from pipeline.activations import open_activations
 from pipeline.errors import UserError
 from pipeline.headline import write_stage_results
+from pipeline.hooks import parse_hook
 from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text
+from pipeline.pairs import is_transcoder_arch, sae_hooks
 from pipeline.paths import ACTIVATIONS, INTERPRET, MODELS, STEER_FIGURES, TOKENS
+from pipeline.site import site_of
 from stages.common import Params, log, stage_command
 
 OUT = Path("data/steer")
@@ -46,20 +50,24 @@ def command(params: Params) -> None:
     t0 = time.perf_counter()
     apply_numerics(params.numerics.portable, params.numerics.threads)
     p = params.steer
-    hook = p.hook or params.extract.hooks[0]
+    hook = p.hook or sae_hooks(params.sae.arch, params.extract.hooks)[0]  # a transcoder: its input hook's
     sae_dir = MODELS / hook
     if not (sae_dir / "cfg.json").is_file():
-        raise UserError(f"steer.hook: no SAE at {sae_dir} (run `sae train`, or set steer.hook to a trained hook)")
+        hint = (f"; a transcoder lives in its input hook's directory: steer.hook layers.{parse_hook(hook).layer}.mlp_in"
+                if is_transcoder_arch(params.sae.arch) and parse_hook(hook).kind == "mlp_out" else "")
+        raise UserError(f"steer.hook: no SAE at {sae_dir} (run `sae train`, or set steer.hook to a trained hook){hint}")
     for f in ("contexts.parquet", "documents.parquet"):
         if not (TOKENS / f).is_file():
             raise UserError(f"{TOKENS / f}: not found (run `sae prepare` first)")
-    acts = open_activations(ACTIVATIONS / p.stats_split / hook)
     torch.manual_seed(params.seed)
     lm = load_model(params.model.name, params.model.revision, params.model.dtype, params.model.device)
     device = next(lm.model.parameters()).device
     sae = load_sae(sae_dir, device=device)
     if sae.W_dec.shape[1] != lm.d_model:
         raise UserError(f"{sae_dir}: SAE d_in {sae.W_dec.shape[1]} != model d_model {lm.d_model} (wrong model?)")
+    site = site_of(sae, hook)  # a transcoder reads its MLP input and is steered at its MLP output
+    acts = open_activations(ACTIVATIONS / p.stats_split / site.read)
+    write_acts = open_activations(ACTIVATIONS / p.stats_split / site.write) if site.paired else None
     contexts = pl.read_parquet(TOKENS / "contexts.parquet")
     documents = pl.read_parquet(TOKENS / "documents.parquet")
     interp = read_interpret(INTERPRET / hook / "features.parquet")
@@ -71,7 +79,8 @@ def command(params: Params) -> None:
     try:
         result = evaluate_steering(lm.model, lm.tokenizer, sae, hook, contexts, documents, acts, interp, p,
                                    params.seed, bos=params.corpus.bos != "none", judge=judge,
-                                   model_info={"id": lm.model_id, "dtype": params.model.dtype, "device": str(device)})
+                                   model_info={"id": lm.model_id, "dtype": params.model.dtype, "device": str(device)},
+                                   write_acts=write_acts)
     finally:
         if judge is not None:
             judge.flush()  # answers so far survive a failure: a rerun resumes from them
