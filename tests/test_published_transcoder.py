@@ -202,6 +202,17 @@ def test_unrepresentable_transcoders_are_refused(tmp_path: Path) -> None:
     np.savez(gs / "params.npz", W_enc=np.ones((D_IN, D_SAE), np.float32))
     with pytest.raises(UserError, match="after its post-MLP norm"):
         read_folder(gs)
+    from safetensors.torch import save_file
+
+    for w_dec, match in ((torch.ones(D_SAE), "'W_dec' has shape .40,., expected a matrix"),
+                         (torch.ones(D_SAE, D_IN + 1), "from width 12 to 13")):
+        bad = tmp_path / f"bad{w_dec.ndim}"
+        bad.mkdir()
+        save_file({"W_enc": torch.ones(D_IN, D_SAE), "b_enc": torch.ones(D_SAE), "W_dec": w_dec,
+                   "b_dec": torch.ones(w_dec.shape[-1])}, bad / "sae_weights.safetensors")
+        (bad / "cfg.json").write_text(json.dumps({"architecture": "transcoder", "d_in": D_IN, "d_sae": D_SAE}))
+        with pytest.raises(UserError, match=match):
+            read_folder(bad)
     with pytest.raises(UserError, match="'jumprelu' is an imported transcoder's form"):
         from pipeline.params.core import from_dict
         from pipeline.params.sae import SAEParams

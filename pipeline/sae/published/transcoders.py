@@ -43,8 +43,10 @@ def read_saelens_transcoder(c: dict[str, Any], t: dict[str, torch.Tensor], path:
     extra = sorted(set(t) - set(names) - {"log_feature_sparsity"})
     if extra:
         raise UserError(f"{wpath}: unexpected tensors {extra} for a SAELens {arch}")
-    d_in, d_sae = (int(n) for n in t["W_enc"].shape) if t["W_enc"].ndim == 2 else (0, 0)
-    d_out = int(t["W_dec"].shape[-1])
+    for name in ("W_enc", "W_dec"):
+        if t[name].ndim != 2:
+            raise UserError(f"{wpath}: tensor {name!r} has shape {tuple(t[name].shape)}, expected a matrix")
+    (d_in, d_sae), d_out = t["W_enc"].shape, int(t["W_dec"].shape[1])
     for key, have in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
         if c.get(key) is not None and int(c[key]) != have:
             raise UserError(f"{path}: {key} is {c[key]}, but {wpath.name} holds {have}")
