@@ -96,8 +96,10 @@ def sae_config(params: Params | tuple[SAEParams, TrainParams], d_model: int, hoo
 
 def train_on_dataset(data: str | Path, out: str | Path, sae_params: SAEParams, train_params: TrainParams, seed: int = 0,
                      val_data: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-                     curve_path: str | Path | None = None) -> dict[str, Any]:
-    """Train an SAE on any activation dataset directory (``pipeline.activations`` format).
+                     curve_path: str | Path | None = None, target_data: str | Path | None = None,
+                     val_target_data: str | Path | None = None) -> dict[str, Any]:
+    """Train an SAE on any activation dataset directory (``pipeline.activations`` format); a transcoder on ``data``
+    (MLP inputs) and ``target_data`` (their MLP outputs, row for row; ``val_target_data`` those of ``val_data``).
 
     The Python entry point behind ``sae train --data DIR --out DIR``; imports nothing from ``stages``. The SAE lands in ``out``
     (``sae.safetensors`` + ``cfg.json``); checkpoints default to ``<out>/checkpoints``. Returns the
@@ -106,8 +108,10 @@ def train_on_dataset(data: str | Path, out: str | Path, sae_params: SAEParams, t
     out = Path(out)
     dataset = open_activations(data)
     val = open_activations(val_data) if val_data else None
+    target = open_activations(target_data) if target_data else None
+    val_target = open_activations(val_target_data) if val_target_data else None
     return train_hook(dataset, val, out, Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints",
-                      Path(curve_path) if curve_path else None, sae_params, train_params, seed)
+                      Path(curve_path) if curve_path else None, sae_params, train_params, seed, target, val_target)
 
 
 def train_hook(dataset: ActivationDataset, val: ActivationDataset | None, out: Path, ckpt: Path,

@@ -6,7 +6,7 @@ With ``sae.arch: transcoder``, one transcoder per (``layers.{i}.mlp_in``, ``laye
 ``extract.hooks``, trained on both datasets in lockstep, keyed by the input hook (``pipeline.pairs``); the
 other hooks get no SAE.
 With ``--data DIR --out DIR`` it trains on any activation dataset instead (bring your own; see
-README, "Training on your own activations").
+README, "Training on your own activations"; a transcoder adds ``--target-data DIR``).
 Under torchrun, or with ``train.processes`` > 1, the processes train each SAE together (data-parallel,
 ``pipeline.train``); rank 0 alone writes.
 """
@@ -66,6 +66,10 @@ def import_source(params: Params) -> None:
     write_stage_results("train", metrics, [prov["hook"]])
 
 
+@click.option("--val-target-data", "val_target_data", type=click.Path(file_okay=False, exists=True), default=None,
+              help="With --val-data and sae.arch transcoder: the MLP outputs of --val-data's MLP inputs.")
+@click.option("--target-data", "target_data", type=click.Path(file_okay=False, exists=True), default=None,
+              help="With --data and sae.arch transcoder: the MLP outputs of --data's MLP inputs, row for row.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="With --data: folder for sae.safetensors + cfg.json (default: models/sae/<hook of the dataset>).")
 @click.option("--val-data", "val_data", type=click.Path(file_okay=False, exists=True), default=None,
@@ -73,15 +77,19 @@ def import_source(params: Params) -> None:
 @click.option("--data", "data", type=click.Path(file_okay=False, exists=True), default=None,
               help="Train on this activation dataset (a folder with manifest.json) instead of the pipeline's.")
 @stage_command(help="Activation datasets -> one trained SAE per hook (resumes from checkpoints/ after a kill).")
-def command(params: Params, data: str | None = None, val_data: str | None = None, out: str | None = None) -> None:
+def command(params: Params, data: str | None = None, val_data: str | None = None, out: str | None = None,
+            target_data: str | None = None, val_target_data: str | None = None) -> None:
     from pipeline.devices import resolve_device
     from pipeline.environment import environment
     from pipeline.numerics import apply_numerics
     from pipeline.train import train_hook, train_on_dataset
     from pipeline.train_setup import resolve_auto
 
-    if data is None and (val_data or out):
-        raise click.UsageError("--val-data and --out need --data")
+    if data is None and (val_data or out or target_data or val_target_data):
+        raise click.UsageError("--target-data, --val-target-data, --val-data and --out need --data")
+    if data is not None and is_transcoder_arch(params.sae.arch) and not target_data:
+        raise UserError("--target-data: missing; sae.arch 'transcoder' trains on the MLP outputs of --data's MLP "
+                        "inputs, row for row (a dataset written with the same rows)")
     if data is None and params.sae.source != "train":  # a published SAE: imported, not trained
         import_source(params)
         return
@@ -98,7 +106,8 @@ def command(params: Params, data: str | None = None, val_data: str | None = None
         dataset = open_activations(data)
         out_dir = Path(out) if out else MODELS / dataset.hook
         summary = train_on_dataset(data, out_dir, params.sae, train_p, params.seed, val_data=val_data,
-                                   checkpoint_dir=out_dir / "checkpoints", curve_path=out_dir / "train_curve.csv")
+                                   checkpoint_dir=out_dir / "checkpoints", curve_path=out_dir / "train_curve.csv",
+                                   target_data=target_data, val_target_data=val_target_data)
         log.info("saved %s: %s", out_dir, summary)
         return
 

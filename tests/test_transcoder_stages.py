@@ -14,9 +14,9 @@ from stage_workspace import invoke
 
 from pipeline.activations import open_activations
 from pipeline.evaluate import reconstruction_metrics
+from pipeline.models import load_tokenizer
 from pipeline.sae import load_sae
 from pipeline.splice import splice_metrics, validation_contexts
-from pipeline.models import load_tokenizer
 from pipeline.testing import tiny_params, write_params
 from pipeline.tokens import special_token_ids
 from pipeline.transcoder_splice import mlp_replaced_metrics

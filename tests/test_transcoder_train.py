@@ -8,12 +8,15 @@ and refused with one line when the rows differ; resume stays bit-identical; FVU 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from test_transcoder import B, mmcs, pair
 
 from pipeline.activations import open_activations, write_activations
@@ -21,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.loader import first_batch, train_batches
 from pipeline.pairs import check_aligned, sae_hooks, transcoder_pairs
+from pipeline.params import Params, to_dict
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAEConfig
 from pipeline.train import train_sae
@@ -136,6 +140,24 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path: Path) -> None:
     resumed = train_pair(tmp_path / "b", x_root, y_root, **kw)
     assert resumed.summary["steps"] == 40
     assert all(torch.equal(whole[k], v) for k, v in resumed.sae.state_dict().items())
+
+
+def test_bring_your_own_pair_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.train import command
+
+    x_root, y_root = write_pair(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    p = to_dict(Params())
+    p["sae"].update(arch="transcoder", expansion=3, k=3)
+    p["train"].update(device="cpu", dtype="float32", batch_size=256, n_tokens=256 * 8, log_every=4, val_every=0,
+                      checkpoint_every=0)
+    Path("params.yaml").write_text(yaml.safe_dump(p))
+    res = CliRunner().invoke(command, ["--data", str(x_root), "--target-data", str(y_root), "--out", "tc"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(Path("tc/cfg.json").read_text())
+    assert (cfg["architecture"], cfg["hook"], cfg["hook_out"]) == ("transcoder", HOOK_IN, HOOK_OUT)
+    res = CliRunner().invoke(command, ["--data", str(x_root), "--out", "tc2"])
+    assert res.exit_code == 2 and res.output.startswith("error: --target-data: missing;") and res.output.count("\n") == 1
 
 
 def test_hook_pairs_and_kernels() -> None:
