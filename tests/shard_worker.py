@@ -5,8 +5,9 @@ Trains each SAE of ``--variants`` (topk, batchtopk) with ``train.parallel: laten
 ``--out/<name>`` through :func:`pipeline.train.train_sae`, as ``sae train`` does under torchrun. After every step
 each process appends the sha256 of its replicated gradient (``b_dec``) and of its replicated tensors to
 ``--out/<name>.replicated.<rank>``, so the test can check they are bitwise the same on every process.
-``--kill-at STEP`` ends every process right after that step of the first variant named ``<arch>-<tag>``, as a
-kill would. Also imported by tests/test_sharding.py.
+A variant named ``<arch>-<tag>`` stops after step ``--stop-at`` (an exception: no final checkpoint, no SAE, as a
+kill leaves it; rank 0 copies the checkpoint folder to ``<name>_ckpt_at_stop``), then trains again in the same
+processes: a new run that resumes from the checkpoint file. Also imported by tests/test_sharding.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +39,10 @@ def train_params(**over: object) -> TrainParams:
     return TrainParams(**{**TRAIN, **over})  # type: ignore[arg-type]
 
 
+class Stopped(Exception):
+    """Ends a run between two steps, as a kill would: no final checkpoint, no SAE."""
+
+
 def digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -53,7 +59,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--variants", default="topk,batchtopk")
-    ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--stop-at", type=int, default=None)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--sae-dtype", default="float32")
     args = ap.parse_args()
@@ -70,16 +76,28 @@ def main() -> None:
     TrainRun.train_step = recorded  # type: ignore[method-assign]
 
     def on_step(step: int) -> None:
-        if step == args.kill_at:
-            sys.stdout.flush()
-            os._exit(17)
+        if step == args.stop_at:
+            raise Stopped
 
     ds = open_activations(args.data)
+    params = train_params(n_tokens=TRAIN["batch_size"] * args.steps)
     for name in args.variants.split(","):
         record.clear()
-        arch, killed = name.split("-")[0], "-" in name  # e.g. "topk-killed": killed at --kill-at
-        train_sae(ds, sae_config(arch, ds.d_model, dtype=args.sae_dtype), train_params(n_tokens=TRAIN["batch_size"] * args.steps), args.out / name, args.out / f"{name}_ckpt",
-                  seed=SEED, curve_path=args.out / f"{name}.csv", on_step=on_step if killed else None)
+        arch, stopped = name.split("-")[0], "-" in name  # e.g. "topk-stopped": stopped at --stop-at, then resumed
+        cfg, ckpt = sae_config(arch, ds.d_model, dtype=args.sae_dtype), args.out / f"{name}_ckpt"
+
+        def train(hook: Callable[[int], None] | None = None) -> None:
+            train_sae(ds, cfg, params, args.out / name, ckpt, seed=SEED, curve_path=args.out / f"{name}.csv",  # noqa: B023
+                      on_step=hook)
+
+        if stopped:
+            try:
+                train(on_step)
+            except Stopped:
+                pass
+            if rank == "0":  # the checkpoint as a kill would leave it
+                shutil.copytree(ckpt, args.out / f"{name}_ckpt_at_stop")
+        train()
         (args.out / f"{name}.replicated.{rank}").write_text("\n".join(record) + "\n")
 
 

@@ -2,7 +2,7 @@
 
 Two processes, each holding half of a 256 -> 8,192 TopK or BatchTopK SAE's latents, train the one-process SAE up
 to float32 rounding (4 steps; AuxK over dead latents and gradient clipping active), with their replicated
-gradients bitwise equal; a killed sharded run resumes to the same bits; one process cannot resume it. The global
+gradients bitwise equal; a stopped sharded run resumes to the same bits; one process cannot resume it. The global
 selection's tie rule is checked on N slices simulated in one process.
 """
 
@@ -140,10 +140,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_shards(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """topk and batchtopk trained by 2 latent shards; then topk again, killed after step 3 (checkpoint at 2)."""
+    """topk and batchtopk trained by 2 latent shards; then topk again, stopped after step 3 (checkpoint at 2), as a
+    kill would stop it, and resumed by a new run in the same processes."""
     out = tmp_path_factory.mktemp("shards")
-    res = torchrun("--data", str(data), "--out", str(out), "--variants", "topk,batchtopk,topk-killed", "--kill-at", "3")
-    assert res.returncode != 0 and (out / "batchtopk" / "sae.safetensors").is_file(), res.stderr[-3000:]
+    res = torchrun("--data", str(data), "--out", str(out), "--variants", "topk,batchtopk,topk-stopped", "--stop-at", "3")
+    assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
@@ -166,16 +167,14 @@ def test_two_shards_train_the_one_process_sae(arch: str, data: Path, two_shards:
     assert per_rank[0] == per_rank[1] and len(per_rank[0].splitlines()) == TRAIN["n_tokens"] // TRAIN["batch_size"]
 
 
-def test_killed_sharded_run_resumes_bit_identical(data: Path, two_shards: Path) -> None:
-    ckpt = two_shards / "topk-killed_ckpt"
-    state = torch.load(ckpt / CHECKPOINT_FILE, weights_only=False)
+def test_stopped_sharded_run_resumes_bit_identical(data: Path, two_shards: Path) -> None:
+    at_stop = two_shards / "topk-stopped_ckpt_at_stop"
+    state = torch.load(at_stop / CHECKPOINT_FILE, weights_only=False)
     assert state["step"] == 2 and not state["complete"] and state["cursor"]["world_size"] == 2
     assert state["model"]["W_dec"].shape == (D_SAE, D_IN)  # rank 0 gathered the whole SAE: one-process layout
     assert state["optimizer"]["state"][0]["exp_avg"].shape == state["model"]["W_dec"].shape
     with pytest.raises(UserError, match=r"state\.pt: written by a run of 2 processes, this run has 1; resume with 2"):
-        train_sae(open_activations(data), sae_config("topk", D_IN), train_params(), two_shards / "x", ckpt, seed=SEED)
-    resumed = torchrun("--data", str(data), "--out", str(two_shards), "--variants", "topk-killed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (two_shards / "topk-killed" / "sae.safetensors").read_bytes() == \
+        train_sae(open_activations(data), sae_config("topk", D_IN), train_params(), two_shards / "x", at_stop, seed=SEED)
+    assert (two_shards / "topk-stopped" / "sae.safetensors").read_bytes() == \
         (two_shards / "topk" / "sae.safetensors").read_bytes()
-    assert (two_shards / "topk-killed.csv").read_text() == (two_shards / "topk.csv").read_text()
+    assert (two_shards / "topk-stopped.csv").read_text() == (two_shards / "topk.csv").read_text()
