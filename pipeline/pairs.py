@@ -80,15 +80,18 @@ def sae_hooks(arch: str, hooks: Sequence[str]) -> list[str]:
 
 def saved_dictionaries(models: Path, hooks: Sequence[str]) -> dict[str, str]:
     """``{hook: what its dictionary reconstructs}`` for the dictionaries of ``hooks`` saved under ``models/<hook>/``:
-    an SAE its own hook, a transcoder its ``hook_out`` (``layers.{i}.mlp_out``). A hook that is a saved transcoder's
-    target and has no directory of its own is left out; any other hook is kept (its missing directory is the
-    loader's error)."""
+    an SAE its own hook, a transcoder its ``hook_out`` (``layers.{i}.mlp_out``). Beside transcoders, a hook without a
+    directory is left out (training gave it none: its target, or a hook outside every pair); without any, every
+    hook is kept (a missing directory is then the loader's error)."""
     from pipeline.sae.io import read_sae_cfg
 
     found = {h: read_sae_cfg(models / h)[0] for h in hooks if (models / h).is_dir()}
     target = {h: (cfg.hook_out or output_hook(h)) if is_transcoder_arch(cfg.arch) else h for h, cfg in found.items()}
-    predicted = {t for h, t in target.items() if t != h}
-    return {h: target.get(h, h) for h in hooks if h in found or h not in predicted}
+    if not any(t != h for h, t in target.items()):
+        return {h: h for h in hooks}
+    if skipped := [h for h in hooks if h not in found]:
+        log.info("no dictionary of its own for %s (transcoders in %s)", ", ".join(skipped), models)
+    return target
 
 
 def check_aligned(x: ActivationDataset, y: ActivationDataset) -> None:

@@ -23,7 +23,7 @@ from pipeline.activations import open_activations, write_activations
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.loader import first_batch, train_batches
-from pipeline.pairs import check_aligned, sae_hooks, transcoder_pairs
+from pipeline.pairs import check_aligned, sae_hooks, saved_dictionaries, transcoder_pairs
 from pipeline.params import Params, to_dict
 from pipeline.params.sae import TrainParams
 from pipeline.sae import SAEConfig
@@ -158,6 +158,18 @@ def test_bring_your_own_pair_from_the_command_line(tmp_path: Path, monkeypatch: 
     assert (cfg["architecture"], cfg["hook"], cfg["hook_out"]) == ("transcoder", HOOK_IN, HOOK_OUT)
     res = CliRunner().invoke(command, ["--data", str(x_root), "--out", "tc2"])
     assert res.exit_code == 2 and res.output.startswith("error: --target-data: missing;") and res.output.count("\n") == 1
+
+
+def test_evaluate_finds_the_saved_dictionaries_and_their_targets(tmp_path: Path) -> None:
+    from pipeline.sae import make_sae, save_sae
+
+    hooks = ["layers.0.resid_post", HOOK_IN, HOOK_OUT]
+    save_sae(make_sae(SAEConfig(arch="topk", d_in=4, d_sae=8, k=2), seed=0), tmp_path / "sae" / hooks[0])
+    assert saved_dictionaries(tmp_path / "sae", hooks) == {h: h for h in hooks}  # SAEs: every hook, dir or not
+    save_sae(make_sae(SAEConfig(arch="transcoder", d_in=4, d_sae=8, k=2, hook=HOOK_IN, hook_out=HOOK_OUT), seed=0),
+             tmp_path / "tc" / HOOK_IN)
+    # A transcoder: its target, and the hooks outside every pair, have no dictionary of their own.
+    assert saved_dictionaries(tmp_path / "tc", hooks) == {HOOK_IN: HOOK_OUT}
 
 
 def test_hook_pairs_and_kernels() -> None:
