@@ -105,7 +105,9 @@ class SteerParams:
     own scale m_f (its max, or a quantile, measured on our activations), so 1.0 means "as strongly as
     the feature ever writes"."""
 
-    hook: str | None = knob(None, help="Hook whose SAE is steered (null: the first of extract.hooks).")
+    hook: str | None = knob(None, help="Hook whose SAE is steered (null: the first of extract.hooks; with sae.arch "
+                                  "transcoder the first layers.{i}.mlp_in, the hook a transcoder is kept under; it is "
+                                  "steered at layers.{i}.mlp_out).")
     features: list[int] = knob(factory=list, help="Features to steer (empty: choose automatically, see select_by).")
     n_features: int = knob(3, help="Number of features chosen automatically.", ge=1)
     select_by: Literal["topic", "score", "auroc"] = knob(
