@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from pipeline import distributed
 from pipeline.activations import ActivationBatch, ActivationDataset
 from pipeline.checkpoint import fingerprint
 from pipeline.devices import resolve_device
@@ -57,8 +58,11 @@ def resolve_auto(cfg: TrainParams, arch: str) -> TrainParams:
     """``cfg`` with ``dtype`` and ``kernels`` 'auto' decided for this machine (the stage records them, and the
     trainer, its checkpoint fingerprint and ``cfg.json`` then use exactly these)."""
     device = resolve_device(cfg.device)
+    # Latent shards train on the dense step (pipeline.sharding_step): known here once the processes have joined
+    # (sae train joins first); pipeline.train_loop decides it again for callers that join later.
+    sharded = cfg.parallel == "latents" and cfg.kernels == "auto" and distributed.current().parallel
     return dataclasses.replace(cfg, dtype="bfloat16" if use_bf16_autocast(cfg.dtype, device) else "float32",
-                               kernels=kernel_backend(cfg.kernels, arch, device))
+                               kernels="torch" if sharded else kernel_backend(cfg.kernels, arch, device))
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainParams) -> float:

@@ -4,7 +4,8 @@ tests/shard_worker.py --data DIR --out DIR``.
 Trains each SAE of ``--variants`` (topk, batchtopk) with ``train.parallel: latents`` (:data:`TRAIN`) into
 ``--out/<name>`` through :func:`pipeline.train.train_sae`, as ``sae train`` does under torchrun. After every step
 each process appends the sha256 of its replicated gradient (``b_dec``) and of its replicated tensors to
-``--out/<name>.replicated.<rank>``, so the test can check they are bitwise the same on every process.
+``--out/<name>.replicated.<rank>``, so the test can check they are bitwise the same on every process; rank 0
+writes the run's summary (validated on the training data itself) to ``--out/<name>.summary.json``.
 A variant named ``<arch>-<tag>`` stops after step ``--stop-at`` (an exception: no final checkpoint, no SAE, as a
 kill leaves it; rank 0 copies the checkpoint folder to ``<name>_ckpt_at_stop``), then trains again in the same
 processes: a new run that resumes from the checkpoint file. Also imported by tests/test_sharding.py.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from pipeline.sae import SAEConfig
 D_SAE, K, SEED = 8192, 32, 3
 # A latent silent for one batch is dead, so AuxK (its own global top-k) works from the second step; grad_clip on.
 TRAIN = dict(device="cpu", dtype="float32", kernels="torch", batch_size=128, lr=3e-3, n_tokens=128 * 4, warmup_steps=1,
-             log_every=2, val_every=0, checkpoint_every=2, dead_window_tokens=128, prefetch=0, grad_clip=1.0,
+             log_every=2, val_every=2, val_tokens=256, checkpoint_every=2, dead_window_tokens=128, prefetch=0, grad_clip=1.0,
              parallel="latents")
 
 
@@ -86,9 +88,9 @@ def main() -> None:
         arch, stopped = name.split("-")[0], "-" in name  # e.g. "topk-stopped": stopped at --stop-at, then resumed
         cfg, ckpt = sae_config(arch, ds.d_model, dtype=args.sae_dtype), args.out / f"{name}_ckpt"
 
-        def train(hook: Callable[[int], None] | None = None) -> None:
-            train_sae(ds, cfg, params, args.out / name, ckpt, seed=SEED, curve_path=args.out / f"{name}.csv",  # noqa: B023
-                      on_step=hook)
+        def train(hook: Callable[[int], None] | None = None) -> dict:
+            return train_sae(ds, cfg, params, args.out / name, ckpt, seed=SEED, val_dataset=ds,  # noqa: B023
+                             curve_path=args.out / f"{name}.csv", on_step=hook).summary  # noqa: B023
 
         if stopped:
             try:
@@ -97,8 +99,10 @@ def main() -> None:
                 pass
             if rank == "0":  # the checkpoint as a kill would leave it
                 shutil.copytree(ckpt, args.out / f"{name}_ckpt_at_stop")
-        train()
+        summary = train()
         (args.out / f"{name}.replicated.{rank}").write_text("\n".join(record) + "\n")
+        if rank == "0":
+            (args.out / f"{name}.summary.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -150,8 +150,9 @@ def two_shards(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_two_shards_train_the_one_process_sae(arch: str, data: Path, two_shards: Path, tmp_path: Path) -> None:
-    train_sae(open_activations(data), sae_config(arch, D_IN), train_params(parallel="data"), tmp_path / "one",
-              tmp_path / "ckpt", seed=SEED)
+    ds = open_activations(data)
+    one = train_sae(ds, sae_config(arch, D_IN), train_params(parallel="data"), tmp_path / "one", tmp_path / "ckpt",
+                    seed=SEED, val_dataset=ds).summary
     training = json.loads((two_shards / arch / "cfg.json").read_text())["training"]
     assert training["world_size"] == 2 and training["parallel"] == "latents" and training["kernels"] == "torch"
     ref, got = weights(tmp_path / "one"), weights(two_shards / arch)
@@ -162,6 +163,11 @@ def test_two_shards_train_the_one_process_sae(arch: str, data: Path, two_shards:
     # nearly 0. Local top-k without the global threshold: 4e-3 .. 7e-2.
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=5e-4, msg=f"{arch}: {k}")
+    # Validation (rank 0, on the gathered SAE) and the curve: the one-process numbers.
+    two = json.loads((two_shards / f"{arch}.summary.json").read_text())
+    assert two.keys() == one.keys() and "val_fvu@2" in two
+    for k, v in one.items():
+        assert two[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     # Replicated gradients and tensors (b_dec, BatchTopK's threshold): the same bits on both processes, every step.
     per_rank = [(two_shards / f"{arch}.replicated.{r}").read_text() for r in range(2)]
     assert per_rank[0] == per_rank[1] and len(per_rank[0].splitlines()) == TRAIN["n_tokens"] // TRAIN["batch_size"]
