@@ -39,7 +39,7 @@ def command(params: Params) -> None:
     from pipeline.io import nan_to_null
     from pipeline.models import load_model
     from pipeline.numerics import apply_numerics
-    from pipeline.pairs import sae_hooks
+    from pipeline.pairs import saved_dictionaries
     from pipeline.sae import load_sae
     from pipeline.saebench.hook import HookInputs, RunInfo, bench_hook
     from pipeline.saebench.run import BenchConfig
@@ -68,7 +68,7 @@ def command(params: Params) -> None:
     special = special_token_ids(loaded.tokenizer)
     splice_contexts = validation_contexts(CONTEXTS, cfg.n_splice_contexts).to(device)
     out: dict[str, Any] = {}
-    hooks = sae_hooks(params.sae.arch, params.extract.hooks)  # a transcoder per (mlp_in, mlp_out) pair, at mlp_in
+    hooks = list(saved_dictionaries(MODELS, params.extract.hooks))  # a transcoder's: its mlp_in
     for hook in hooks:
         sae = load_sae(MODELS / hook, device=device).eval()
         site = site_of(sae, hook)

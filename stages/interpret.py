@@ -42,7 +42,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     from pipeline.interpret.run import resolve_dtype
     from pipeline.models import load_model
     from pipeline.numerics import apply_numerics
-    from pipeline.pairs import sae_hooks
+    from pipeline.pairs import saved_dictionaries
     from pipeline.sae import load_sae
     from pipeline.site import site_of
 
@@ -62,7 +62,7 @@ def run_interpret(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     entries = []
     backend = None
-    hooks = sae_hooks(params.sae.arch, params.extract.hooks)  # a transcoder per (mlp_in, mlp_out) pair, at mlp_in
+    hooks = list(saved_dictionaries(root / MODELS, params.extract.hooks))  # a transcoder's: its mlp_in
     for hook in hooks:
         sae_dir = root / MODELS / hook
         if not (sae_dir / "cfg.json").is_file():

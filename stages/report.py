@@ -9,10 +9,12 @@ saved under ``.sae-cache/pending-runs/`` for ``sae sync``.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from pipeline.params import flatten, to_dict
+from pipeline.paths import MODELS
 from pipeline.report import build_document, gather, write_report
 from pipeline.tracking import (
     RunPoint,
@@ -37,15 +39,23 @@ def _quiet_store_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _dictionary_hooks(hooks: list[str]) -> list[str]:
+    """The hooks with a dictionary (``pipeline.pairs.saved_dictionaries``'s rule, from the cfg.json files alone):
+    with a transcoder among them (kept under its mlp_in), the hooks without a directory (its mlp_out) are left out."""
+    cfgs = {h: MODELS / h / "cfg.json" for h in hooks}
+    found = {h: json.loads(c.read_text()) for h, c in cfgs.items() if c.is_file()}
+    if not any(c.get("architecture") == "transcoder" for c in found.values()):
+        return list(hooks)
+    return [h for h in hooks if h in found]
+
+
 @stage_command(help="Summary report (Markdown + HTML) of the pipeline's outputs, and the MLflow run of this execution.")
 def command(params: Params) -> None:
     _quiet_store_logs()
     work = Path.cwd()  # the stage's workspace (a temp copy under `dvc exp run --queue`)
     root = repo_root()  # the real repository: store, artifacts and pending runs live here
     flat = flatten(to_dict(params))
-    hooks = list(params.extract.hooks)
-    if params.sae.arch == "transcoder":  # the hooks with a dictionary: a transcoder's is its mlp_in (pipeline.pairs)
-        hooks = [h for h in hooks if h.endswith(".mlp_in")]
+    hooks = _dictionary_hooks(params.extract.hooks)
     tp = params.tracking
 
     record = build_record(work, flat, tp.experiment, hooks)

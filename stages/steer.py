@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.headline import write_stage_results
 from pipeline.hooks import parse_hook
 from pipeline.io import atomic_write_json, atomic_write_parquet, atomic_write_text
-from pipeline.pairs import is_transcoder_arch, sae_hooks
+from pipeline.pairs import saved_dictionaries
 from pipeline.paths import ACTIVATIONS, INTERPRET, MODELS, STEER_FIGURES, TOKENS
 from pipeline.site import site_of
 from stages.common import Params, log, stage_command
@@ -50,11 +50,12 @@ def command(params: Params) -> None:
     t0 = time.perf_counter()
     apply_numerics(params.numerics.portable, params.numerics.threads)
     p = params.steer
-    hook = p.hook or sae_hooks(params.sae.arch, params.extract.hooks)[0]  # a transcoder: its input hook's
+    hook = p.hook or next(iter(saved_dictionaries(MODELS, params.extract.hooks)))  # a transcoder: its mlp_in
     sae_dir = MODELS / hook
     if not (sae_dir / "cfg.json").is_file():
-        hint = (f"; a transcoder lives in its input hook's directory: steer.hook layers.{parse_hook(hook).layer}.mlp_in"
-                if is_transcoder_arch(params.sae.arch) and parse_hook(hook).kind == "mlp_out" else "")
+        hp = parse_hook(hook)
+        hint = (f"; a transcoder lives in its input hook's directory: steer.hook layers.{hp.layer}.mlp_in"
+                if hp.kind == "mlp_out" and (MODELS / f"layers.{hp.layer}.mlp_in" / "cfg.json").is_file() else "")
         raise UserError(f"steer.hook: no SAE at {sae_dir} (run `sae train`, or set steer.hook to a trained hook){hint}")
     for f in ("contexts.parquet", "documents.parquet"):
         if not (TOKENS / f).is_file():

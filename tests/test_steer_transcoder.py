@@ -187,3 +187,26 @@ def test_a_copy_of_the_model_is_left_without_hooks(lm) -> None:
         raise RuntimeError
     mlp = model.model.layers[1].mlp
     assert not mlp._forward_hooks and not mlp._forward_pre_hooks
+
+
+def test_stages_find_the_transcoder_under_its_input_hook(tmp_path: Path, tiny_llama: Path, labelled_corpus: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """steer.hook set to the transcoder's output hook is one line naming its input hook; the report lists the
+    transcoder's hook only (an SAE experiment every hook)."""
+    from click.testing import CliRunner
+
+    from pipeline.testing import tiny_params, write_params
+    from stages.cli import main
+    from stages.report import _dictionary_hooks
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", tiny_params(tiny_llama, labelled_corpus, hooks=[HOOK_IN, HOOK_OUT],
+                                                       sae={"arch": "transcoder"}))
+    (tmp_path / "models/sae" / HOOK_IN).mkdir(parents=True)
+    (tmp_path / "models/sae" / HOOK_IN / "cfg.json").write_text('{"architecture": "transcoder"}')
+    res = CliRunner().invoke(main, ["steer", "--set", f"steer.hook={HOOK_OUT}"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert f"a transcoder lives in its input hook's directory: steer.hook {HOOK_IN}" in res.output
+    assert _dictionary_hooks([HOOK_IN, HOOK_OUT]) == [HOOK_IN]
+    (tmp_path / "models/sae" / HOOK_IN / "cfg.json").write_text('{"architecture": "topk"}')
+    assert _dictionary_hooks([HOOK_IN, HOOK_OUT]) == [HOOK_IN, HOOK_OUT]
