@@ -52,11 +52,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, worker: str, kw: dict) -> list[dict]:
-    """This script's ``--worker`` in ``n`` processes; each rank's JSON result."""
+def launch(n: int, jobs: dict[str, dict]) -> list[dict[str, dict]]:
+    """This script's workers in one launch of ``n`` processes, each job (``loader``, ``overlap``: its keyword
+    arguments) in turn; per rank, each job's JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-addr",
-               "127.0.0.1", "--master-port", str(_port()), __file__, "--worker", worker, "--args", json.dumps(kw), "--result", tmp]
+               "127.0.0.1", "--master-port", str(_port()), __file__, "--worker", json.dumps(jobs), "--result", tmp]
         threads = str(max(1, (os.cpu_count() or 1) // n))
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.DEVNULL)
         return [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(n)]
@@ -112,8 +113,24 @@ def worker_overlap(d_model: int, d_sae: int, k: int, batch: int, steps: int) -> 
         backward()
         distributed.sum_gradients_(sae.parameters())
 
+    class Counted:  # pipeline.distributed's collectives, counted: the loss's blocking ones per step
+        calls = 0
+
+        def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+            Counted.calls += 1
+            return distributed.all_reduce_(t, op)
+
+        def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+            Counted.calls += 1
+            return distributed.all_gather_rows(t)
+
+        def all_reduce_later(self, t: torch.Tensor) -> object:
+            Counted.calls += 1
+            return distributed.all_reduce_later(t)
+
     def overlapped() -> None:
-        with sae_batch.across(ranks.world, distributed):
+        Counted.calls = 0
+        with sae_batch.across(ranks.world, Counted()):
             out = sae.training_loss(x, 100, 1000, dead)
         sae.zero_grad(set_to_none=True)
         with sync:
@@ -131,7 +148,7 @@ def worker_overlap(d_model: int, d_sae: int, k: int, batch: int, steps: int) -> 
             distributed.barrier()
             times[name].append(time.perf_counter() - t0)
     grad_mb = sum(p.numel() for p in sae.parameters()) * 4 / 1e6
-    return {"rank": ranks.rank, "world": ranks.world, "grad_mb": round(grad_mb, 1),
+    return {"rank": ranks.rank, "world": ranks.world, "grad_mb": round(grad_mb, 1), "loss_collectives": Counted.calls,
             **{f"{w}_ms": round(statistics.median(t) * 1e3, 1) for w, t in times.items()}}
 
 
@@ -140,31 +157,40 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--dir", type=Path, default=None, help="dataset directory (generated once)")
-    ap.add_argument("--worker", choices=["loader", "overlap"])
+    ap.add_argument("--worker", default=None, help="(internal) the jobs of one launched process, as JSON")
     ap.add_argument("--result", type=Path)
-    ap.add_argument("--args", default="{}")
     ap.add_argument("--only", choices=["loader", "overlap"], default=None)
+    ap.add_argument("--processes", default="1,2,4", help="process counts for the loader (overlap: at 2)")
     a = ap.parse_args()
     if a.worker:
-        kw = json.loads(a.args)
-        res = worker_loader(Path(kw["data"]), kw["batch"]) if a.worker == "loader" else worker_overlap(**kw)
-        (a.result / f"{res['rank']}.json").write_text(json.dumps(res))
+        res = {job: worker_loader(Path(kw["data"]), kw["batch"]) if job == "loader" else worker_overlap(**kw)
+               for job, kw in json.loads(a.worker).items()}
+        (a.result / f"{next(iter(res.values()))['rank']}.json").write_text(json.dumps(res))
         return
     shards, rows, d = (8, 2048, 64) if a.tiny else (32, 8192, 512)
     data = a.dir or Path(tempfile.mkdtemp()) / "acts"
     generate(data, shards, rows, d)
     for p in sorted(data.glob("*.parquet")):  # a warm page cache for every N
         p.read_bytes()
-    loader = {}
-    for n in (1, 2, 4) if a.only != "overlap" else ():
-        loader[n] = launch(n, "loader", {"data": str(data), "batch": 1024 if a.tiny else 4096})
-        print(f"loader N={n}: " + "; ".join(f"rank {r['rank']}: {r['rows_decoded']} rows decoded, "
-                                            f"{r['shards_hashed']} shards hashed, {r['seconds']} s" for r in loader[n]))
     # 512 -> 8,192: 34 MB of gradients per step against ~0.1 s of compute per process at 64 rows each, so that
     # on gloo over loopback the sums are a visible share of the step (larger batches hide them in any case).
     shape = (dict(d_model=64, d_sae=512, k=8, batch=256, steps=3) if a.tiny
              else dict(d_model=512, d_sae=8192, k=32, batch=128, steps=15))
-    overlap = launch(2, "overlap", shape)[0] if a.only != "loader" else {}
+    loader, overlap = {}, {}
+    counts = [int(n) for n in a.processes.split(",")]
+    for n in sorted(set(counts) | ({2} if a.only != "loader" else set())):
+        jobs = {"loader": {"data": str(data), "batch": 1024 if a.tiny else 4096}} if n in counts and a.only != "overlap" else {}
+        if n == 2 and a.only != "loader":
+            jobs["overlap"] = shape  # in the same launch: one process start-up fewer
+        if not jobs:
+            continue
+        ranks = launch(n, jobs)
+        if "loader" in jobs:
+            loader[n] = [r["loader"] for r in ranks]
+            print(f"loader N={n}: " + "; ".join(f"rank {r['rank']}: {r['rows_decoded']} rows decoded, "
+                                                f"{r['shards_hashed']} shards hashed, {r['seconds']} s" for r in loader[n]))
+        if "overlap" in jobs:
+            overlap = ranks[0]["overlap"]
     print("overlap N=2: " + ", ".join(f"{k} {v}" for k, v in overlap.items() if k.endswith("_ms")))
     result = {"dataset": {"shards": shards, "rows_per_shard": rows, "d_model": d, "dtype": "float16"},
               "loader": {str(n): r for n, r in loader.items()}, "overlap": {**shape, **overlap},

@@ -132,21 +132,41 @@ def load_checkpoint(directory: str | Path, expected: dict[str, str], world_size:
     return state
 
 
-def same_start(ranks: distributed.Ranks, fp: dict[str, str], state: dict[str, Any] | None, directory: Path) -> None:
-    """Data-parallel: refuse to start unless this process sees rank 0's inputs (``fp``) and checkpoint (``state``).
+def resume_state(directory: Path, expected: dict[str, str], ranks: distributed.Ranks) -> dict[str, Any] | None:
+    """:func:`load_checkpoint` for every process of the run, the file read once: by rank 0, which sends the state
+    to the others (a broadcast), so N processes do not each read, and hold while unpickling, the whole checkpoint
+    (on several machines the others need no copy of ``directory`` at all).
 
-    On several machines each process reads its own copy of the activations and of ``directory``; one with other
-    data, or without the checkpoint rank 0 resumes from, would silently train something else.
+    Data-parallel, first :func:`same_start`. A refusal found by rank 0 (another process count, changed params,
+    an unreadable file) is raised on every process as an :class:`EveryRankError`: one line, rank 0's.
     """
-    mine = (fingerprint_digest(fp), None if state is None else int(state["step"]))
+    if not ranks.parallel:
+        return load_checkpoint(directory, expected, 1)
+    same_start(ranks, expected, directory)
+    found: tuple[str, Any] = ("none", None)
+    if ranks.is_main:
+        try:
+            found = ("state", load_checkpoint(directory, expected, ranks.world))
+        except UserError as e:
+            found = ("error", str(e))
+    kind, value = distributed.broadcast_object(found)
+    if kind == "error":
+        raise distributed.EveryRankError(value)
+    return value
+
+
+def same_start(ranks: distributed.Ranks, fp: dict[str, str], directory: Path) -> None:
+    """Data-parallel: refuse to start unless this process sees rank 0's inputs (``fp``).
+
+    On several machines each process reads its own copy of the activations; one with other data would silently
+    train something else. (The checkpoint needs no copy: :func:`resume_state` sends rank 0's.)
+    """
+    mine = fingerprint_digest(fp)
     main = distributed.broadcast_object(mine)
     if mine != main:
-        def seen(s: tuple[str, int | None]) -> str:
-            return f"inputs {s[0]}, " + ("no checkpoint" if s[1] is None else f"a checkpoint at step {s[1]}")
-
-        raise UserError(f"{directory}: process {ranks.rank} sees {seen(mine)}; rank 0 sees {seen(main)}: every "
-                        f"process needs the same activations (dvc pull) and checkpoints (a shared filesystem)")
+        raise UserError(f"{directory}: process {ranks.rank} sees inputs {mine}; rank 0 sees inputs {main}: every "
+                        f"process needs the same activations (dvc pull)")
 
 
-__all__ = ["CHECKPOINT_FILE", "same_start", "capture_rng", "restore_rng", "fingerprint", "fingerprint_digest",
+__all__ = ["CHECKPOINT_FILE", "resume_state", "same_start", "capture_rng", "restore_rng", "fingerprint", "fingerprint_digest",
            "save_checkpoint", "load_checkpoint"]

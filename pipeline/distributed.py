@@ -152,6 +152,18 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_reduce_later(t: torch.Tensor) -> Any:
+    """Start summing ``t`` over all processes in place; returns a function that waits for the sum and returns ``t``.
+    ``t`` must not be touched until then (the backend reads and writes it meanwhile)."""
+    work = _collective("all_reduce", dist.all_reduce, t, async_op=True)
+
+    def wait() -> torch.Tensor:
+        _collective("all_reduce", work.wait)
+        return t
+
+    return wait
+
+
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """``t [n, ...]`` of every process (same shape on each), concatenated in rank order: ``[world * n, ...]``."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
@@ -254,5 +266,5 @@ def barrier() -> None:
         _collective("barrier", dist.barrier)
 
 
-__all__ = ["Ranks", "PeerLost", "EveryRankError", "plural", "die_with_launcher", "launched", "current", "start", "all_reduce_", "all_gather_rows", "broadcast_object",
+__all__ = ["Ranks", "PeerLost", "EveryRankError", "plural", "die_with_launcher", "launched", "current", "start", "all_reduce_", "all_reduce_later", "all_gather_rows", "broadcast_object",
            "broadcast_tensors_", "sum_gradients_", "GradientSync", "barrier"]

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pipeline import distributed, sharding
 from pipeline.activations import ActivationDataset
-from pipeline.checkpoint import capture_rng, load_checkpoint, restore_rng, same_start, save_checkpoint
+from pipeline.checkpoint import capture_rng, restore_rng, resume_state, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
 from pipeline.io import atomic_write_text
@@ -173,9 +173,8 @@ class TrainRun:
     def resume(self) -> None:
         """Continue from a compatible checkpoint, or initialise from the data (b_dec, input scaling); then start
         the clock and put the SAE in training mode."""
-        state = load_checkpoint(self.checkpoint_dir, self.fingerprint, world_size=self.ranks.world)
-        if self.ranks.parallel:  # several machines: each reads its own copy of the data and of the checkpoints
-            same_start(self.ranks, self.fingerprint, state, self.checkpoint_dir)
+        # Read once, by rank 0, and sent to the others; data-parallel, every process must see rank 0's inputs.
+        state = resume_state(self.checkpoint_dir, self.fingerprint, self.ranks)
         sae = self.sae
         if state is not None:
             sae.cfg.scaling_factor = state["sae_cfg"]["scaling_factor"]  # set by init_from_data, not a weight
@@ -239,6 +238,10 @@ class TrainRun:
             # The latents dead as the step begins (the tracker's record, the same on every process):
             # AuxK's candidates.
             out = self.loss(x, step, self.tracker.dead_mask(), **pair)
+        with self.whole_batch():  # statistics of the whole batch, the same on every process: one collective,
+            counts, l0 = out.firing(self.sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
+            # started now, travelling during backward (only the tracker after the step needs the global counts)
+            statistics = self.stats.update_later(out.loss, y if y is not None else x, out.x_hat, l0, counts)
         opt.zero_grad(set_to_none=True)
         if self.grad_sync is not None:
             with self.grad_sync:  # each gradient's sum over the processes starts as soon as backward has it
@@ -257,11 +260,7 @@ class TrainRun:
         finite = torch.isfinite(out.loss) & torch.isfinite(x).all()
         bad = ~(finite & torch.isfinite(y).all()) if y is not None else ~finite
         self.bad_step = torch.where(bad & (self.bad_step < 0), step, self.bad_step)
-        with self.whole_batch():  # statistics of the whole batch, the same on every process
-            counts, l0 = out.firing(self.sae_cfg.d_sae)  # [d_sae], scalar: from dense latents or the sparse code
-            counts, l0 = batch.total(counts), batch.average(l0)
-            self.stats.update(out.loss, y if y is not None else x, out.x_hat, l0)  # FVU of what was predicted
-        self.tracker.update(counts, self.batch_size)
+        self.tracker.update(statistics(), self.batch_size)  # (the FVU is of what was predicted: a transcoder's y)
         self.step += 1
 
     def loss(self, x: Tensor, step: int, dead: Tensor, **pair: Tensor) -> LossOutput:

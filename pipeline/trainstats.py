@@ -7,6 +7,7 @@ a checkpoint holds them and a resumed run logs exactly what an uninterrupted one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +44,38 @@ class RunningStats:
             torch.ones((), device=x.device),
         ]).double()
         self.sums += vals
+
+    @torch.no_grad()
+    def update_later(self, loss: Tensor, x: Tensor, x_hat: Tensor, l0: Tensor,
+                     counts: Tensor) -> Callable[[], Tensor]:
+        """:meth:`update` with the step's firing ``counts [d_sae]`` (int), the global ones returned by the function
+        this returns, which adds the step to the sums when called.
+
+        One process: :meth:`update` at once, the same ops. Data-parallel (inside ``batch.across``): the counts,
+        ``l0`` and both FVU sums of this process's rows travel in ONE all-reduce started now (before backward) and
+        waited for by the returned function (after the optimizer step), so it overlaps backward: the total
+        variance from each process's row sum and sum of squares about its own mean (float64; ``batch.moments``)
+        instead of a second collective for the global mean first.
+        """
+        if batch.world() == 1:
+            self.update(loss, x, x_hat, l0)
+            return lambda: counts
+        x64 = x.detach().double()
+        s = x64.sum(0)  # [d]
+        parts = [counts, l0.double().reshape(1), (x.float() - x_hat.float()).pow(2).sum().double().reshape(1), s,
+                 (x64 - s / x.shape[0]).pow(2).sum().reshape(1), (s.pow(2).sum() / x.shape[0]).reshape(1)]
+        pending = batch.totals_later(*parts)
+        loss = loss.detach().float()
+        n, world = batch.rows(x.shape[0]), batch.world()  # read now: the result is waited for outside ``across``
+
+        def finish() -> Tensor:
+            total_counts, l0_sum, resid, s_all, S, q = pending()
+            var = S + q - s_all.pow(2).sum() / n  # n·Var = sum_r S_r + sum_r ||s_r||^2/n_r - ||sum_r s_r||^2/n
+            self.sums += torch.cat([loss.double().reshape(1), (l0_sum / world).float().double(), resid,
+                                    var.reshape(1), torch.ones(1, dtype=torch.float64, device=x.device)])
+            return total_counts
+
+        return finish
 
     def read_and_reset(self) -> dict[str, float]:
         """One host sync; means over the interval (NaN when no step was taken)."""

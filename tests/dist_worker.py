@@ -3,7 +3,8 @@
 Trains each SAE of :data:`VARIANTS` on ``--data`` with :data:`TRAIN` into ``--out/<name>`` (rank 0 writes), the
 way ``sae train`` does under torchrun. ``--kill-at STEP`` ends every process right after that step, as a kill
 would (no cleanup, no final checkpoint); ``--rank1-checkpoints DIR`` gives rank 1 a checkpoint folder of
-its own, as on a second machine without a shared filesystem. Also imported by tests/test_distributed.py for the same settings.
+its own, as on a second machine without a shared filesystem; ``--load-log FILE`` appends ``rank path`` to FILE
+for each checkpoint read; ``--realistic``: :data:`REALISTIC`'s batches and steps. Also imported by tests/test_distributed.py for the same settings.
 
 ``TRITON_INTERPRET=1 ... --variants topk_triton,batchtopk_triton``: the same through the sparse Triton kernels.
 
@@ -42,6 +43,10 @@ TRAIN = dict(device="cpu", dtype="float32", batch_size=64, lr=3e-3, n_tokens=64 
 TRITON = {"kernels": "triton", "n_tokens": 64 * 4, "log_every": 2}
 TRAIN_OVERRIDES: dict[str, dict] = {"relu_l1_2023": {"lr": 0.05}, "topk_triton": TRITON, "batchtopk_triton": TRITON}
 TRITON_VARIANTS = ("topk_triton", "batchtopk_triton")
+# A realistic size (``--realistic``, d_in 256 -> d_sae 4096 from the data and --d-sae): batches of 1,024 rows, a few
+# steps, AuxK from the second (a latent silent for one batch is dead), no checkpoint.
+REALISTIC = dict(batch_size=1024, n_tokens=1024 * 3, warmup_steps=1, log_every=1, checkpoint_every=0,
+                 dead_window_tokens=1024)
 
 
 def sae_config(name: str, d_in: int = D, d_sae: int = D_SAE) -> SAEConfig:
@@ -50,8 +55,23 @@ def sae_config(name: str, d_in: int = D, d_sae: int = D_SAE) -> SAEConfig:
     return SAEConfig(d_in=d_in, d_sae=d_sae, k=K, hook="synthetic", **kw)
 
 
-def train_params(name: str) -> TrainParams:
-    return TrainParams(**{**TRAIN, **TRAIN_OVERRIDES.get(name, {})})  # type: ignore[arg-type]
+def train_params(name: str, realistic: bool = False) -> TrainParams:
+    return TrainParams(**{**TRAIN, **TRAIN_OVERRIDES.get(name, {}), **(REALISTIC if realistic else {})})  # type: ignore[arg-type]
+
+
+def log_checkpoint_reads(log: Path) -> None:
+    """Append ``rank path`` to ``log`` for every checkpoint file (``state.pt``) this process reads."""
+    import torch
+
+    real = torch.load
+
+    def logged(f, *a, **kw):  # type: ignore[no-untyped-def]
+        if Path(str(f)).name == "state.pt":
+            with open(log, "a") as out:
+                out.write(f"{os.environ['RANK']} {f}\n")
+        return real(f, *a, **kw)
+
+    torch.load = logged
 
 
 def stage_with_shard_log(log: Path, args: list[str]) -> None:
@@ -84,7 +104,11 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--rank1-checkpoints", type=Path, default=None, help="rank 1's own checkpoint folder (a 2nd node)")
     ap.add_argument("--d-sae", type=int, default=D_SAE, help="latents (d_in is the dataset's)")
+    ap.add_argument("--realistic", action="store_true", help="REALISTIC's batches and steps")
+    ap.add_argument("--load-log", type=Path, default=None, help="log each checkpoint read here")
     args = ap.parse_args()
+    if args.load_log is not None:
+        log_checkpoint_reads(args.load_log)
 
     def on_step(step: int) -> None:
         if step == args.kill_at:
@@ -96,8 +120,8 @@ def main() -> None:
         ckpt = args.out / f"{name}_ckpt"
         if args.rank1_checkpoints is not None and os.environ["RANK"] == "1":
             ckpt = args.rank1_checkpoints
-        train_sae(ds, sae_config(name, ds.d_model, args.d_sae), train_params(name), args.out / name, ckpt, seed=SEED,
-                  curve_path=args.out / f"{name}.csv", on_step=on_step)
+        train_sae(ds, sae_config(name, ds.d_model, args.d_sae), train_params(name, args.realistic), args.out / name,
+                  ckpt, seed=SEED, curve_path=args.out / f"{name}.csv", on_step=on_step)
 
 
 if __name__ == "__main__":

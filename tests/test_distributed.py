@@ -103,27 +103,49 @@ def test_two_processes_train_the_one_process_sae(name: str, data: Path, two_proc
 @pytest.fixture(scope="module")
 def wide_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wide") / "train"
-    write_synthetic_activations(root, n_tokens=2048, d_model=128, n_features=512, k_true=8, seed=5, shard_rows=256,
+    write_synthetic_activations(root, n_tokens=4096, d_model=256, n_features=1024, k_true=8, seed=5, shard_rows=512,
                                 dtype="float32")
     return root
 
 
-def test_four_processes_train_the_one_process_sae_at_a_realistic_width(wide_data: Path, tmp_path: Path) -> None:
-    # 128 -> 8,192 latents (64x): every gradient sum is over 4 processes and a latent's rows come from 4 lanes.
-    res = torchrun(str(WORKER), "--data", str(wide_data), "--out", str(tmp_path / "four"), "--variants",
-                   "topk,batchtopk", "--d-sae", "8192", nproc=4)
-    assert res.returncode == 0, res.stderr[-3000:]
+# The bound, per weight tensor W: ||W_N - W_1|| / ||W_1|| (Frobenius) after REALISTIC's 3 steps (d_in 256 -> d_sae
+# 4096, batches of 1,024, fp32). Measured at N = 2 and 4 alike (2-core Xeon): <= 7.5e-6 for every architecture but
+# two, max |difference| <= 8e-5 (weights of size ~1); float summation order only, which Adam carries up to a few
+# times lr in a weight whose gradient is mostly rounding (it divides by the gradient's RMS). Two differ more, the same
+# before the loss's collectives were coalesced: matryoshka_batchtopk (dictionary_learning weighting, full AuxK)
+# 3.0e-3, in ~1,400 of the 4,096 latents, although its first step's gradients agree within 2e-7; relu_l1_2023 at
+# lr 0.05: 9.3e-4.
+REALISTIC_BOUND = {"matryoshka_batchtopk": 1e-2, "relu_l1_2023": 1e-2}
+REALISTIC_DEFAULT_BOUND = 5e-5
+
+
+def test_one_two_and_four_processes_train_the_same_sae_at_a_realistic_size(wide_data: Path, tmp_path: Path) -> None:
+    # One launch per process count, every architecture in it: 256 -> 4,096 latents, every gradient sum over 2 or 4
+    # processes, a latent's rows from 2 or 4 lanes, AuxK and BatchTopK's threshold over the global batch.
+    names = [v for v in VARIANTS if v not in TRITON_VARIANTS]
+    for n in (2, 4):
+        res = torchrun(str(WORKER), "--data", str(wide_data), "--out", str(tmp_path / str(n)), "--d-sae", "4096",
+                       "--realistic", nproc=n)
+        assert res.returncode == 0, res.stderr[-3000:]
     ds = open_activations(wide_data)
-    for name in ("topk", "batchtopk"):
-        train_sae(ds, sae_config(name, 128, 8192), train_params(name), tmp_path / name, tmp_path / f"{name}_ckpt",
-                  seed=SEED)
-        ref, got = weights(tmp_path / name), weights(tmp_path / "four" / name)
-        assert json.loads((tmp_path / "four" / name / "cfg.json").read_text())["training"]["world_size"] == 4
-        # Measured (topk, 24 steps): at most 1.3e-5 apart (one W_enc entry of ~1M; W_dec 6.3e-6), the same at 2 and
-        # 4 processes, which agree with each other within 1e-6: Adam divides each gradient by its running RMS, so
-        # the summation order's rounding in a latent with tiny gradients grows to ~lr · 1e-3.
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=5e-5, msg=f"{name}: {k}")
+    measured: dict[str, str] = {}
+    for name in names:
+        train_sae(ds, sae_config(name, 256, 4096), train_params(name, realistic=True), tmp_path / "1" / name,
+                  tmp_path / "1" / f"{name}_ckpt", seed=SEED, curve_path=tmp_path / "1" / f"{name}.csv")
+        ref = weights(tmp_path / "1" / name)
+        rel, top = [], []
+        for n in (2, 4):
+            assert json.loads((tmp_path / str(n) / name / "cfg.json").read_text())["training"]["world_size"] == n
+            got = weights(tmp_path / str(n) / name)
+            assert got.keys() == ref.keys()
+            rel.append(max(float((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)) for k in ref))
+            top.append(max(float((got[k] - ref[k]).abs().max()) for k in ref))
+            if name not in REALISTIC_BOUND:  # the logged curve too: loss, L0, FVU, dead and dense fractions
+                np.testing.assert_allclose(curve(tmp_path / str(n) / f"{name}.csv"), curve(tmp_path / "1" / f"{name}.csv"),
+                                           rtol=1e-4, atol=1e-5, err_msg=f"{name}, {n} processes")
+        measured[name] = f"relative {rel[0]:.1e} / {rel[1]:.1e}, max |diff| {top[0]:.1e} / {top[1]:.1e}"
+        assert max(rel) <= REALISTIC_BOUND.get(name, REALISTIC_DEFAULT_BOUND), (name, measured[name])
+    print("\n".join(f"{k}: N = 2 / 4 against 1 process: {v}" for k, v in measured.items()))
 
 
 @pytest.mark.slow  # Triton's interpreter: ~1 min
@@ -152,14 +174,14 @@ def test_killed_two_process_run_resumes_bit_identical(data: Path, two_processes:
     with pytest.raises(UserError, match=r"state\.pt: written by a run of 2 processes, this run has 1; resume with 2 "
                                         r"processes"):
         train_sae(open_activations(data), sae_config("topk"), train_params("topk"), tmp_path / "topk", ckpt, seed=SEED)
-    # A process that does not see rank 0's checkpoint (another machine, no shared filesystem) does not start.
-    other_node = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk",
-                          "--rank1-checkpoints", str(tmp_path / "elsewhere"))
-    assert other_node.returncode != 0
-    assert "process 1 sees inputs" in other_node.stderr and "no checkpoint; rank 0 sees" in other_node.stderr
-    assert "a checkpoint at step 10" in other_node.stderr
-    resumed = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk")
+    # The checkpoint is read once, by rank 0, and sent to rank 1, which needs no copy of its own (here, as on
+    # another machine without a shared filesystem, its checkpoint folder is elsewhere and empty).
+    reads = tmp_path / "reads.log"
+    resumed = torchrun(str(WORKER), "--data", str(data), "--out", str(tmp_path), "--variants", "topk",
+                       "--rank1-checkpoints", str(tmp_path / "elsewhere"), "--load-log", str(reads))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert reads.read_text().splitlines() == [f"0 {ckpt / CHECKPOINT_FILE}"]  # on the old code, once per process
+    assert not (tmp_path / "elsewhere" / CHECKPOINT_FILE).exists()  # only rank 0 writes
     ref, got = weights(two_processes / "topk"), weights(tmp_path / "topk")
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
@@ -252,6 +274,11 @@ def test_a_resume_refused_on_every_process_is_one_line(train_workspace: Path) ->
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, res.stderr[-3000:]
+    assert "written by a run of 1 process, this run has 2; resume with 1 process (" in errors[0]
+    # The same under a plain torchrun (its agent adds its own report of the failed processes, not an error line).
+    res = torchrun("-m", "stages", "train", "--set", "train.n_tokens=320", cwd=train_workspace)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr[-3000:]
     assert "written by a run of 1 process, this run has 2; resume with 1 process (" in errors[0]
 
 
@@ -413,3 +440,23 @@ def test_two_nodes_rehearsed_on_one_box_train_the_two_process_sae(data: Path, tw
     ref, got = weights(two_processes / "topk"), weights(tmp_path / "topk")
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_distributed_benchmark_tiny_run(tmp_path: Path) -> None:
+    # benchmarks/distributed.py at tiny sizes, one launch of 2 processes (loader and overlap), so that it cannot rot.
+    out = tmp_path / "dist.json"
+    res = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "distributed.py"), "--tiny",
+                          "--processes", "2", "--dir", str(tmp_path / "acts"), "--out", str(out)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    shards, rows = report["dataset"]["shards"], report["dataset"]["rows_per_shard"]
+    loader = report["loader"]["2"]
+    assert [r["rank"] for r in loader] == [0, 1]
+    for r in loader:  # each process reads its half: its lanes' shards and rows only
+        assert r["rows_decoded"] == shards * rows // 2 and r["shards_hashed"] == shards // 2
+        assert r["rows_out"] == shards * rows // 2 and r["seconds"] > 0
+    overlap = report["overlap"]
+    assert overlap["world"] == 2 and overlap["loss_collectives"] == 3  # the TopK dense step's (test_batch_collectives)
+    assert all(overlap[f"{w}_ms"] > 0 for w in ("compute", "sums_only", "after", "overlapped"))
+    assert "loader N=2: rank 0:" in res.stdout and "overlap N=2: compute" in res.stdout

@@ -154,7 +154,7 @@ class SAE(nn.Module):
         for t in extra:  # in order: the sum's rounding is part of the result
             if not t.logged_only:
                 loss = loss + (t.value if t.coeff is None else t.coeff * t.value)
-        terms = self._common_terms(xs, xs_hat, f) | {t.name: t.value.detach() for t in extra}
+        terms = self._common_terms(xs, xs_hat, f, recon) | {t.name: t.value.detach() for t in extra}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
 
     def _train_encode(self, xs: Tensor) -> tuple[Tensor, Any]:
@@ -259,9 +259,11 @@ class SAE(nn.Module):
         """``dead [d_sae]`` bool as given, or no latent dead (a loss computed outside the trainer)."""
         return dead if dead is not None else torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.b_dec.device)
 
-    def _common_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor) -> dict[str, Tensor]:
+    def _common_terms(self, xs: Tensor, xs_hat: Tensor, f: Tensor, mse: Tensor | None = None) -> dict[str, Tensor]:
+        """Logged terms; ``mse``: :meth:`_recon_loss` of ``xs, xs_hat`` where the caller has it (data-parallel,
+        computing it again would cost another collective)."""
         return {
-            "mse": self._recon_loss(xs, xs_hat).detach(),
+            "mse": (self._recon_loss(xs, xs_hat) if mse is None else mse).detach(),
             "l0": (f != 0).float().sum(-1).mean().detach(),
         }
 

@@ -80,21 +80,25 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         f, pre = self._train_encode(xs)  # [B, d_sae] each
         w0, ws = level_weights(self.cfg.matryoshka_weighting, len(self.sizes))
         xs_hat = self.b_dec.expand_as(xs)  # the empty level: the bias alone
-        recon = w0 * self._recon_loss(xs, xs_hat) if w0 else None
-        prefixes: list[Tensor] = []
+        prefixes: list[Tensor] = [xs_hat]
         start = 0
-        for end, w in zip(self.ends, ws, strict=True):
+        for end in self.ends:
             xs_hat = xs_hat + f[:, start:end] @ self.W_dec[start:end]  # prefix sum of the decoder: level l
             prefixes.append(xs_hat)
-            term = w * self._recon_loss(xs, xs_hat)
-            recon = term if recon is None else recon + term
             start = end
+        # Every level's loss (and the empty level's, if weighted) in one collective when data-parallel.
+        levels = batch.means(*((p - xs).float().pow(2).sum(-1) for p in (prefixes if w0 else prefixes[1:])))
+        recon = w0 * levels.pop(0) if w0 else None
+        prefixes.pop(0)
+        for level, w in zip(levels, ws, strict=True):
+            term = w * level
+            recon = term if recon is None else recon + term
         assert recon is not None
         self._on_train_latents(f.detach())
         aux = self._auxk(pre, xs, prefixes, self._dead_or_none(dead))
         loss = recon + self.aux_weight(xs) * aux
-        terms = self._common_terms(xs, xs_hat, f) | {"auxk": aux.detach(), "recon_levels": recon.detach()}
-        terms |= {f"mse_level{i + 1}": self._recon_loss(xs, p).detach() for i, p in enumerate(prefixes[:-1])}
+        terms = self._common_terms(xs, xs_hat, f, levels[-1]) | {"auxk": aux.detach(), "recon_levels": recon.detach()}
+        terms |= {f"mse_level{i + 1}": level.detach() for i, level in enumerate(levels[:-1])}
         return LossOutput(loss, xs_hat / self.cfg.scaling_factor, f, terms)
 
     def _auxk(self, pre: Tensor, xs: Tensor, prefixes: list[Tensor], dead: Tensor) -> Tensor:

@@ -81,16 +81,20 @@ def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
     ``nan_to_num(0)``). Branch-free (``torch.where``): no host sync, and no NaN reaches the gradient.
     """
     pred, target = pred.float(), target.float()
-    err = batch.mean((target - pred).pow(2).sum(-1))  # means over the global batch when data-parallel
-    var = batch.mean((target - batch.mean(target)).pow(2).sum(-1))
-    ok = var > torch.finfo(torch.float32).eps * batch.mean(target.pow(2).sum(-1))
+    if target.requires_grad and batch.world() > 1:  # the one-collective variance below is detached
+        err = batch.mean((target - pred).pow(2).sum(-1))
+        var = batch.mean((target - batch.mean(target)).pow(2).sum(-1))
+        sq = batch.mean(target.pow(2).sum(-1))
+    else:  # means over the global batch when data-parallel, all in one collective
+        (err, sq), (var,) = batch.moments(grad=[(target - pred).pow(2).sum(-1), target.pow(2).sum(-1)],
+                                          spread=[target])
+    ok = var > torch.finfo(torch.float32).eps * sq
     return torch.where(ok, err / torch.where(ok, var, torch.ones_like(var)), torch.zeros_like(err))
 
 
 def total_variance(x: Tensor) -> Tensor:
     """sum_d Var_batch(x[:, d]) of ``x[B, d]``, detached, float32: E_n ||x_n - mean_batch(x)||^2. Scalar."""
-    x = x.detach().float()
-    return batch.mean((x - batch.mean(x)).pow(2).sum(-1))
+    return batch.moments(spread=[x.detach().float()])[1][0]  # one collective when data-parallel
 
 
 def auxk_loss(pre: Tensor, residual: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:

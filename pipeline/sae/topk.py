@@ -133,7 +133,7 @@ class BatchTopKSAE(TopKSAE):
         flat = pre.flatten()  # the whole batch competes: B·k slots
         n_keep = self.cfg.k * batch.rows(flat.numel() // pre.shape[-1])
         if batch.world() > 1:  # the global batch's B·k largest, of which this process holds its rows
-            return torch.where(pre >= batch.kth_largest(pre, n_keep), pre.relu(), torch.zeros_like(pre))
+            return torch.where(pre >= self._global_threshold(pre, n_keep), pre.relu(), torch.zeros_like(pre))
         vals, idx = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals.relu()).view_as(pre)
 
@@ -143,12 +143,27 @@ class BatchTopKSAE(TopKSAE):
 
     def sparse_keep(self, val: Tensor) -> Tensor:
         """Of all candidates, the B·k largest over the global batch."""
-        return batch.keep_top(val, batch.rows(val.shape[0]) * self.cfg.k)
+        n_keep = batch.rows(val.shape[0]) * self.cfg.k
+        if batch.world() > 1:
+            return torch.where(val >= self._global_threshold(val, n_keep), val, torch.zeros_like(val))
+        return batch.keep_top(val, n_keep)
+
+    def _global_threshold(self, values: Tensor, n_keep: int) -> Tensor:
+        """Data-parallel: the global batch's ``n_keep``-th largest of ``values``; the smallest positive value the
+        selection keeps comes with it (:func:`batch.top_threshold`), for :meth:`_on_train_latents` to use
+        instead of a collective of its own."""
+        theta, self._kept_low = batch.top_threshold(values, n_keep)
+        return theta
 
     @torch.no_grad()
     def _on_train_latents(self, f: Tensor) -> None:
         """EMA of the batch's smallest positive kept activation; tensor ops only (no host sync)."""
-        pos_min = batch.minimum(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float())
+        low: Tensor | None = getattr(self, "_kept_low", None)
+        self._kept_low = None
+        if low is not None and batch.world() > 1:  # the selection's own: the same value, no collective
+            pos_min = low.float()
+        else:
+            pos_min = batch.minimum(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float())
         decay = self.cfg.threshold_decay
         t = self.threshold
         new = torch.where(t < 0, pos_min, decay * t + (1 - decay) * pos_min)
