@@ -156,8 +156,7 @@ def training_loss(sae: TopKSAE, x: Tensor, dead: Tensor, k: int, k_aux: int, lo:
     e_hat = FromShards.apply(_wide(acts @ sae.W_dec))
     aux = ops.normalized_mse(e_hat, (xs - xs_hat).detach()) * dead.any().float()
     loss = recon + sae.aux_weight(xs) * aux
-    per_row_l0 = distributed.all_reduce_((f != 0).sum(-1))
-    terms = {"mse": recon.detach(), "l0": per_row_l0.float().mean(), "auxk": aux.detach()}
+    terms = {"mse": recon.detach(), "auxk": aux.detach()}  # (the whole SAE's L0: firing(), one collective)
     return ShardedLoss(loss, xs_hat / sae.cfg.scaling_factor, None, terms, None, local=f)
 
 
