@@ -75,5 +75,5 @@ def test_dvc_exp_run_takes_a_skip_transcoder_through_every_stage(tmp_path: Path,
         float(y[:n].double().norm(dim=-1).mean()), rel=1e-6)
     # report: the transcoder's hook only, its architecture shown.
     summary = (repo / "reports/summary.md").read_text()
-    assert "transcoder" in summary and f"models/sae/{hout}" not in summary
+    assert f"@ {hin} -> {hout} (transcoder)" in summary.splitlines()[0] and f"models/sae/{hout}" not in summary
     assert "transcoder" in run(["dvc", "exp", "show", "--json"], repo).stdout

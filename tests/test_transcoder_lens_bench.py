@@ -100,3 +100,14 @@ def test_saebench_files_of_a_transcoder_validate_and_name_it(skip: bool) -> None
     payload = results.core_file(st, splice, run.feature_metrics(tc), {"model_name": "tiny"}, HOOK_IN, cfg_dict)
     schema = json.loads((Path(sae_bench.__file__).parent / "evals/core/eval_output_schema_core.json").read_text())
     jsonschema.validate(json.loads(json.dumps(payload)), schema)
+
+
+def test_report_title_names_a_transcoder_and_its_output_hook() -> None:
+    from pipeline.report import build_document
+    from pipeline.report.inputs import ReportInputs
+
+    inp = ReportInputs(params={"model.name": "tiny"}, hooks=[HOOK_IN],
+                       sae_cfgs={HOOK_IN: {"architecture": "transcoder", "hook_out": HOOK_OUT}})
+    assert build_document(inp, 2).title == f"SAE pipeline report: tiny @ {HOOK_IN} -> {HOOK_OUT} (transcoder)"
+    inp.sae_cfgs[HOOK_IN] = {"architecture": "topk"}
+    assert build_document(inp, 2).title == f"SAE pipeline report: tiny @ {HOOK_IN}"

@@ -247,7 +247,11 @@ def missing_section(doc: Document, inp: ReportInputs) -> None:
 
 def build_document(inp: ReportInputs, top_n: int) -> Document:
     model = inp.manifest.get("model_id") or inp.params.get("model.name", "?")
-    title = f"SAE pipeline report: {model} @ {', '.join(inp.hooks)}"
+    def named(hook: str) -> str:  # a transcoder reads its hook and writes hook_out
+        cfg = inp.sae_cfgs.get(hook) or {}
+        return f"{hook} -> {cfg.get('hook_out')} (transcoder)" if cfg.get("architecture") == "transcoder" else hook
+
+    title = f"SAE pipeline report: {model} @ {', '.join(named(h) for h in inp.hooks)}"
     doc = Document(title)
     r = inp.run
     if r.get("run_name") or r.get("commit"):
