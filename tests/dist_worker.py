@@ -43,6 +43,11 @@ TRAIN = dict(device="cpu", dtype="float32", batch_size=64, lr=3e-3, n_tokens=64 
 TRITON = {"kernels": "triton", "n_tokens": 64 * 4, "log_every": 2}
 TRAIN_OVERRIDES: dict[str, dict] = {"relu_l1_2023": {"lr": 0.05}, "topk_triton": TRITON, "batchtopk_triton": TRITON}
 TRITON_VARIANTS = ("topk_triton", "batchtopk_triton")
+# Transcoders (MLP input -> output), trained with ``--target``: a dataset of the same rows (pipeline.pairs).
+PAIRED_VARIANTS: dict[str, dict] = {
+    "transcoder": {"arch": "transcoder"},
+    "skip_transcoder_batchtopk": {"arch": "transcoder", "skip": True, "transcoder_activation": "batchtopk"},
+}
 # A realistic size (``--realistic``, d_in 256 -> d_sae 4096 from the data and --d-sae): batches of 1,024 rows, a few
 # steps, AuxK from the second (a latent silent for one batch is dead), no checkpoint.
 REALISTIC = dict(batch_size=1024, n_tokens=1024 * 3, warmup_steps=1, log_every=1, checkpoint_every=0,
@@ -50,7 +55,7 @@ REALISTIC = dict(batch_size=1024, n_tokens=1024 * 3, warmup_steps=1, log_every=1
 
 
 def sae_config(name: str, d_in: int = D, d_sae: int = D_SAE) -> SAEConfig:
-    kw = dict(VARIANTS[name])
+    kw = dict({**VARIANTS, **PAIRED_VARIANTS}[name])
     d_sae = min(kw.get("hidden_sizes", [d_sae]))
     return SAEConfig(d_in=d_in, d_sae=d_sae, k=K, hook="synthetic", **kw)
 
@@ -106,6 +111,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=D_SAE, help="latents (d_in is the dataset's)")
     ap.add_argument("--realistic", action="store_true", help="REALISTIC's batches and steps")
     ap.add_argument("--load-log", type=Path, default=None, help="log each checkpoint read here")
+    ap.add_argument("--target", type=Path, default=None, help="the target dataset of PAIRED_VARIANTS")
     args = ap.parse_args()
     if args.load_log is not None:
         log_checkpoint_reads(args.load_log)
@@ -116,12 +122,14 @@ def main() -> None:
             os._exit(17)
 
     ds = open_activations(args.data)
+    target = {"target": open_activations(args.target)} if args.target is not None else {}
     for name in args.variants.split(","):
         ckpt = args.out / f"{name}_ckpt"
         if args.rank1_checkpoints is not None and os.environ["RANK"] == "1":
             ckpt = args.rank1_checkpoints
         train_sae(ds, sae_config(name, ds.d_model, args.d_sae), train_params(name, args.realistic), args.out / name,
-                  ckpt, seed=SEED, curve_path=args.out / f"{name}.csv", on_step=on_step)
+                  ckpt, seed=SEED, curve_path=args.out / f"{name}.csv", on_step=on_step,
+                  **(target if name in PAIRED_VARIANTS else {}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Data-parallel training and extraction under torchrun, on CPU with gloo: 2 processes, 127.0.0.1 only.
+"""Data-parallel training and extraction under torchrun, on CPU with gloo: 2 (or 4) processes, 127.0.0.1 only.
 
-2 processes train the SAE one process trains on the same batches (every architecture, to float tolerance); a
-killed 2-process run resumes to the same bits; another number of processes is refused in one line; 2-process
-extraction writes the one-process dataset byte for byte; ``train.processes: 2`` makes ``sae train`` start them.
+2 processes train the SAE one process trains on the same batches (every architecture, to float tolerance), and 1,
+2 and 4 processes the same SAEs at a realistic size (within a stated bound); a killed 2-process run resumes to the
+same bits, reading its checkpoint once; another number of processes is refused in one line; 2-process extraction
+writes the one-process dataset byte for byte; ``train.processes: 2`` makes ``sae train`` start them;
+benchmarks/distributed.py's tiny run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from dist_worker import SEED, TRITON_VARIANTS, VARIANTS, sae_config, train_params
+from dist_worker import PAIRED_VARIANTS, SEED, TRITON_VARIANTS, VARIANTS, sae_config, train_params
 
 from pipeline import distributed
 from pipeline.activations import open_activations
@@ -114,24 +116,29 @@ def wide_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # times lr in a weight whose gradient is mostly rounding (it divides by the gradient's RMS). Two differ more, the same
 # before the loss's collectives were coalesced: matryoshka_batchtopk (dictionary_learning weighting, full AuxK)
 # 3.0e-3, in ~1,400 of the 4,096 latents, although its first step's gradients agree within 2e-7; relu_l1_2023 at
-# lr 0.05: 9.3e-4.
-REALISTIC_BOUND = {"matryoshka_batchtopk": 1e-2, "relu_l1_2023": 1e-2}
+# lr 0.05: 9.3e-4. Transcoders (here of the identity map) start from a zero decoder (sparsify's initialisation), which
+# after 3 steps is still small (norm 1.3) and made of Adam's first, gradient-normalised steps: 1.5e-3 in W_dec
+# (elements 1e-3 apart), N = 2 and 4 as far from each other as from 1.
+REALISTIC_BOUND = {"matryoshka_batchtopk": 1e-2, "relu_l1_2023": 1e-2, "transcoder": 1e-2, "skip_transcoder_batchtopk": 1e-2}
 REALISTIC_DEFAULT_BOUND = 5e-5
 
 
 def test_one_two_and_four_processes_train_the_same_sae_at_a_realistic_size(wide_data: Path, tmp_path: Path) -> None:
     # One launch per process count, every architecture in it: 256 -> 4,096 latents, every gradient sum over 2 or 4
-    # processes, a latent's rows from 2 or 4 lanes, AuxK and BatchTopK's threshold over the global batch.
-    names = [v for v in VARIANTS if v not in TRITON_VARIANTS]
+    # processes, a latent's rows from 2 or 4 lanes, AuxK and BatchTopK's threshold over the global batch; transcoders
+    # on their (input, target) pairs.
+    names = [v for v in VARIANTS if v not in TRITON_VARIANTS] + list(PAIRED_VARIANTS)
+    target = wide_data  # the transcoders' target: the identity map, a learnable one on these rows
     for n in (2, 4):
         res = torchrun(str(WORKER), "--data", str(wide_data), "--out", str(tmp_path / str(n)), "--d-sae", "4096",
-                       "--realistic", nproc=n)
+                       "--realistic", "--variants", ",".join(names), "--target", str(target), nproc=n)
         assert res.returncode == 0, res.stderr[-3000:]
     ds = open_activations(wide_data)
     measured: dict[str, str] = {}
     for name in names:
         train_sae(ds, sae_config(name, 256, 4096), train_params(name, realistic=True), tmp_path / "1" / name,
-                  tmp_path / "1" / f"{name}_ckpt", seed=SEED, curve_path=tmp_path / "1" / f"{name}.csv")
+                  tmp_path / "1" / f"{name}_ckpt", seed=SEED, curve_path=tmp_path / "1" / f"{name}.csv",
+                  **({"target": open_activations(target)} if name in PAIRED_VARIANTS else {}))
         ref = weights(tmp_path / "1" / name)
         rel, top = [], []
         for n in (2, 4):

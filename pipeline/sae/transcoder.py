@@ -97,7 +97,7 @@ class Transcoder(BatchTopKSAE):
         self._on_train_latents(f.detach())
         aux = ops.auxk_loss(pre, ys - ys_hat, self.W_dec, self._dead_or_none(dead), self.k_aux)
         loss = recon + self.aux_weight(ys) * aux
-        terms = self._common_terms(ys, ys_hat, f) | {"auxk": aux.detach()}
+        terms = self._common_terms(ys, ys_hat, f, recon) | {"auxk": aux.detach()}
         return LossOutput(loss, ys_hat / self.cfg.target_scaling_factor, f, terms)
 
     @torch.no_grad()
