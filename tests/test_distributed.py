@@ -277,12 +277,8 @@ def test_a_resume_refused_on_every_process_is_one_line(train_workspace: Path) ->
     assert path.is_file(), sorted(str(p) for p in Path(".").rglob("state.pt"))
     state = torch.load(path, weights_only=False)
     torch.save({**state, "complete": False}, path)
-    res = sae_cli("train", "--set", "train.processes=2", "--set", "train.n_tokens=320")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, res.stderr[-3000:]
-    assert "written by a run of 1 process, this run has 2; resume with 1 process (" in errors[0]
-    # The same under a plain torchrun (its agent adds its own report of the failed processes, not an error line).
+    # Under a plain torchrun, where each process prints its own errors (its agent adds a report of the failed
+    # processes, not an error line); under train.processes the launcher shows one (test_a_failing_process_...).
     res = torchrun("-m", "stages", "train", "--set", "train.n_tokens=320", cwd=train_workspace)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert res.returncode != 0 and len(errors) == 1, res.stderr[-3000:]
