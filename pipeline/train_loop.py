@@ -9,10 +9,8 @@ the SAE, the optimizer, the statistics and the position in the run, i.e. what a 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import logging
 import random
 import time
@@ -31,7 +29,6 @@ from pipeline.activations import ActivationDataset
 from pipeline.checkpoint import capture_rng, restore_rng, resume_state, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.evaluate import reconstruction_metrics
-from pipeline.io import atomic_write_text
 from pipeline.loader import batches_per_epoch, first_batch, train_batches
 from pipeline.pairs import check_aligned, is_transcoder_arch, split
 from pipeline.params.sae import TrainParams
@@ -46,24 +43,11 @@ from pipeline.train_setup import (
     train_fingerprint,
     use_bf16_autocast,
 )
-from pipeline.trainstats import LatentTracker, RunningStats
+from pipeline.trainstats import CURVE_COLUMNS, SUMMARY_NAMES, LatentTracker, RunningStats, write_curve
 
 log = logging.getLogger("pipeline.train")  # the loop's lines keep the logger name they always had
 
-CURVE_COLUMNS = ("step", "tokens", "loss", "l0", "fvu", "dead_fraction", "dense_fraction", "lr")
-# Final training-curve values in the summary, named by definition (see pipeline.trainstats): the
-# curve's FVU is centred on each batch's mean, dead/dense fractions use the token window.
-SUMMARY_NAMES = {"loss": "loss", "l0": "l0@1", "fvu": "fvu_batch@1", "dead_fraction": "dead_fraction_window@1",
-                 "dense_fraction": "dense_fraction_window@1"}
 LogFn = Callable[[dict[str, Any]], None]
-
-
-def write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""On-device statistics of the training loop: running means between log rows, dead/dense latents.
+"""On-device statistics of the training loop (running means between log rows, dead/dense latents) and the curve file.
 
 Everything here stays on the training device and is only read back (one host sync) when the loop
 logs, so a step never waits for the GPU. Both classes have ``state_dict``/``load_state_dict`` so
@@ -7,14 +7,33 @@ a checkpoint holds them and a resumed run logs exactly what an uninterrupted one
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pipeline.io import atomic_write_text
 from pipeline.metric_names import DENSE_THRESHOLD
 from pipeline.sae import batch
+
+# The training curve (plots/train/<hook>.csv): one row per log interval.
+CURVE_COLUMNS = ("step", "tokens", "loss", "l0", "fvu", "dead_fraction", "dense_fraction", "lr")
+# Final training-curve values in the summary, named by definition (see pipeline.trainstats): the
+# curve's FVU is centred on each batch's mean, dead/dense fractions use the token window.
+SUMMARY_NAMES = {"loss": "loss", "l0": "l0@1", "fvu": "fvu_batch@1", "dead_fraction": "dead_fraction_window@1",
+                 "dense_fraction": "dense_fraction_window@1"}
+
+
+def write_curve(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 class RunningStats:
@@ -158,4 +177,4 @@ class LatentTracker:
         self.last_density = None if dens is None else dens.to(self.last_fired.device)
 
 
-__all__ = ["RunningStats", "LatentTracker", "DENSE_THRESHOLD"]
+__all__ = ["RunningStats", "LatentTracker", "DENSE_THRESHOLD", "CURVE_COLUMNS", "SUMMARY_NAMES", "write_curve"]
