@@ -45,6 +45,22 @@ def test_lens_is_the_same_for_any_row_norm_and_empty_for_a_zero_row() -> None:
     assert (ti[3] == -1).all() and (bi[3] == -1).all() and np.isnan(tv[3]).all() and np.isnan(bv[3]).all()
 
 
+def test_lens_in_blocks_equals_one_block() -> None:
+    # More rows than one block (the default SAE has 4,608 rows in blocks of 256): every block after the first
+    # must see the same norm offset; a zero row in the first block once broke the second.
+    g = torch.Generator().manual_seed(2)
+    W_U = torch.randn(40, 8, generator=g)
+    norm = _RMS(torch.rand(8, generator=g) + 0.5)
+    W = torch.randn(7, 8, generator=g)
+    W[1] = 0.0
+    whole = logit_lens(W, norm, W_U, 4, block=64)
+    ti, tv, bi, bv = logit_lens(W, norm, W_U, 4, block=3)
+    assert (ti == whole[0]).all() and (bi == whole[2]).all()
+    np.testing.assert_allclose(tv, whole[1], rtol=1e-5)  # other matmul shapes: the last bits may differ
+    np.testing.assert_allclose(bv, whole[3], rtol=1e-5)
+    assert (whole[0][1] == -1).all() and (whole[0][[0, 2, 3, 4, 5, 6]] >= 0).all()
+
+
 def test_decoder_neighbours_skip_zero_rows() -> None:
     W = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0], [-1.0, 0.2]])
     ids, cos = decoder_neighbours(W, 3)

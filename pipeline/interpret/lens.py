@@ -44,9 +44,9 @@ def logit_lens(W_dec: Tensor, norm: nn.Module, W_U: Tensor, k: int, block: int =
         logits = (nd.to(dtype) @ W_U.T).float()  # [b, vocab]
         tv, ti = logits.topk(k, dim=1)
         bv, bi = logits.topk(k, dim=1, largest=False)
-        zero = (d == 0).all(1)[:, None]  # [b, 1]: no direction, no lens
-        ti, bi = ti.masked_fill(zero, -1), bi.masked_fill(zero, -1)
-        tv, bv = tv.masked_fill(zero, float("nan")), bv.masked_fill(zero, float("nan"))
+        empty = (d == 0).all(1)[:, None]  # [b, 1]: no direction, no lens
+        ti, bi = ti.masked_fill(empty, -1), bi.masked_fill(empty, -1)
+        tv, bv = tv.masked_fill(empty, float("nan")), bv.masked_fill(empty, float("nan"))
         for lst, x in zip(out, (ti, tv, bi, bv), strict=True):
             lst.append(x.cpu())
     return tuple(torch.cat(x).numpy() for x in out)  # type: ignore[return-value]
