@@ -45,6 +45,18 @@ def tiny_workspace(tmp_path: Path, tiny_llama: Path, labelled_corpus: Path, monk
 
 
 @pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test: on tiny matmuls thread hand-offs cost more than they save on a shared
+    2-core box (~15x in tests/test_ground_truth.py)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
 def restore_numerics() -> Iterator[None]:
     """For a test that runs a stage with ``numerics.portable`` (``apply_numerics`` changes this process's torch
     state): put threads, deterministic algorithms and TF32 back afterwards, for the tests that follow."""

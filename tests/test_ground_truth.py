@@ -24,7 +24,6 @@ case: unweighted, recovered 0.0). ~1 s per SAE with one torch thread: the file r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +39,7 @@ STEPS, BATCH, LR = 300, 256, 1e-2
 COS, LIVE_RATE = 0.9, 0.01
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matmuls: thread hand-off costs more than it saves on a shared 2-core box (~15x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matmuls run on one thread
 
 
 def sample(n: int, dictionary: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,6 @@ and refused with one line when the rows differ; resume stays bit-identical; FVU 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,7 @@ HOOK_IN, HOOK_OUT = "layers.1.mlp_in", "layers.1.mlp_out"
 N_ROWS, CTX = 8192, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matmuls: thread hand-offs cost more than they save on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matmuls run on one thread
 
 
 def write_pair(root: Path, split: str = "train", shift: int = 0, sample: int = 7) -> tuple[Path, Path]:
